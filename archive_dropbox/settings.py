@@ -1,0 +1,135 @@
+"""Settings: the plain `name = value` lines at the top of each script, optionally overridden
+by command-line flags, validated together before anything happens."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from .errors import SettingsError
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting a script accepts. `kind` is int, float, str, bool or Path."""
+
+    name: str
+    default: Any
+    kind: type
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple | None = None
+    optional: bool = False  # None / '' allowed
+    # Extra check returning an error text, or None when the value is fine.
+    check: Callable[[Any], str | None] | None = None
+
+
+@dataclass
+class Settings:
+    """Validated values, readable as attributes (settings.chunkSize_MB)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    script: str = ""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, spec: Iterable[Setting]) -> None:
+    group = parser.add_argument_group(
+        "settings (each overrides the line of the same name at the top of the script)"
+    )
+    for setting in spec:
+        group.add_argument(f"--{setting.name}", dest=f"setting__{setting.name}", default=None,
+                           metavar="VALUE", help=f"{setting.help} (default: {setting.default!r})")
+
+
+def _convert(setting: Setting, value: Any, from_flag: bool, base_dir: Path) -> Any:
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        if setting.optional:
+            return None
+        raise ValueError("is empty: it needs a value")
+    kind = setting.kind
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("must be True or False (or 1 / 0)")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ValueError("must be a whole number")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError("must be a number")
+        try:
+            return float(str(value).strip())
+        except ValueError:
+            raise ValueError("must be a number") from None
+    if kind is Path:
+        path = Path(str(value).strip()).expanduser()
+        return path if path.is_absolute() else (base_dir / path)
+    return str(value) if from_flag else value
+
+
+def resolve(spec: Iterable[Setting], script_values: Mapping[str, Any], args: argparse.Namespace | None,
+            *, script: Path) -> Settings:
+    """Merge the script's lines with flags, check every value, and raise one SettingsError
+    that names every bad setting."""
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    base_dir = script.parent
+    for setting in spec:
+        flag_value = getattr(args, f"setting__{setting.name}", None) if args is not None else None
+        raw = flag_value if flag_value is not None else script_values.get(setting.name, setting.default)
+        where = f"--{setting.name}" if flag_value is not None else f"the line '{setting.name} = ...' at the top of {script.name}"
+        try:
+            value = _convert(setting, raw, flag_value is not None, base_dir)
+            if value is not None and setting.kind in (int, float):
+                if setting.minimum is not None and value < setting.minimum:
+                    raise ValueError(f"must be at least {setting.minimum:g}")
+                if setting.maximum is not None and value > setting.maximum:
+                    raise ValueError(f"must be at most {setting.maximum:g}")
+            if value is not None and setting.choices is not None and value not in setting.choices:
+                raise ValueError("must be one of " + ", ".join(repr(c) for c in setting.choices))
+            if value is not None and setting.check is not None:
+                message = setting.check(value)
+                if message:
+                    raise ValueError(message)
+        except ValueError as exc:
+            problems.append(f"  - setting '{setting.name}' = {raw!r} {exc}. Fix {where}.")
+            continue
+        values[setting.name] = value
+    if problems:
+        raise SettingsError(
+            f"{len(problems)} setting(s) in {script.name} need fixing; nothing was changed.\n"
+            + "\n".join(problems),
+            paths=[script],
+        )
+    return Settings(values=values, script=script.name)
+
+
+def existing_directory(value: Path) -> str | None:
+    if not Path(value).exists():
+        return "does not exist: give a folder that exists"
+    if not Path(value).is_dir():
+        return "is a file, not a folder"
+    return None

@@ -70,6 +70,7 @@ def run_script(
     parser = argparse.ArgumentParser(
         prog=script.name,
         description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Without flags the script uses the settings written at its top and the workbook "
         "next to it: double-clicking it is enough.",
     )

@@ -73,7 +73,7 @@ def new_log_path(log_dir: Path, name: str) -> Path:
 def start_log(log_dir: Path, name: str, *, console: bool = True) -> tuple[logging.Logger, Path]:
     """Create the run's log file now and return a logger that writes to it and the console."""
     path = new_log_path(Path(log_dir), name)
-    logger = logging.getLogger(f"archive_dropbox.run.{path.stem}")
+    logger = logging.getLogger(f"archive_dropbox.run.{path.parent.name}.{path.stem}")
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
     for handler in list(logger.handlers):

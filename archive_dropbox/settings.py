@@ -23,6 +23,7 @@ class Setting:
     maximum: float | None = None
     choices: tuple | None = None
     optional: bool = False  # None / '' allowed
+    secret: bool = False  # never offered as a flag: command lines are visible to other users
     # Extra check returning an error text, or None when the value is fine.
     check: Callable[[Any], str | None] | None = None
 
@@ -49,6 +50,8 @@ def add_setting_flags(parser: argparse.ArgumentParser, spec: Iterable[Setting]) 
         "settings (each overrides the line of the same name at the top of the script)"
     )
     for setting in spec:
+        if setting.secret:
+            continue
         group.add_argument(f"--{setting.name}", dest=f"setting__{setting.name}", default=None,
                            metavar="VALUE", help=f"{setting.help} (default: {setting.default!r})")
 

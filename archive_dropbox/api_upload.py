@@ -1,0 +1,556 @@
+"""Stage 2 through the Dropbox API: send every planned item, verify it by content hash, record
+it in the journal, and only then delete originals that were asked to go.
+
+Small files go up in closed upload sessions and are committed a thousand at a time with
+finish_batch_v2 (one commit per account at a time, clear of too_many_write_operations). Larger
+files use a sequential session whose confirmed offset is journaled after every chunk, so a
+rerun continues a 300 GB file where it stopped. The SDK already retries 429 and 5xx; this
+module adds what it cannot know: resume across runs, offsets after dropped connections,
+pausing on a full account, and verification.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import hashlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from tqdm import tqdm
+
+from . import split
+from .content_hash import ContentHasher, bytes_content_hash, hash_range
+from .dropbox_client import (CommitRequest, ContentHashMismatch, DropboxClient, DropboxProblem,
+                             IncorrectOffset, InsufficientSpace, NetworkProblem, RateLimited,
+                             RemoteConflict, RemoteFile, SessionGone, TransportLimit,
+                             mtime_to_client_modified)
+from .errors import ArchiveError, AuthError, FileProblem
+from .journal import Item, Journal
+from .prepare import Plan, PlannedSource, case_key, human_bytes
+
+MIB = 1024 * 1024
+BATCH_LIMIT = 1000  # finish_batch_v2 takes at most 1000 entries
+
+
+@dataclass
+class UploadOptions:
+    chunk_size: int = 128 * MIB
+    workers: int = 4
+    if_exists: str = "report"  # report | overwrite | rename
+    checksum: bool = False
+    sleep_seconds: float = 1800
+    network_give_up_seconds: float = 3600
+
+
+@dataclass
+class Summary:
+    files_total: int = 0
+    items_done_before: int = 0
+    items_uploaded: int = 0
+    items_already_there: int = 0
+    bytes_sent: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    deleted_sources: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+class Pauser:
+    """Holds every worker while Dropbox is full or the data-transport limit is reached, and
+    re-checks every `sleep_seconds` until it is safe to go on."""
+
+    def __init__(self, client: DropboxClient, log: logging.Logger, sleep_seconds: float):
+        self._client = client
+        self._log = log
+        self._sleep = sleep_seconds
+        self._lock = threading.Lock()
+
+    def wait_for_space(self, needed: int, reason: str) -> None:
+        with self._lock:
+            while True:
+                usage = self._client.space_usage()
+                if usage.free is None or usage.free >= needed:
+                    self._log.info("Dropbox has room again (%s free): continuing.",
+                                   "unlimited" if usage.free is None else human_bytes(usage.free))
+                    return
+                self._log.warning("PAUSED: %s: %s free in Dropbox, %s needed. Free some space or raise the "
+                                  "quota; checking again every %.0f min. Nothing is lost while paused.",
+                                  reason, human_bytes(usage.free), human_bytes(needed), self._sleep / 60)
+                time.sleep(self._sleep)
+
+    def wait_transport(self) -> None:
+        with self._lock:
+            self._log.warning("PAUSED: Dropbox reports the team's monthly data-transport limit is reached. "
+                              "Trying again in %.0f min; nothing is lost while paused.", self._sleep / 60)
+            time.sleep(self._sleep)
+
+
+class ApiUploader:
+    def __init__(self, client: DropboxClient, journal: Journal, options: UploadOptions, log: logging.Logger):
+        self.client = client
+        self.journal = journal
+        self.options = options
+        self.log = log
+        self.pauser = Pauser(client, log, options.sleep_seconds)
+        self.summary = Summary()
+        self._progress: tqdm | None = None
+        self._progress_lock = threading.Lock()
+        self._commit_lock = threading.Lock()  # Dropbox asks for one batch commit per account at a time
+        self._pending_commits: list[tuple[Item, CommitRequest, float]] = []
+        self._pending_lock = threading.Lock()
+        self._fatal: BaseException | None = None
+        self._remote: dict[str, RemoteFile] = {}
+        self.sources_to_delete: set[str] = set()
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _advance(self, count: int) -> None:
+        self.summary.bytes_sent += count
+        if self._progress is not None:
+            with self._progress_lock:
+                self._progress.update(count)
+
+    def _retrying(self, what: str, call: Callable[[], object], *, needed: int = 0) -> object:
+        """Run one request, riding out network trouble, rate limits and pauses; per-file and
+        offset errors go back to the caller."""
+        started = time.monotonic()
+        delay = 1.0
+        while True:
+            if self._fatal is not None:
+                raise self._fatal
+            try:
+                return call()
+            except NetworkProblem as exc:
+                if time.monotonic() - started > self.options.network_give_up_seconds:
+                    raise FileProblem(f"{what}: the network failed for more than "
+                                      f"{self.options.network_give_up_seconds / 60:.0f} min ({exc.message})") from None
+                self.log.debug("%s: %s; retrying in %.0f s", what, exc.message, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 60.0)
+            except RateLimited as exc:
+                time.sleep(max(exc.retry_after, 0.5))
+            except InsufficientSpace:
+                self.pauser.wait_for_space(max(needed, 1), "Dropbox is full")
+            except TransportLimit:
+                self.pauser.wait_transport()
+            except ContentHashMismatch as exc:
+                self.log.warning("%s", exc.message)
+                time.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    def _client_modified(self, item: Item):
+        return mtime_to_client_modified(item.source_mtime_ns / 1e9)
+
+    def _commit_request(self, item: Item, session_id: str, offset: int) -> CommitRequest:
+        return CommitRequest(session_id=session_id, offset=offset, path=item.destination,
+                             client_modified=self._client_modified(item),
+                             overwrite=self.options.if_exists == "overwrite" or item.kind == "manifest",
+                             autorename=self.options.if_exists == "rename")
+
+    def _source_unchanged(self, item: Item) -> None:
+        try:
+            info = os.stat(item.source)
+        except OSError as exc:
+            raise FileProblem(f"the file vanished or cannot be read during upload ({exc.strerror}); "
+                              "it will be sent on the next run", paths=[item.source]) from None
+        if info.st_size != item.source_size or info.st_mtime_ns != item.source_mtime_ns:
+            raise FileProblem("the file changed while it was being uploaded; it is sent again on the next run",
+                              paths=[item.source])
+
+    def _verified(self, item: Item, remote: RemoteFile, hasher: ContentHasher | None = None) -> None:
+        if remote.content_hash != item.content_hash:
+            raise FileProblem(f"Dropbox's content hash of {remote.path_display} does not match the local file "
+                              f"(Dropbox {remote.content_hash}, local {item.content_hash}): the copy in Dropbox is "
+                              "not trusted and the original is kept", paths=[item.source])
+        item.remote_rev = remote.rev
+        if hasher is not None and item.kind == "part":
+            item.sha256 = hasher.sha256()
+
+    def _log_result(self, item: Item, result: str, seconds: float) -> None:
+        self.log.info("%s\t%s\t%.1fs\t%s\t->\t%s", result, human_bytes(item.length), seconds, item.source,
+                      item.destination)
+
+    # -- one item ----------------------------------------------------------------------------
+
+    def _upload_item(self, item: Item) -> None:
+        """Send one item through a sequential session (or a closed one for small items, which
+        then waits for a batch commit)."""
+        started = time.monotonic()
+        self._source_unchanged(item)
+        chunk = self.options.chunk_size
+        with_sha = item.kind == "part"
+        hasher = ContentHasher(with_sha256=with_sha)
+        offset = 0
+        session_id = item.session_id
+        if session_id and item.confirmed_offset:
+            # Rebuild the hash of what Dropbox already holds from the local disk, not the network.
+            offset = item.confirmed_offset
+            prefix = hash_range(Path(item.source), item.part_offset, offset, with_sha256=with_sha)
+            hasher = prefix
+            self._advance(offset)
+            self.log.info("Resuming %s at %s of %s (upload session from an earlier run).", item.destination,
+                          human_bytes(offset), human_bytes(item.length))
+        else:
+            session_id = None
+        with open(item.source, "rb") as handle:
+            while True:
+                handle.seek(item.part_offset + offset)
+                data = handle.read(min(chunk, item.length - offset))
+                last = offset + len(data) >= item.length
+                if len(data) != min(chunk, item.length - offset):
+                    raise FileProblem("the file became shorter while it was being uploaded; it is sent again "
+                                      "on the next run", paths=[item.source])
+                try:
+                    if session_id is None:
+                        session_id = self._retrying("upload", lambda: self.client.session_start(
+                            data, close=last and item.length <= chunk, path=item.destination), needed=item.length)
+                        self.journal.start_session(item, session_id, time.time(), len(data))
+                        hasher.update(data)
+                        self._advance(len(data))
+                        offset = len(data)
+                        if last:
+                            item.content_hash = hasher.content_hash()
+                            if with_sha:
+                                item.sha256 = hasher.sha256()
+                            self.journal.set_hashes(item)
+                            self._queue_commit(item, self._commit_request(item, session_id, offset), started)
+                            return
+                        continue
+                    if last:
+                        item.content_hash = hasher.content_hash_with(data)
+                        request = self._commit_request(item, session_id, offset)
+                        remote = self._retrying("upload", lambda: self.client.session_finish(request, data),
+                                                needed=item.length)
+                        hasher.update(data)
+                        self._advance(len(data))
+                        self._verified(item, remote, hasher)
+                        self._source_unchanged(item)
+                        self.journal.mark_done([item])
+                        self.summary.items_uploaded += 1
+                        self._log_result(item, "UPLOADED", time.monotonic() - started)
+                        return
+                    current = offset
+                    self._retrying("upload", lambda: self.client.session_append(session_id, current, data,
+                                                                                path=item.destination),
+                                   needed=item.length)
+                    hasher.update(data)
+                    self._advance(len(data))
+                    offset += len(data)
+                    self.journal.confirm_offset(item, offset)
+                except IncorrectOffset as exc:
+                    # A retried request had reached Dropbox, or the journal lags the server by one
+                    # chunk after a crash: continue from the server's offset.
+                    self.log.debug("%s: server offset %d, ours %d", item.destination, exc.correct_offset, offset)
+                    if exc.correct_offset > item.length:
+                        raise FileProblem("Dropbox's upload session holds more bytes than the file",
+                                          paths=[item.source]) from None
+                    self._advance(exc.correct_offset - offset)
+                    offset = exc.correct_offset
+                    hasher = hash_range(Path(item.source), item.part_offset, offset, with_sha256=with_sha)
+                    self.journal.confirm_offset(item, offset)
+                    if offset == item.length:
+                        # Every byte arrived; only the commit is missing.
+                        item.content_hash = hasher.content_hash()
+                        self._finish_without_data(item, session_id, hasher, started)
+                        return
+                except SessionGone:
+                    if last and offset and self._already_committed(item, hasher, data):
+                        self._log_result(item, "UPLOADED", time.monotonic() - started)
+                        return
+                    self.log.info("The upload session of %s has expired; starting that file again.",
+                                  item.destination)
+                    self.journal.forget_session(item)
+                    self._advance(-offset)
+                    session_id, offset, hasher = None, 0, ContentHasher(with_sha256=with_sha)
+
+    def _finish_without_data(self, item: Item, session_id: str, hasher: ContentHasher, started: float) -> None:
+        request = self._commit_request(item, session_id, item.length)
+        remote = self._retrying("upload", lambda: self.client.session_finish(request, b""), needed=item.length)
+        self._verified(item, remote, hasher)
+        self.journal.mark_done([item])
+        self.summary.items_uploaded += 1
+        self._log_result(item, "UPLOADED", time.monotonic() - started)
+
+    def _already_committed(self, item: Item, hasher: ContentHasher, last_data: bytes) -> bool:
+        """After a lost answer to a commit: is the file already there, identical?"""
+        expected = hasher.content_hash_with(last_data)
+        remote = self._retrying("checking", lambda: self.client.metadata(item.destination))
+        if isinstance(remote, RemoteFile) and remote.content_hash == expected and remote.size == item.length:
+            item.content_hash = expected
+            full = hash_range(Path(item.source), item.part_offset, item.length, with_sha256=item.kind == "part")
+            self._verified(item, remote, full)
+            self.journal.mark_done([item])
+            self.summary.items_uploaded += 1
+            return True
+        return False
+
+    # -- batch commits -----------------------------------------------------------------------
+
+    def _queue_commit(self, item: Item, request: CommitRequest, started: float) -> None:
+        with self._pending_lock:
+            self._pending_commits.append((item, request, started))
+            full = len(self._pending_commits) >= BATCH_LIMIT
+        if full:
+            self.flush_commits()
+
+    def flush_commits(self) -> None:
+        with self._commit_lock:
+            while True:
+                with self._pending_lock:
+                    batch = self._pending_commits[:BATCH_LIMIT]
+                    del self._pending_commits[:BATCH_LIMIT]
+                if not batch:
+                    return
+                self._commit_batch(batch)
+
+    def _commit_batch(self, batch: list[tuple[Item, CommitRequest, float]]) -> None:
+        needed = sum(item.length for item, _, _ in batch)
+        retry: list[tuple[Item, CommitRequest, float]] = batch
+        attempts = 0
+        while retry:
+            attempts += 1
+            requests = [request for _, request, _ in retry]
+            outcomes = self._retrying("batch commit", lambda: self.client.finish_batch(requests), needed=needed)
+            done: list[Item] = []
+            again: list[tuple[Item, CommitRequest, float]] = []
+            for (item, request, started), outcome in zip(retry, outcomes):
+                if isinstance(outcome, RemoteFile):
+                    try:
+                        self._verified(item, outcome)
+                    except FileProblem as exc:
+                        self._fail(item, exc)
+                        continue
+                    done.append(item)
+                    self._log_result(item, "UPLOADED", time.monotonic() - started)
+                elif isinstance(outcome, (RateLimited, NetworkProblem)) and attempts < 20:
+                    again.append((item, request, started))
+                elif isinstance(outcome, InsufficientSpace):
+                    self.pauser.wait_for_space(item.length, "Dropbox is full")
+                    again.append((item, request, started))
+                elif isinstance(outcome, SessionGone):
+                    self.journal.forget_session(item)
+                    self._fail(item, FileProblem("its upload session expired before the commit; it is sent "
+                                                 "again on the next run", paths=[item.source]))
+                else:
+                    self._fail(item, outcome if isinstance(outcome, ArchiveError) else
+                               FileProblem(str(outcome), paths=[item.source]))
+            if done:
+                self.journal.mark_done(done)
+                self.summary.items_uploaded += len(done)
+            if again:
+                time.sleep(min(2.0 * attempts, 30))
+            retry = again
+
+    # -- the whole job -----------------------------------------------------------------------
+
+    def _fail(self, item: Item, problem: ArchiveError) -> None:
+        message = problem.message if isinstance(problem, ArchiveError) else str(problem)
+        self.journal.mark_failed(item, message)
+        self.summary.failures.append((item.destination, message))
+        self.log.error("FAILED\t%s\t%s\t->\t%s: %s", human_bytes(item.length), item.source, item.destination,
+                       message)
+
+    def _check_existing(self, item: Item) -> str:
+        """'upload', 'done' or 'conflict' for an item whose destination may already exist."""
+        remote = self._remote.get(case_key(item.destination))
+        if remote is None:
+            return "upload"
+        quick_match = remote.size == item.length and remote.client_modified == self._client_modified(item)
+        # Parts need their SHA-256 for the manifest, and a file to be deleted needs proof:
+        # both are hashed locally even when the quick check matches.
+        must_hash = self.options.checksum or item.kind == "part" or item.source in self.sources_to_delete
+        if quick_match and not must_hash:
+            item.content_hash, item.remote_rev = remote.content_hash, remote.rev
+            return "done"
+        if remote.size == item.length:
+            local = hash_range(Path(item.source), item.part_offset, item.length, with_sha256=item.kind == "part")
+            if local.content_hash() == remote.content_hash:
+                item.content_hash, item.remote_rev = local.content_hash(), remote.rev
+                if item.kind == "part":
+                    item.sha256 = local.sha256()
+                return "done"
+        return "upload" if self.options.if_exists in ("overwrite", "rename") else "conflict"
+
+    def _run_source(self, source_items: list[Item]) -> None:
+        """Upload one local file: its single item, or its parts in order then the manifest."""
+        for item in source_items:
+            if self._fatal is not None:
+                return
+            if item.state == "done":
+                continue
+            try:
+                if item.kind == "manifest":
+                    self._upload_manifest(item, source_items)
+                    continue
+                if not item.session_id:
+                    verdict = self._check_existing(item)
+                    if verdict == "done":
+                        self.journal.mark_done([item])
+                        self.summary.items_already_there += 1
+                        self._advance(item.length)
+                        self._log_result(item, "ALREADY IN DROPBOX", 0)
+                        continue
+                    if verdict == "conflict":
+                        raise RemoteConflict(
+                            f"a different file already exists at {item.destination}; it was not overwritten. "
+                            "Set ifExists = 'overwrite' or 'rename' in app.py to choose otherwise",
+                            paths=[item.source])
+                if item.session_id and item.confirmed_offset == item.length and item.length <= self.options.chunk_size:
+                    # Sent and closed in an earlier run; only its commit was missing.
+                    if item.content_hash is None:
+                        item.content_hash = hash_range(Path(item.source), item.part_offset, item.length).content_hash()
+                    self._advance(item.length)
+                    self._queue_commit(item, self._commit_request(item, item.session_id, item.length),
+                                       time.monotonic())
+                    continue
+                self._upload_item(item)
+            except (AuthError,) as exc:
+                self._fatal = exc
+                return
+            except FileProblem as exc:
+                self._fail(item, exc)
+                if item.kind == "part":
+                    return  # the remaining parts and the manifest wait for the next run
+            except OSError as exc:
+                self._fail(item, FileProblem(f"cannot read the file ({exc.strerror})", paths=[item.source]))
+                return
+
+    def _upload_manifest(self, manifest_item: Item, source_items: list[Item]) -> None:
+        parts = [i for i in source_items if i.kind == "part"]
+        if self._pending_commits:
+            self.flush_commits()
+        if any(p.state != "done" for p in parts):
+            return
+        started = time.monotonic()
+        whole = hash_range(Path(manifest_item.source), with_sha256=True).sha256()
+        self._source_unchanged(manifest_item)
+        name = manifest_item.destination.rsplit("/", 1)[1]
+        plan = [split.PartPlan(index, p.part_offset, p.length) for index, p in enumerate(parts, start=1)]
+        manifest = split.build_manifest(split.parse_manifest_name(name) or name, manifest_item.source_size, whole,
+                                        manifest_item.source_mtime_ns / 1e9, plan, [p.sha256 for p in parts],
+                                        part_size=parts[0].length)
+        data = manifest.to_bytes()
+        manifest_item.content_hash = bytes_content_hash(data)
+        manifest_item.sha256 = hashlib.sha256(data).hexdigest()
+        request = self._commit_request(manifest_item, "", 0)
+        remote = self._retrying("upload", lambda: self.client.upload(data, request))
+        self._verified(manifest_item, remote)
+        self.journal.mark_done([manifest_item])
+        self.summary.items_uploaded += 1
+        self._log_result(manifest_item, "UPLOADED", time.monotonic() - started)
+
+    def run(self, job_items: list[Item], remote_folders: Iterable[str]) -> Summary:
+        """Send every item not yet done; `remote_folders` are listed once to find what is there."""
+        started = time.monotonic()
+        by_source: dict[str, list[Item]] = {}
+        for item in job_items:
+            by_source.setdefault(item.source, []).append(item)
+        self.summary.files_total = len(by_source)
+        todo = {source: items for source, items in by_source.items() if any(i.state != "done" for i in items)}
+        self.summary.items_done_before = sum(1 for i in job_items if i.state == "done")
+        total_bytes = sum(i.length for i in job_items)
+        remaining_bytes = sum(i.length for items in todo.values() for i in items if i.state != "done")
+        if todo:
+            self.log.info("%d of %d files still to send (%s); %d items were finished in earlier runs.",
+                          len(todo), len(by_source), human_bytes(remaining_bytes), self.summary.items_done_before)
+            usage = self.client.space_usage()
+            if usage.free is not None and usage.free < remaining_bytes:
+                self.pauser.wait_for_space(remaining_bytes, "not enough space in Dropbox for this job")
+            for folder in _topmost(list(remote_folders)):
+                self._remote.update({case_key(k): v for k, v in self.client.list_files(folder).items()})
+        else:
+            self.log.info("Every file of this sheet is already in Dropbox (journal); nothing to send.")
+        self._progress = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="Uploading",
+                              disable=None, initial=total_bytes - remaining_bytes, dynamic_ncols=True)
+        pool = futures.ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="upload")
+        try:
+            pending: set[futures.Future] = set()
+            for items in todo.values():
+                pending.add(pool.submit(self._run_source, items))
+                if len(pending) >= self.options.workers * 4:
+                    finished, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                    _raise_bugs(finished)
+                if self._fatal is not None:
+                    break
+            finished, _ = futures.wait(pending)
+            _raise_bugs(finished)
+            if self._fatal is None:
+                self.flush_commits()
+                # Manifests wait for their parts' batch commits; a second pass sends them.
+                for items in todo.values():
+                    if any(i.kind == "manifest" and i.state != "done" for i in items):
+                        self._run_source(items)
+        except BaseException as exc:
+            # Ctrl-C or a bug: stop the workers between chunks instead of letting them finish
+            # the whole job; the journal already holds every confirmed chunk.
+            if self._fatal is None:
+                self._fatal = exc if isinstance(exc, Exception) else KeyboardInterrupt()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._progress.close()
+        if self._fatal is not None:
+            raise self._fatal
+        self.summary.seconds = time.monotonic() - started
+        return self.summary
+
+
+def _raise_bugs(finished: Iterable[futures.Future]) -> None:
+    for future in finished:
+        future.result()
+
+
+def _topmost(folders: list[str]) -> list[str]:
+    """Drop folders that lie inside another listed folder (whole path components)."""
+    result: list[str] = []
+    for folder in sorted(set(case_key(f) for f in folders)):
+        if not any(folder == top or folder.startswith(top.rstrip("/") + "/") for top in result):
+            result.append(folder)
+    return result
+
+
+def delete_verified_sources(plan: Plan, journal: Journal, log: logging.Logger) -> tuple[int, list[tuple[str, str]]]:
+    """Delete originals whose every item is verified in Dropbox and that did not change since."""
+    done = journal.sources_done()
+    by_source = {str(s.source): s for s in plan.sources}
+    deleted = 0
+    failures: list[tuple[str, str]] = []
+    folders: set[Path] = set()
+    for path, source in by_source.items():
+        if not source.delete_after or not done.get(path):
+            continue
+        try:
+            info = os.stat(path)
+            if info.st_size != source.size or info.st_mtime_ns != source.mtime_ns:
+                failures.append((path, "changed after its upload; kept, and sent again on the next run"))
+                continue
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            failures.append((path, f"could not be deleted ({exc.strerror})"))
+            continue
+        journal.mark_source_deleted(path)
+        deleted += 1
+        log.info("DELETED\t%s (verified in Dropbox)", path)
+        root = source.row["inputFile"]
+        if isinstance(root, Path) and root.is_dir():
+            parent = Path(path).parent
+            while parent != root and root in parent.parents:
+                folders.add(parent)
+                parent = parent.parent
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()  # only succeeds when empty: files that were not sent stay
+        except OSError:
+            pass
+    return deleted, failures

@@ -1,0 +1,207 @@
+"""What app.py runs: its settings, `--login`, and the job chosen by `sheetName` (upload through
+the API, upload through the desktop app, or download), each as data preparation then transfer."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import prepare, sheets
+from .cli import RunContext
+from .credentials import default_token_file, load_credentials, save_credentials
+from .errors import EXIT_OK, EXIT_SOME_FAILED, AuthError, EnvironmentProblem, SettingsError
+from .logs import close_log, start_log
+from .settings import Setting
+
+SHEETS = ("dropboxUpload_APP", "dropboxUpload_API", "dropboxDownload_API")
+MIB = 1024 * 1024
+
+SETTINGS = [
+    Setting("excelName", "inputs.xlsx", Path, "the workbook"),
+    Setting("sheetName", "dropboxUpload_APP", str, "the tab to run", choices=SHEETS),
+    Setting("dropboxDir", "", Path, "the local Dropbox folder (desktop-app mode)", optional=True),
+    Setting("fileSizeLimit_GB", 500, float, "files above this size are split", minimum=0.000001),
+    Setting("chunkSizeSplit_MB", 1024, int, "read/write block for split parts", minimum=1, maximum=16384),
+    Setting("batchSize_GB", 1000, float, "desktop-app batch size", minimum=0.000001),
+    Setting("sleepTime_min", 30, float, "minutes between re-checks", minimum=0.0001),
+    Setting("batchTimeLimit_hour", 24, float, "hours before a slow batch is reported", minimum=0.0001),
+    Setting("chunkSize_MB", 128, int, "bytes per upload request, in MiB", minimum=1, maximum=150),
+    Setting("workers", 4, int, "files sent at the same time", minimum=1, maximum=64),
+    Setting("ifExists", "report", str, "when a different file is already in Dropbox",
+            choices=("report", "overwrite", "rename")),
+    Setting("checksum", False, bool, "compare content hashes to skip files already in Dropbox"),
+    Setting("appKey", "", str, "the Dropbox app key for --login", optional=True),
+    Setting("accessToken", "", str, "an access token (discouraged)", optional=True, secret=True),
+    Setting("tokenFile", "", Path, "where --login keeps the login", optional=True),
+    Setting("teamSpace", True, bool, "use the team space root on Dropbox Business"),
+    Setting("caBundle", "", Path, "CA certificate bundle for TLS", optional=True),
+    Setting("proxy", "", str, "HTTPS proxy URL", optional=True),
+]
+
+UPLOAD_COLUMNS = {
+    "dropboxUpload_API": [sheets.Column("inputFile", sheets.LOCAL_PATH),
+                          sheets.Column("outputDir", sheets.DROPBOX_PATH),
+                          sheets.Column("deleteAfterUpload", sheets.FLAG)],
+    "dropboxUpload_APP": [sheets.Column("inputFile", sheets.LOCAL_PATH),
+                          sheets.Column("outputDir", sheets.LOCAL_DIR),
+                          sheets.Column("deleteAfterUpload", sheets.FLAG)],
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--login", action="store_true",
+                        help="connect this tool to your Dropbox account once (opens a Dropbox page, asks for "
+                             "the code it shows) and keep the login in a private per-user file")
+    parser.add_argument("--sheet", metavar="TAB", choices=SHEETS, default=None,
+                        help="run this tab instead of the sheetName setting")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="only prepare: list, check and plan everything, send nothing")
+
+
+def token_file(context: RunContext) -> Path:
+    return context.settings.tokenFile or default_token_file()
+
+
+def open_client(context: RunContext, *, workers: int = 4):
+    """Credentials from the environment, the login file or the accessToken setting; checked now."""
+    from .dropbox_client import DropboxClient
+
+    settings = context.settings
+    credentials = load_credentials(token_file=token_file(context), access_token_setting=settings.accessToken,
+                                   app_key_setting=settings.appKey, log=context.log)
+    client = DropboxClient(credentials, ca_bundle=str(settings.caBundle) if settings.caBundle else None,
+                           proxy=settings.proxy or None, max_connections=workers * 2 + 4,
+                           use_team_space=settings.teamSpace)
+    account = client.connect()
+    context.log.info("Dropbox account: %s <%s>%s (credentials from %s).", account.name, account.email,
+                     ", team space" if account.team_root and settings.teamSpace else "", credentials.where)
+    return client
+
+
+def login(context: RunContext) -> int:
+    from .dropbox_client import finish_login, start_login
+
+    app_key = context.settings.appKey or ""
+    if not app_key:
+        raise SettingsError("to log in, set appKey at the top of app.py to your Dropbox app's key (Dropbox "
+                            "App Console: create an app with 'Full Dropbox' or 'App folder' access and the "
+                            "files.content.write, files.content.read and files.metadata.read permissions).",
+                            paths=[context.script])
+    url, flow = start_login(app_key)
+    context.log.info("1. Open this address in a browser and allow access:\n   %s", url)
+    context.log.info("2. Paste the code Dropbox shows, then press Enter:")
+    try:
+        code = input().strip()
+    except EOFError:
+        code = ""
+    if not code:
+        raise AuthError("no code was entered; run `python app.py --login` again.")
+    settings = context.settings
+    credentials = finish_login(flow, code, ca_bundle=str(settings.caBundle) if settings.caBundle else None,
+                               proxy=settings.proxy or None)
+    path = save_credentials(credentials, token_file(context))
+    context.log.info("Logged in. The login is kept in %s (readable only by you). You can now run app.py.", path)
+    return EXIT_OK
+
+
+def run(context: RunContext) -> int:
+    if context.args.login:
+        return login(context)
+    sheet = context.args.sheet or context.settings.sheetName
+    if sheet == "dropboxUpload_API":
+        return run_api_upload(context, sheet)
+    if sheet == "dropboxUpload_APP":
+        try:
+            from . import app_upload
+        except ImportError:
+            raise EnvironmentProblem("uploading through the desktop app (sheetName = 'dropboxUpload_APP') is "
+                                     "not available in this version yet. Use sheetName = 'dropboxUpload_API'.") from None
+        return app_upload.run(context, sheet)
+    try:
+        from . import download
+    except ImportError:
+        raise EnvironmentProblem("downloading (sheetName = 'dropboxDownload_API') is not available in this "
+                                 "version yet.") from None
+    return download.run(context, sheet)
+
+
+def prepare_rows(context: RunContext, sheet: str, *, destination_of_row, part_limit: int,
+                 already_done: set[str], mode: str, bytes_per_second: float) -> prepare.Plan:
+    """Stage 1 with its own log in logs/dataPrep: read the tab, expand, check and plan."""
+    prep_log, prep_path = start_log(context.logs_root / "dataPrep", "", console=False)
+    try:
+        prep_log.info("Data preparation for tab '%s' of %s", sheet, context.settings.excelName)
+        context.log.info("Stage 1, data preparation (log: %s)", prep_path)
+        rows = sheets.read_tab(context.settings.excelName, sheet, UPLOAD_COLUMNS[sheet])
+        try:
+            plan = prepare.build_plan(rows, input_column="inputFile", output_column="outputDir",
+                                      delete_column="deleteAfterUpload", destination_of_row=destination_of_row,
+                                      part_limit=part_limit, log=prep_log, already_done_sources=already_done)
+        except Exception as exc:
+            prep_log.error("%s", getattr(exc, "describe", lambda: str(exc))())
+            raise
+        for logger in (prep_log, context.log):
+            prepare.log_plan(plan, logger, mode=mode, bytes_per_second=bytes_per_second)
+        return plan
+    finally:
+        close_log(prep_log)
+
+
+def run_api_upload(context: RunContext, sheet: str) -> int:
+    from .api_upload import ApiUploader, UploadOptions, delete_verified_sources
+    from .journal import Journal
+
+    settings = context.settings
+    chunk = max(4, settings.chunkSize_MB // 4 * 4) * MIB  # 4 MiB multiples match Dropbox's hash blocks
+    if settings.chunkSize_MB % 4:
+        context.log.info("chunkSize_MB %d is used as %d (a multiple of 4 MiB).", settings.chunkSize_MB, chunk // MIB)
+    part_limit = int(min(settings.fileSizeLimit_GB * prepare.GB, prepare.DROPBOX_API_MAX_FILE))
+    with Journal(context.logs_root / "journal.sqlite3", sheet) as journal:
+        plan = prepare_rows(context, sheet, destination_of_row=lambda row: row["outputDir"], part_limit=part_limit,
+                            already_done=journal.deleted_sources(), mode="API", bytes_per_second=50e6)
+        if context.args.dry_run:
+            context.log.info("Dry run: nothing was sent.")
+            return EXIT_OK
+        items = journal.sync_plan(prepare.iter_items(plan, sheet))
+        client = open_client(context, workers=settings.workers)
+        options = UploadOptions(chunk_size=chunk, workers=settings.workers, if_exists=settings.ifExists,
+                                checksum=settings.checksum, sleep_seconds=settings.sleepTime_min * 60)
+        uploader = ApiUploader(client, journal, options, context.log)
+        uploader.sources_to_delete = {str(s.source) for s in plan.sources if s.delete_after}
+        context.log.info("Stage 2, upload through the Dropbox API with %d workers, %d MiB chunks.",
+                         settings.workers, chunk // MIB)
+        summary = uploader.run(items, {row["outputDir"] for row in plan_rows(plan)})
+        deleted, delete_failures = delete_verified_sources(plan, journal, context.log)
+        summary.deleted_sources = deleted
+        for path, message in delete_failures:
+            summary.failures.append((path, message))
+            context.log.error("NOT DELETED\t%s: %s", path, message)
+        _log_summary(context, summary)
+        return EXIT_OK if summary.ok else EXIT_SOME_FAILED
+
+
+def plan_rows(plan: prepare.Plan):
+    seen = {}
+    for source in plan.sources:
+        seen[id(source.row)] = source.row
+    return list(seen.values())
+
+
+def _log_summary(context: RunContext, summary) -> None:
+    log = context.log
+    speed = summary.bytes_sent / summary.seconds if summary.seconds else 0
+    log.info("Summary: %d files in the sheet; %d items sent now, %d already in Dropbox, %d done in earlier runs; "
+             "%s sent in %.0f s (%s/s); %d originals deleted after verification; %d failed.",
+             summary.files_total, summary.items_uploaded, summary.items_already_there, summary.items_done_before,
+             prepare.human_bytes(summary.bytes_sent), summary.seconds, prepare.human_bytes(speed),
+             summary.deleted_sources, len(summary.failures))
+    for destination, message in summary.failures[:50]:
+        log.error("  failed: %s: %s", destination, message)
+    if summary.failures:
+        log.error("Some files did not reach Dropbox. Fix what the messages say and run app.py again: finished "
+                  "files are not sent twice.")
+    else:
+        log.info("Everything is in Dropbox and verified by content hash.")
+    log.info("Log: %s", context.log_path)
+    sys.stdout.flush()

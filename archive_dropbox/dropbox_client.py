@@ -1,0 +1,507 @@
+"""The only module that talks to the Dropbox SDK.
+
+It opens an authenticated client (refresh token, access token, team space, CA bundle, proxy),
+makes the calls the stages need, and turns every SDK result into small dataclasses and every
+SDK exception into one of the package's own errors, so the rest of the package never sees
+`dropbox` types. The SDK's own retries stay on (429 with Retry-After, 5xx with backoff, token
+refresh); what it does not retry (dropped connections, timeouts) surfaces as
+`NetworkProblem`, which callers retry from the server's offset.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import dropbox
+import requests
+from dropbox import common, files
+from dropbox.exceptions import ApiError, AuthError as SdkAuthError, BadInputError, HttpError
+from dropbox.exceptions import InternalServerError, PathRootError, RateLimitError
+
+from .errors import ArchiveError, AuthError, FileProblem
+from .logs import register_secret
+
+USER_AGENT = "archive-big-data-dropbox/0.1"
+# Upload requests carry up to 150 MiB; give slow links time to move one.
+REQUEST_TIMEOUT_S = 600
+
+
+# -- results ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path_display: str
+    path_lower: str
+    size: int
+    content_hash: str | None
+    client_modified: dt.datetime
+    rev: str
+
+
+@dataclass(frozen=True)
+class RemoteFolder:
+    path_display: str
+    path_lower: str
+
+
+@dataclass(frozen=True)
+class SpaceUsage:
+    used: int
+    allocated: int | None  # None: no fixed allocation reported
+
+    @property
+    def free(self) -> int | None:
+        return None if self.allocated is None else max(0, self.allocated - self.used)
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    email: str
+    team_root: str | None  # root namespace id when the account has a team space
+    home_namespace: str | None
+
+
+@dataclass(frozen=True)
+class CommitRequest:
+    """What finish/finish_batch needs to turn an upload session into a file."""
+
+    session_id: str
+    offset: int
+    path: str
+    client_modified: dt.datetime
+    overwrite: bool = False
+    autorename: bool = False
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+class DropboxProblem(FileProblem):
+    """Dropbox refused one file; the reason is in the message."""
+
+    title = "Dropbox refused a file"
+
+
+class RemoteConflict(DropboxProblem):
+    title = "Already in Dropbox"
+
+
+class IncorrectOffset(DropboxProblem):
+    def __init__(self, message: str, correct_offset: int, **kwargs: Any):
+        super().__init__(message, **kwargs)
+        self.correct_offset = correct_offset
+
+
+class SessionGone(DropboxProblem):
+    """The upload session expired, was closed or is unknown: start a new one."""
+
+
+class ContentHashMismatch(DropboxProblem):
+    title = "Corrupted transfer"
+
+
+class InsufficientSpace(ArchiveError):
+    title = "Dropbox is full"
+
+
+class TransportLimit(ArchiveError):
+    title = "Dropbox data-transport limit reached"
+
+
+class NetworkProblem(ArchiveError):
+    """A request did not complete (connection dropped, timeout, repeated 5xx): retry later."""
+
+    title = "Network problem"
+
+
+class RateLimited(ArchiveError):
+    title = "Dropbox asks to slow down"
+
+    def __init__(self, message: str, retry_after: float, **kwargs: Any):
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+LOGIN_HINT = ("Log in again: run `python app.py --login` (or set DROPBOX_REFRESH_TOKEN and "
+              "DROPBOX_APP_KEY). Nothing was deleted.")
+
+
+def _tags(union: Any) -> tuple[list[str], Any]:
+    """Walk a Stone union down to its innermost tag: (['path', 'conflict', 'file'], value)."""
+    tags: list[str] = []
+    value = union
+    for _ in range(6):
+        tag = getattr(value, "_tag", None)
+        if tag is None:
+            break
+        tags.append(tag)
+        value = getattr(value, "_value", None)
+    return tags, value
+
+
+_last_response = threading.local()
+
+
+def _remember_response(response: requests.Response, *args: Any, **kwargs: Any) -> None:
+    # The SDK decodes 403 bodies with the route's error type and loses Dropbox's reason;
+    # keep the status and summary so the data-transport limit can be recognised.
+    _last_response.status = response.status_code
+    _last_response.summary = ""
+    if response.status_code == 403:
+        try:
+            _last_response.summary = str(response.json().get("error_summary", ""))
+        except ValueError:
+            _last_response.summary = response.text[:200]
+
+
+def _convert(exc: Exception, what: str, path: str | None) -> ArchiveError:
+    paths = [path] if path else []
+    if isinstance(exc, SdkAuthError):
+        tags, _ = _tags(exc.error)
+        reason = {"expired_access_token": "the access token has expired",
+                  "invalid_access_token": "the token is invalid or was revoked",
+                  "missing_scope": "the Dropbox app lacks a permission (scope) it needs; enable "
+                                   "files.content.write, files.content.read and "
+                                   "files.metadata.read in the app console"}.get(tags[0] if tags else "",
+                                                                                "Dropbox refused the credentials")
+        return AuthError(f"{reason}. {LOGIN_HINT}")
+    if isinstance(exc, PathRootError):
+        return NetworkProblem("the team space root changed; it is read again", paths=paths)
+    if isinstance(exc, RateLimitError):
+        return RateLimited(f"{what}: rate limited", retry_after=float(exc.backoff or 5), paths=paths)
+    if isinstance(exc, InternalServerError):
+        return NetworkProblem(f"{what}: Dropbox server error {exc.status_code}", paths=paths)
+    if isinstance(exc, BadInputError):
+        return DropboxProblem(f"{what}: Dropbox rejected the request ({exc.message})", paths=paths)
+    if isinstance(exc, HttpError):
+        return NetworkProblem(f"{what}: HTTP {exc.status_code}", paths=paths)
+    if isinstance(exc, ApiError):
+        if getattr(_last_response, "status", None) == 403:
+            summary = getattr(_last_response, "summary", "")
+            if "invalid_account_type" in summary or "transport" in summary:
+                return TransportLimit("the Dropbox Business account has used its monthly "
+                                      "data-transport calls (HTTP 403 invalid_account_type). "
+                                      "Uploads continue by themselves when it resets.", paths=paths)
+            return DropboxProblem(f"{what}: access denied by Dropbox ({summary})", paths=paths)
+        tags, value = _tags(exc.error)
+        joined = "/".join(tags)
+        if "incorrect_offset" in tags:
+            return IncorrectOffset(f"{what}: the server holds a different offset", paths=paths,
+                                   correct_offset=int(value.correct_offset))
+        if "insufficient_space" in tags:
+            return InsufficientSpace("there is not enough space left in the Dropbox account", paths=paths)
+        if any(t in tags for t in ("not_found", "closed", "not_closed")) and "lookup_failed" in tags or tags[:1] in (
+                ["not_found"], ["closed"]) and what.startswith("upload session"):
+            return SessionGone(f"{what}: upload session {joined}", paths=paths)
+        if "conflict" in tags:
+            return RemoteConflict(f"{what}: a different item already exists at this Dropbox path",
+                                  paths=paths)
+        if "too_large" in tags:
+            return DropboxProblem(f"{what}: the file is larger than Dropbox accepts in one upload "
+                                  "session; lower fileSizeLimit_GB so it is split", paths=paths)
+        if "payload_too_large" in tags:
+            return DropboxProblem(f"{what}: one request was over 150 MiB; lower chunkSize_MB", paths=paths)
+        if "content_hash_mismatch" in tags:
+            return ContentHashMismatch(f"{what}: the bytes Dropbox received differ from the bytes sent "
+                                       "(corrupted on the way); the chunk is sent again", paths=paths)
+        if "too_many_write_operations" in tags:
+            return RateLimited(f"{what}: too many writes at once", retry_after=2.0, paths=paths)
+        if "disallowed_name" in tags or "malformed_path" in tags:
+            return DropboxProblem(f"{what}: Dropbox does not accept this name ({joined}); rename it",
+                                  paths=paths)
+        return DropboxProblem(f"{what}: Dropbox answered {joined or exc.error}", paths=paths)
+    if isinstance(exc, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
+        return NetworkProblem(f"{what}: {type(exc).__name__}: {str(exc)[:200]}", paths=paths)
+    raise exc
+
+
+def _to_remote(metadata: Any) -> RemoteFile | RemoteFolder | None:
+    if isinstance(metadata, files.FileMetadata):
+        return RemoteFile(metadata.path_display, metadata.path_lower, metadata.size,
+                          metadata.content_hash, metadata.client_modified, metadata.rev)
+    if isinstance(metadata, files.FolderMetadata):
+        return RemoteFolder(metadata.path_display, metadata.path_lower)
+    return None
+
+
+def whole_seconds(moment: dt.datetime) -> dt.datetime:
+    """Dropbox keeps client_modified to the second (UTC, naive)."""
+    return moment.replace(microsecond=0, tzinfo=None)
+
+
+def mtime_to_client_modified(mtime: float) -> dt.datetime:
+    return whole_seconds(dt.datetime.fromtimestamp(int(mtime), dt.timezone.utc))
+
+
+# -- credentials -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Credentials:
+    """How to authenticate; `where` says where they came from, never the token itself."""
+
+    refresh_token: str | None = None
+    app_key: str | None = None
+    app_secret: str | None = None
+    access_token: str | None = None
+    where: str = ""
+
+    def __post_init__(self) -> None:
+        for secret in (self.refresh_token, self.app_secret, self.access_token):
+            register_secret(secret)
+
+
+class _CaBundleSession(requests.Session):
+    """`requests` lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace an explicit CA bundle;
+    a lab that sets `caBundle` must win over whatever the machine's environment says."""
+
+    forced_ca_bundle: str | None = None
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):  # type: ignore[override]
+        merged = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if self.forced_ca_bundle:
+            merged["verify"] = self.forced_ca_bundle
+        return merged
+
+
+def _make_session(max_connections: int, ca_bundle: str | None, proxy: str | None) -> requests.Session:
+    pinned = dropbox.create_session(max_connections=max_connections, ca_certs=ca_bundle)
+    session = _CaBundleSession()
+    session.forced_ca_bundle = ca_bundle
+    session.verify = ca_bundle or True
+    for prefix, adapter in pinned.adapters.items():
+        session.mount(prefix, adapter)
+    if proxy:
+        session.proxies = {"https": proxy, "http": proxy}
+    session.hooks["response"].append(_remember_response)
+    return session
+
+
+# -- the client ------------------------------------------------------------------------------
+
+class DropboxClient:
+    """A thread-safe handle on one Dropbox account."""
+
+    def __init__(self, credentials: Credentials, *, ca_bundle: str | None = None, proxy: str | None = None,
+                 max_connections: int = 16, use_team_space: bool = True, timeout: float = REQUEST_TIMEOUT_S):
+        self.credentials = credentials
+        session = _make_session(max_connections, ca_bundle, proxy)
+        try:
+            self._dbx = dropbox.Dropbox(
+                oauth2_access_token=credentials.access_token,
+                oauth2_refresh_token=credentials.refresh_token,
+                app_key=credentials.app_key,
+                app_secret=credentials.app_secret,
+                session=session,
+                timeout=timeout,
+                user_agent=USER_AGENT,
+                max_retries_on_error=4,
+                max_retries_on_rate_limit=None,
+            )
+        except dropbox.exceptions.BadInputException as exc:
+            raise AuthError(f"the Dropbox credentials are incomplete ({exc}). {LOGIN_HINT}") from None
+        self._use_team_space = use_team_space
+        self.account: Account | None = None
+
+    def _call(self, what: str, path: str | None, function: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - converted or re-raised by _convert
+            raise _convert(exc, what, path) from None
+
+    # account --------------------------------------------------------------------------------
+
+    def connect(self) -> Account:
+        """Check the credentials now and switch to the team space when there is one."""
+        info = self._call("checking the Dropbox account", None, self._dbx.users_get_current_account)
+        team_root = None
+        root_info = info.root_info
+        if isinstance(root_info, common.TeamRootInfo) or (
+                getattr(root_info, "root_namespace_id", None) != getattr(root_info, "home_namespace_id", None)):
+            team_root = root_info.root_namespace_id
+        self.account = Account(info.name.display_name, info.email, team_root,
+                               getattr(root_info, "home_namespace_id", None))
+        if team_root and self._use_team_space:
+            self._dbx = self._dbx.with_path_root(common.PathRoot.root(team_root))
+        return self.account
+
+    def space_usage(self) -> SpaceUsage:
+        usage = self._call("reading the Dropbox space usage", None, self._dbx.users_get_space_usage)
+        allocation = usage.allocation
+        allocated: int | None = None
+        if allocation.is_individual():
+            allocated = allocation.get_individual().allocated
+        elif allocation.is_team():
+            team = allocation.get_team()
+            allocated = team.allocated
+            used = team.used
+            member_limit = getattr(team, "user_within_team_space_allocated", 0) or 0
+            if member_limit:
+                return SpaceUsage(usage.used, min(allocated - used + usage.used, member_limit))
+            return SpaceUsage(used, allocated)
+        return SpaceUsage(usage.used, allocated)
+
+    # metadata -------------------------------------------------------------------------------
+
+    def metadata(self, path: str) -> RemoteFile | RemoteFolder | None:
+        try:
+            result = self._dbx.files_get_metadata(path)
+        except ApiError as exc:
+            tags, _ = _tags(exc.error)
+            if tags[:2] == ["path", "not_found"]:
+                return None
+            raise _convert(exc, "reading Dropbox metadata", path) from None
+        except Exception as exc:  # noqa: BLE001
+            raise _convert(exc, "reading Dropbox metadata", path) from None
+        return _to_remote(result)
+
+    def list_files(self, folder: str) -> dict[str, RemoteFile]:
+        """Every file below `folder` (recursive), by lower-case path; empty when it is missing."""
+        found: dict[str, RemoteFile] = {}
+        try:
+            page = self._dbx.files_list_folder("" if folder == "/" else folder, recursive=True, limit=2000)
+        except ApiError as exc:
+            tags, _ = _tags(exc.error)
+            if "not_found" in tags or "not_folder" in tags:
+                return found
+            raise _convert(exc, "listing a Dropbox folder", folder) from None
+        except Exception as exc:  # noqa: BLE001
+            raise _convert(exc, "listing a Dropbox folder", folder) from None
+        while True:
+            for entry in page.entries:
+                remote = _to_remote(entry)
+                if isinstance(remote, RemoteFile):
+                    found[remote.path_lower] = remote
+            if not page.has_more:
+                return found
+            page = self._call("listing a Dropbox folder", folder, self._dbx.files_list_folder_continue,
+                              page.cursor)
+
+    def iter_entries(self, folder: str) -> Iterator[RemoteFile | RemoteFolder]:
+        """Every file and folder below `folder`, recursive, as Dropbox lists them."""
+        page = self._call("listing a Dropbox folder", folder, self._dbx.files_list_folder,
+                          "" if folder == "/" else folder, recursive=True, limit=2000)
+        while True:
+            for entry in page.entries:
+                remote = _to_remote(entry)
+                if remote is not None:
+                    yield remote
+            if not page.has_more:
+                return
+            page = self._call("listing a Dropbox folder", folder, self._dbx.files_list_folder_continue,
+                              page.cursor)
+
+    # uploads --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _commit_info(request: CommitRequest) -> files.CommitInfo:
+        mode = files.WriteMode.overwrite if request.overwrite else files.WriteMode.add
+        return files.CommitInfo(path=request.path, mode=mode, autorename=request.autorename,
+                                client_modified=whole_seconds(request.client_modified), mute=True,
+                                strict_conflict=False)
+
+    def session_start(self, data: bytes, *, close: bool = False, concurrent: bool = False,
+                      path: str | None = None) -> str:
+        session_type = files.UploadSessionType.concurrent if concurrent else None
+        result = self._call("upload session start", path, self._dbx.files_upload_session_start, data,
+                            close=close, session_type=session_type)
+        return result.session_id
+
+    def session_append(self, session_id: str, offset: int, data: bytes, *, close: bool = False,
+                       path: str | None = None) -> None:
+        cursor = files.UploadSessionCursor(session_id=session_id, offset=offset)
+        self._call("upload session append", path, self._dbx.files_upload_session_append_v2, data, cursor,
+                   close=close)
+
+    def session_finish(self, request: CommitRequest, data: bytes = b"") -> RemoteFile:
+        cursor = files.UploadSessionCursor(session_id=request.session_id, offset=request.offset)
+        result = self._call("upload session finish", request.path, self._dbx.files_upload_session_finish,
+                            data, cursor, self._commit_info(request))
+        return _to_remote(result)  # type: ignore[return-value]
+
+    def finish_batch(self, requests_: Sequence[CommitRequest]) -> list[RemoteFile | ArchiveError]:
+        """Commit up to 1000 closed sessions in one call; one result per entry, in order."""
+        entries = [files.UploadSessionFinishArg(
+            cursor=files.UploadSessionCursor(session_id=r.session_id, offset=r.offset),
+            commit=self._commit_info(r)) for r in requests_]
+        result = self._call("batch commit", None, self._dbx.files_upload_session_finish_batch_v2, entries)
+        outcomes: list[RemoteFile | ArchiveError] = []
+        for request, entry in zip(requests_, result.entries):
+            if entry.is_success():
+                outcomes.append(_to_remote(entry.get_success()))  # type: ignore[arg-type]
+            else:
+                error = ApiError(None, entry.get_failure(), None, None)
+                _last_response.status = 200
+                outcomes.append(_convert(error, "batch commit", request.path))
+        return outcomes
+
+    def upload(self, data: bytes, request: CommitRequest) -> RemoteFile:
+        """One small file in one request."""
+        mode = files.WriteMode.overwrite if request.overwrite else files.WriteMode.add
+        result = self._call("upload", request.path, self._dbx.files_upload, data, request.path, mode=mode,
+                            autorename=request.autorename,
+                            client_modified=whole_seconds(request.client_modified), mute=True)
+        return _to_remote(result)  # type: ignore[return-value]
+
+    def create_folder(self, path: str) -> None:
+        try:
+            self._dbx.files_create_folder_v2(path)
+        except ApiError as exc:
+            tags, _ = _tags(exc.error)
+            if "conflict" in tags:
+                return
+            raise _convert(exc, "creating a Dropbox folder", path) from None
+        except Exception as exc:  # noqa: BLE001
+            raise _convert(exc, "creating a Dropbox folder", path) from None
+
+    def delete(self, path: str) -> None:
+        self._call("deleting from Dropbox", path, self._dbx.files_delete_v2, path)
+
+    # downloads ------------------------------------------------------------------------------
+
+    def download_range(self, path: str, start: int, end: int | None, chunk_size: int = 8 * 1024 * 1024
+                       ) -> tuple[RemoteFile, Iterator[bytes]]:
+        """Metadata and the bytes [start, end) of a file (end None: to the end)."""
+        headers = {}
+        if start or end is not None:
+            headers["Range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
+        metadata, response = self._call("download", path, self._dbx.request, files.download, "files",
+                                        files.DownloadArg(path=path), None, extra_headers=headers or None)
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                with response:
+                    yield from response.iter_content(chunk_size)
+            except Exception as exc:  # noqa: BLE001
+                raise _convert(exc, "download", path) from None
+
+        return _to_remote(metadata), chunks()  # type: ignore[return-value]
+
+
+# -- logging in ------------------------------------------------------------------------------
+
+def start_login(app_key: str) -> tuple[str, Any]:
+    """Begin the PKCE flow: the URL for the user to open, and the flow to finish with the code."""
+    flow = dropbox.DropboxOAuth2FlowNoRedirect(app_key, use_pkce=True, token_access_type="offline")
+    return flow.start(), flow
+
+
+def finish_login(flow: Any, code: str, *, ca_bundle: str | None = None, proxy: str | None = None) -> Credentials:
+    flow.requests_session = _make_session(2, ca_bundle, proxy)
+    try:
+        result = flow.finish(code.strip())
+    except Exception as exc:  # noqa: BLE001
+        if isinstance(exc, requests.exceptions.RequestException):
+            raise _convert(exc, "logging in", None) from None
+        raise AuthError(f"Dropbox did not accept that code ({type(exc).__name__}). Run "
+                        "`python app.py --login` again and paste the new code.") from None
+    return Credentials(refresh_token=result.refresh_token, app_key=flow.consumer_key,
+                       where="login")
+
+
+def sdk_environment() -> dict[str, str]:
+    """The host overrides the SDK read at import (test servers only), for logging."""
+    return {k: v for k, v in os.environ.items() if k in ("DROPBOX_API_HOST", "DROPBOX_API_CONTENT_HOST")}

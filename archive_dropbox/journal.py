@@ -1,0 +1,306 @@
+"""The SQLite journal: what has been sent where, so that any run can be stopped at any moment
+(Ctrl-C, crash, kill -9, power cut) and a rerun continues without redoing finished work.
+
+One database in logs/ holds every job; a job is one sheet (dropboxUpload_API, ...). Items are
+keyed by (job, source, destination), so the same file in two sheets or to two destinations is
+tracked separately. WAL mode keeps every committed write across a process crash; one lock
+file per job refuses a second copy of the same script on the same sheet.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import JournalError, JournalLocked
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY,
+    job TEXT NOT NULL,
+    source TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    kind TEXT NOT NULL,              -- file | part | manifest
+    part_offset INTEGER NOT NULL,    -- where this item's bytes start in the source
+    length INTEGER NOT NULL,         -- how many bytes this item holds
+    source_size INTEGER NOT NULL,
+    source_mtime_ns INTEGER NOT NULL,
+    state TEXT NOT NULL,             -- pending | uploading | done | failed
+    session_id TEXT,
+    session_started REAL,
+    confirmed_offset INTEGER NOT NULL DEFAULT 0,
+    content_hash TEXT,               -- local Dropbox content hash of the item's bytes
+    sha256 TEXT,                     -- SHA-256 of the item's bytes (split parts)
+    remote_rev TEXT,
+    error TEXT,
+    source_deleted INTEGER NOT NULL DEFAULT 0,
+    updated REAL NOT NULL,
+    UNIQUE (job, source, destination)
+);
+CREATE INDEX IF NOT EXISTS items_job_state ON items (job, state);
+CREATE TABLE IF NOT EXISTS batches (
+    job TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    state TEXT NOT NULL,             -- copying | waiting | verified | deleted
+    started REAL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (job, number)
+);
+"""
+
+ITEM_COLUMNS = ("id", "job", "source", "destination", "kind", "part_offset", "length", "source_size",
+                "source_mtime_ns", "state", "session_id", "session_started", "confirmed_offset",
+                "content_hash", "sha256", "remote_rev", "error", "source_deleted")
+
+
+@dataclass
+class Item:
+    """One thing to put at one Dropbox path: a whole file, one part of a split file, or a
+    split file's manifest."""
+
+    id: int | None
+    job: str
+    source: str
+    destination: str
+    kind: str
+    part_offset: int
+    length: int
+    source_size: int
+    source_mtime_ns: int
+    state: str = "pending"
+    session_id: str | None = None
+    session_started: float | None = None
+    confirmed_offset: int = 0
+    content_hash: str | None = None
+    sha256: str | None = None
+    remote_rev: str | None = None
+    error: str | None = None
+    source_deleted: int = 0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.source, self.destination)
+
+
+class _JobLock:
+    """An OS-level lock on a small file: released by the OS when the process dies, even by
+    kill -9, so a crash never leaves a stale lock behind."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handle = open(path, "a+b")
+        try:
+            if os.name == "nt":
+                import msvcrt
+
+                self._handle.seek(0)
+                msvcrt.locking(self._handle.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._handle.close()
+            raise JournalLocked(
+                "another copy of this script is already working on this sheet (its journal is "
+                "locked). Let it finish, or close its window first; two copies at once would send "
+                "the same files twice.", paths=[path]) from None
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(f"{os.getpid()}\n".encode())
+        self._handle.flush()
+
+    def release(self) -> None:
+        try:
+            self._handle.close()
+        except OSError:
+            pass
+
+
+class Journal:
+    """Thread-safe access to one job's rows of the journal database."""
+
+    def __init__(self, path: Path, job: str):
+        self.path = Path(path)
+        self.job = job
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        safe_job = "".join(c if c.isalnum() or c in "-_" else "_" for c in job)
+        self._lock_file = _JobLock(self.path.with_name(f"{self.path.stem}_{safe_job}.lock"))
+        self._mutex = threading.Lock()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=60,
+                                       isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self._lock_file.release()
+            raise JournalError(f"the journal {self.path} cannot be opened ({exc}). If the disk "
+                               "is full, free some space; if the file is damaged, move it aside "
+                               "(finished files will then be checked against Dropbox again).",
+                               paths=[self.path]) from None
+
+    def close(self) -> None:
+        with self._mutex:
+            self._db.close()
+        self._lock_file.release()
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _write(self, sql: str, params: Iterable = ()) -> sqlite3.Cursor:
+        with self._mutex:
+            try:
+                return self._db.execute(sql, tuple(params))
+            except sqlite3.OperationalError as exc:
+                raise JournalError(f"cannot write to the journal {self.path} ({exc}); is the disk "
+                                   "full?", paths=[self.path]) from None
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def items(self, state: str | None = None) -> list[Item]:
+        sql = f"SELECT {', '.join(ITEM_COLUMNS)} FROM items WHERE job = ?"
+        params: list = [self.job]
+        if state is not None:
+            sql += " AND state = ?"
+            params.append(state)
+        with self._mutex:
+            rows = self._db.execute(sql + " ORDER BY id", params).fetchall()
+        return [Item(*row) for row in rows]
+
+    def items_by_key(self) -> dict[tuple[str, str], Item]:
+        return {item.key: item for item in self.items()}
+
+    def sources_done(self) -> dict[str, bool]:
+        """For every source: True when all of its items are done."""
+        with self._mutex:
+            rows = self._db.execute(
+                "SELECT source, MIN(state = 'done'), MAX(source_deleted) FROM items WHERE job = ? "
+                "GROUP BY source", (self.job,)).fetchall()
+        return {source: bool(done) for source, done, _ in rows}
+
+    def deleted_sources(self) -> set[str]:
+        with self._mutex:
+            rows = self._db.execute("SELECT DISTINCT source FROM items WHERE job = ? AND source_deleted = 1",
+                                    (self.job,)).fetchall()
+        return {row[0] for row in rows}
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def sync_plan(self, planned: Iterable[Item]) -> list[Item]:
+        """Bring the journal in line with this run's plan and return the plan's items with
+        their recorded state. A source whose size or modification time changed starts over."""
+        known = self.items_by_key()
+        result: list[Item] = []
+        inserts: list[Item] = []
+        resets: list[Item] = []
+        for item in planned:
+            old = known.get(item.key)
+            if old is None:
+                inserts.append(item)
+                result.append(item)
+            elif (old.source_size, old.source_mtime_ns, old.part_offset, old.length, old.kind) != (
+                    item.source_size, item.source_mtime_ns, item.part_offset, item.length, item.kind):
+                item.id = old.id
+                resets.append(item)
+                result.append(item)
+            else:
+                result.append(old)
+        now = time.time()
+        with self._mutex:
+            try:
+                self._db.execute("BEGIN")
+                for item in inserts:
+                    cursor = self._db.execute(
+                        "INSERT INTO items (job, source, destination, kind, part_offset, length, source_size, "
+                        "source_mtime_ns, state, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                        (self.job, item.source, item.destination, item.kind, item.part_offset, item.length,
+                         item.source_size, item.source_mtime_ns, now))
+                    item.id = cursor.lastrowid
+                for item in resets:
+                    self._db.execute(
+                        "UPDATE items SET kind = ?, part_offset = ?, length = ?, source_size = ?, "
+                        "source_mtime_ns = ?, state = 'pending', session_id = NULL, session_started = NULL, "
+                        "confirmed_offset = 0, content_hash = NULL, sha256 = NULL, remote_rev = NULL, "
+                        "error = NULL, source_deleted = 0, updated = ? WHERE id = ?",
+                        (item.kind, item.part_offset, item.length, item.source_size, item.source_mtime_ns,
+                         now, item.id))
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._db.execute("ROLLBACK")
+                raise JournalError(f"cannot write to the journal {self.path} ({exc}); is the disk full?",
+                                   paths=[self.path]) from None
+        return result
+
+    # -- progress ----------------------------------------------------------------------------
+
+    def start_session(self, item: Item, session_id: str, started: float, offset: int) -> None:
+        item.session_id, item.session_started, item.confirmed_offset = session_id, started, offset
+        item.state = "uploading"
+        self._write("UPDATE items SET state = 'uploading', session_id = ?, session_started = ?, "
+                    "confirmed_offset = ?, error = NULL, updated = ? WHERE id = ?",
+                    (session_id, started, offset, time.time(), item.id))
+
+    def confirm_offset(self, item: Item, offset: int) -> None:
+        item.confirmed_offset = offset
+        self._write("UPDATE items SET confirmed_offset = ?, updated = ? WHERE id = ?",
+                    (offset, time.time(), item.id))
+
+    def forget_session(self, item: Item) -> None:
+        item.session_id, item.session_started, item.confirmed_offset = None, None, 0
+        self._write("UPDATE items SET session_id = NULL, session_started = NULL, confirmed_offset = 0, "
+                    "updated = ? WHERE id = ?", (time.time(), item.id))
+
+    def mark_done(self, items: Iterable[Item]) -> None:
+        """Record verified items in one transaction (small files are committed by the thousand)."""
+        items = list(items)
+        now = time.time()
+        with self._mutex:
+            self._db.execute("BEGIN")
+            for item in items:
+                item.state, item.error = "done", None
+                self._db.execute(
+                    "UPDATE items SET state = 'done', content_hash = ?, sha256 = ?, remote_rev = ?, "
+                    "error = NULL, session_id = NULL, updated = ? WHERE id = ?",
+                    (item.content_hash, item.sha256, item.remote_rev, now, item.id))
+            self._db.execute("COMMIT")
+
+    def mark_failed(self, item: Item, error: str) -> None:
+        item.state, item.error = "failed", error
+        self._write("UPDATE items SET state = 'failed', error = ?, updated = ? WHERE id = ?",
+                    (error, time.time(), item.id))
+
+    def set_hashes(self, item: Item) -> None:
+        self._write("UPDATE items SET content_hash = ?, sha256 = ?, updated = ? WHERE id = ?",
+                    (item.content_hash, item.sha256, time.time(), item.id))
+
+    def mark_source_deleted(self, source: str) -> None:
+        self._write("UPDATE items SET source_deleted = 1, updated = ? WHERE job = ? AND source = ?",
+                    (time.time(), self.job, source))
+
+    # -- batches (desktop-app mode) ----------------------------------------------------------
+
+    def batch_state(self, number: int) -> str | None:
+        with self._mutex:
+            row = self._db.execute("SELECT state FROM batches WHERE job = ? AND number = ?",
+                                   (self.job, number)).fetchone()
+        return row[0] if row else None
+
+    def set_batch_state(self, number: int, state: str) -> None:
+        self._write("INSERT INTO batches (job, number, state, started, updated) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (job, number) DO UPDATE SET state = excluded.state, updated = excluded.updated",
+                    (self.job, number, state, time.time(), time.time()))
+
+    def iter_states(self) -> Iterator[tuple[str, int]]:
+        with self._mutex:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM items WHERE job = ? GROUP BY state",
+                                    (self.job,)).fetchall()
+        yield from rows

@@ -165,6 +165,16 @@ class ApiUploader:
             raise FileProblem("the file changed while it was being uploaded; it is sent again on the next run",
                               paths=[item.source])
 
+    def _unchanged_after_commit(self, item: Item, remote: RemoteFile) -> None:
+        """A file written to while it was read gives a copy that matches no version of it:
+        remove that copy (it is this run's own upload) so the rerun can send the file cleanly."""
+        try:
+            self._source_unchanged(item)
+        except FileProblem:
+            self._retrying("removing an inconsistent copy", lambda: self.client.delete(remote.path_display))
+            raise FileProblem("the file changed while it was being uploaded; the inconsistent copy was removed "
+                              "from Dropbox and the file is sent again on the next run", paths=[item.source]) from None
+
     def _verified(self, item: Item, remote: RemoteFile, hasher: ContentHasher | None = None) -> None:
         if remote.content_hash != item.content_hash:
             raise FileProblem(f"Dropbox's content hash of {remote.path_display} does not match the local file "
@@ -227,12 +237,13 @@ class ApiUploader:
                     if last:
                         item.content_hash = hasher.content_hash_with(data)
                         request = self._commit_request(item, session_id, offset)
+                        self._source_unchanged(item)
                         remote = self._retrying("upload", lambda: self.client.session_finish(request, data),
                                                 needed=item.length)
                         hasher.update(data)
                         self._advance(len(data))
                         self._verified(item, remote, hasher)
-                        self._source_unchanged(item)
+                        self._unchanged_after_commit(item, remote)
                         self.journal.mark_done([item])
                         self.summary.items_uploaded += 1
                         self._log_result(item, "UPLOADED", time.monotonic() - started)
@@ -325,6 +336,7 @@ class ApiUploader:
                 if isinstance(outcome, RemoteFile):
                     try:
                         self._verified(item, outcome)
+                        self._unchanged_after_commit(item, outcome)
                     except FileProblem as exc:
                         self._fail(item, exc)
                         continue
@@ -336,9 +348,7 @@ class ApiUploader:
                     self.pauser.wait_for_space(item.length, "Dropbox is full")
                     again.append((item, request, started))
                 elif isinstance(outcome, SessionGone):
-                    self.journal.forget_session(item)
-                    self._fail(item, FileProblem("its upload session expired before the commit; it is sent "
-                                                 "again on the next run", paths=[item.source]))
+                    self._recommit_lost_session(item, started)
                 else:
                     self._fail(item, outcome if isinstance(outcome, ArchiveError) else
                                FileProblem(str(outcome), paths=[item.source]))
@@ -348,6 +358,23 @@ class ApiUploader:
             if again:
                 time.sleep(min(2.0 * attempts, 30))
             retry = again
+
+    def _recommit_lost_session(self, item: Item, started: float) -> None:
+        """A journaled session Dropbox no longer knows: either its commit went through before a
+        crash (the file is there, identical) or it expired; in that case send the file again."""
+        remote = self._retrying("checking", lambda: self.client.metadata(item.destination))
+        if isinstance(remote, RemoteFile) and remote.content_hash == item.content_hash:
+            item.remote_rev = remote.rev
+            self.journal.mark_done([item])
+            self.summary.items_uploaded += 1
+            self._log_result(item, "UPLOADED", time.monotonic() - started)
+            return
+        self.journal.forget_session(item)
+        self._advance(-item.length)
+        try:
+            self._upload_item(item)
+        except FileProblem as exc:
+            self._fail(item, exc)
 
     # -- the whole job -----------------------------------------------------------------------
 

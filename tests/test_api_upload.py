@@ -1,0 +1,384 @@
+"""app.py through the Dropbox API, run as users run it (a subprocess), against the local
+Dropbox test server over real HTTPS: content verified, resumable after kill -9, robust to
+faults, pausing on a full account, careful with tokens and deletions."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from archive_dropbox.content_hash import file_content_hash
+from conftest import REPO, make_tree, script_env, write_xlsx
+from tests.dropbox_server import DropboxTestServer, FaultConfig
+from tests.dropbox_server.faults import FailRule
+
+SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
+MIB = 1024 * 1024
+UPLOAD_ROUTES = ("files/upload", "files/upload_session/start", "files/upload_session/append_v2",
+                 "files/upload_session/finish")
+
+
+@pytest.fixture
+def server(tmp_path):
+    instance = DropboxTestServer(tmp_path / "server")
+    yield instance
+    instance.stop()
+
+
+def app_env(server: DropboxTestServer, credentials: bool = True, **extra: str) -> dict[str, str]:
+    env = server.client_env(credentials=credentials)
+    # The machine's CA variables stay as they are: the caBundle setting must win over them.
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
+        env[name] = SYSTEM_CA
+    env.update(extra)
+    return env
+
+
+def app_args(book: Path, logs: Path, server: DropboxTestServer, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "app.py"), "--excelName", str(book), "--sheetName", "dropboxUpload_API",
+            "--logs", str(logs), "--caBundle", server.ca_file, "--sleepTime_min", "0.02", *extra]
+
+
+def run_app(book, logs, server, *extra, env=None, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run(app_args(book, logs, server, *extra), env=script_env(env or app_env(server)),
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def sheet(tmp_path: Path, rows: list[list]) -> Path:
+    return write_xlsx(tmp_path / "inputs.xlsx", {"dropboxUpload_API": [["inputFile", "outputDir", "deleteAfterUpload"],
+                                                                         *rows]})
+
+
+def sample_tree(root: Path) -> Path:
+    return make_tree(root, {
+        "run1/frames/001/frame_0001.tif": 3000,
+        "run1/frames/001/frame 0002 ü.tif": 2000,
+        "run1/notes/read me.txt": b"hello lab",
+        "run1/empty.dat": b"",
+        "run1/deep/a/b/c/d.bin": 70_000,
+        "run1/big.mrc": 21 * MIB + 12345,
+        "run1/Thumbs.db": b"ignored",
+        "run1/.DS_Store": b"ignored",
+    })
+
+
+def expected_files(tree: Path, folder: str) -> dict[str, Path]:
+    return {f"{folder}/{p.relative_to(tree).as_posix()}": p for p in tree.rglob("*")
+            if p.is_file() and p.name not in ("Thumbs.db", ".DS_Store")}
+
+
+def assert_landed(server: DropboxTestServer, tree: Path, folder: str, split_names=("big.mrc",), part_limit=None):
+    stored = server.files()
+    for dropbox_path, local in expected_files(tree, folder).items():
+        if local.name in split_names:
+            manifest_path = dropbox_path + "_split_manifest.json"
+            manifest = json.loads(server.read_file(manifest_path))
+            data = local.read_bytes()
+            assert manifest["size"] == len(data) and manifest["sha256"] == hashlib.sha256(data).hexdigest()
+            joined = b"".join(server.read_file(f"{folder}/{part['name']}" if "/" not in dropbox_path[len(folder) + 1:]
+                                               else dropbox_path.rsplit("/", 1)[0] + "/" + part["name"])
+                              for part in manifest["parts"])
+            assert joined == data
+            for part in manifest["parts"]:
+                assert hashlib.sha256(data[part["offset"]:part["offset"] + part["size"]]).hexdigest() == part["sha256"]
+                if part_limit:
+                    assert part["size"] <= part_limit
+            assert dropbox_path not in stored
+            continue
+        assert dropbox_path in stored, f"{dropbox_path} missing in Dropbox"
+        assert server.content_hash(dropbox_path) == file_content_hash(local)
+        modified = server.metadata(dropbox_path)["client_modified"]
+        assert modified.replace(tzinfo=None) == datetime.datetime.fromtimestamp(
+            int(local.stat().st_mtime), datetime.timezone.utc).replace(tzinfo=None)
+
+
+def uploaded_bytes(server: DropboxTestServer) -> int:
+    return sum(server.bytes_received(route) for route in UPLOAD_ROUTES)
+
+
+def tree_bytes(tree: Path) -> int:
+    return sum(p.stat().st_size for p in expected_files(tree, "").values())
+
+
+def test_tree_lands_verified_with_parts_manifest_and_logs(tmp_path, server):
+    tree = sample_tree(tmp_path / "data")
+    book = sheet(tmp_path, [[str(tree / "run1"), "/Archive/run1", 0], [str(tree / "run1" / "notes" / "read me.txt"),
+                                                                      "/Archive/single", 0]])
+    result = run_app(book, tmp_path / "logs", server, "--fileSizeLimit_GB", "0.01", "--chunkSize_MB", "4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_landed(server, tree / "run1", "/Archive/run1", part_limit=10_000_000)
+    assert server.read_file("/Archive/single/read me.txt") == b"hello lab"
+    assert sorted(p for p in server.files() if "big.mrc" in p) == [
+        "/Archive/run1/big.mrc_split_0001", "/Archive/run1/big.mrc_split_0002", "/Archive/run1/big.mrc_split_0003",
+        "/Archive/run1/big.mrc_split_manifest.json"]
+    upload_log = (tmp_path / "logs" / "upload").glob("*.log")
+    text = next(upload_log).read_text()
+    assert "UPLOADED" in text and "read me.txt" in text and "Summary:" in text and "0 failed" in text
+    assert list((tmp_path / "logs" / "dataPrep").glob("*.log"))
+    assert server.refresh_token not in text and server.refresh_token not in result.stdout
+    # Small files are committed together, not one commit per file.
+    assert server.count_calls("files/upload_session/finish_batch_v2") <= 2
+
+    # A rerun sends nothing and reads the journal only.
+    before = len(server.calls())
+    again = run_app(book, tmp_path / "logs", server, "--fileSizeLimit_GB", "0.01", "--chunkSize_MB", "4")
+    assert again.returncode == 0 and "already in Dropbox (journal)" in again.stdout
+    assert not [c for c in server.calls()[before:] if c["route"] in UPLOAD_ROUTES]
+
+
+def test_existing_identical_files_are_skipped_and_different_ones_reported(tmp_path, server):
+    tree = make_tree(tmp_path / "data", {"a/same.txt": b"same", "a/other.txt": b"mine"})
+    server.put_file("/Archive/a/same.txt", b"same")
+    server.put_file("/Archive/a/other.txt", b"theirs")
+    book = sheet(tmp_path, [[str(tree / "a"), "/Archive/a", 1]])
+    result = run_app(book, tmp_path / "logs", server)
+    assert result.returncode == 1
+    assert "ALREADY IN DROPBOX" in result.stdout and "same.txt" in result.stdout
+    assert "a different file already exists at /Archive/a/other.txt" in result.stdout
+    assert server.read_file("/Archive/a/other.txt") == b"theirs"  # never overwritten by default
+    assert not (tree / "a" / "same.txt").exists()  # identical in Dropbox (hash checked): deleted as asked
+    assert (tree / "a" / "other.txt").exists()
+    overwrite = run_app(book, tmp_path / "logs", server, "--ifExists", "overwrite")
+    assert overwrite.returncode == 0, overwrite.stdout
+    assert server.read_file("/Archive/a/other.txt") == b"mine"
+
+
+def test_delete_after_upload_only_after_verification_and_hash_mismatch_keeps_everything(tmp_path, server):
+    tree = make_tree(tmp_path / "data", {"keep/a.bin": 5000, "keep/sub/b.bin": 6 * MIB, "gone/c.bin": 3000})
+    book = sheet(tmp_path, [[str(tree / "keep"), "/K", 1]])
+    # Dropbox stores the large file with one byte altered after accepting it.
+    server.set_faults(FaultConfig(corrupt_stored_paths=frozenset({"/k/sub/b.bin"})))
+    result = run_app(book, tmp_path / "logs", server, "--chunkSize_MB", "4")
+    assert result.returncode == 1, result.stdout
+    assert (tree / "keep" / "sub" / "b.bin").exists(), "an unverified file was deleted"
+    assert not (tree / "keep" / "a.bin").exists(), "a verified file was not deleted"
+    assert "FAILED" in result.stdout and "content hash of /K/sub/b.bin does not match" in result.stdout
+    assert (tree / "gone" / "c.bin").exists()
+
+
+def test_faults_429_5xx_and_dropped_connections_are_ridden_out(tmp_path, server):
+    tree = make_tree(tmp_path / "data", {**{f"many/f{i:03d}.bin": 1000 + i for i in range(60)},
+                                         "many/large.bin": 13 * MIB})
+    server.set_faults(FaultConfig(seed=7, p_rate_limit=0.10, retry_after_s=0, p_500=0.03, p_503=0.02,
+                                  p_drop_mid_body=0.01, p_drop_before_response=0.01))
+    book = sheet(tmp_path, [[str(tree / "many"), "/F", 0]])
+    result = run_app(book, tmp_path / "logs", server, "--chunkSize_MB", "4")
+    if result.returncode != 0:  # what is left is finished by a rerun, never duplicated
+        result = run_app(book, tmp_path / "logs", server, "--chunkSize_MB", "4")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert_landed(server, tree / "many", "/F", split_names=())
+    assert len([p for p in server.files() if p.startswith("/F/")]) == 61
+    injected = [c for c in server.calls() if c.get("fault")]
+    assert len(injected) >= 5
+
+
+def _kill_when(process: subprocess.Popen, condition, timeout: float = 60, delay: float = 0.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError("app.py ended before the kill point:\n" + process.stdout.read())
+        if condition():
+            time.sleep(delay)
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            return
+        time.sleep(0.02)
+    process.kill()
+    raise AssertionError("kill point never reached")
+
+
+@pytest.mark.parametrize("kill_point", ["mid_chunk", "between_chunks", "between_files", "during_commit"])
+def test_kill_9_then_rerun_lands_everything_once_resending_at_most_a_chunk_per_file(tmp_path, server, kill_point):
+    chunk = 4 * MIB
+    tree = make_tree(tmp_path / "data", {"k/one.bin": 17 * MIB + 5, "k/two.bin": 9 * MIB,
+                                         **{f"k/small/s{i}.txt": 100 + i for i in range(30)}})
+    book = sheet(tmp_path, [[str(tree / "k"), "/Kill", 0]])
+    workers = 2
+    server.set_faults(FaultConfig(bandwidth_bps=6 * MIB,
+                                  commit_hold_s=1.5 if kill_point == "during_commit" else 0.0))
+    env = script_env(app_env(server))
+    process = subprocess.Popen(app_args(book, tmp_path / "logs", server, "--chunkSize_MB", "4", "--workers", str(workers)),
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               stdin=subprocess.DEVNULL)
+    appends = lambda: server.count_calls("files/upload_session/append_v2")  # noqa: E731
+    if kill_point == "mid_chunk":  # the next chunk is on the wire at 6 MiB/s
+        _kill_when(process, lambda: appends() >= 1, delay=0.3)
+    elif kill_point == "between_chunks":
+        _kill_when(process, lambda: appends() >= 2)
+    elif kill_point == "between_files":
+        _kill_when(process, lambda: server.count_calls("files/upload_session/finish") >= 1)
+    else:  # the small files' batch commit comes last and is held by the server for 1.5 s
+        _kill_when(process, lambda: server.count_calls("files/upload_session/finish") >= 2, delay=0.6)
+    server.set_faults(FaultConfig())
+    sent_before = uploaded_bytes(server)
+    result = run_app(book, tmp_path / "logs", server, "--chunkSize_MB", "4", "--workers", str(workers))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert_landed(server, tree / "k", "/Kill", split_names=())
+    names = [p for p in server.files() if p.startswith("/Kill/")]
+    assert len(names) == 32 and not [n for n in names if "(1)" in n]
+    total = tree_bytes(tree / "k")
+    resent = uploaded_bytes(server) - total
+    # Bytes sent more than once: at most one chunk per file in flight when the process died,
+    # plus the small files whose closed sessions had not been recorded yet.
+    assert resent <= workers * chunk + 30 * 200, f"re-sent {resent} bytes"
+
+
+def test_quota_full_pauses_and_continues_when_space_is_freed(tmp_path, server):
+    tree = make_tree(tmp_path / "data", {"q/a.bin": 2 * MIB, "q/b.bin": 2 * MIB})
+    server.set_quota(server.used_bytes + 3 * MIB)
+    book = sheet(tmp_path, [[str(tree / "q"), "/Q", 0]])
+    process = subprocess.Popen(app_args(book, tmp_path / "logs", server), env=script_env(app_env(server)),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while not any("PAUSED" in line for line in output) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert any("PAUSED" in line for line in output), "".join(output)
+    assert not [p for p in server.files() if p.startswith("/Q/")] or len(
+        [p for p in server.files() if p.startswith("/Q/")]) < 2
+    server.set_quota(10 * 1024 ** 3)
+    assert process.wait(timeout=120) == 0, "".join(output)
+    assert sorted(p for p in server.files() if p.startswith("/Q/")) == ["/Q/a.bin", "/Q/b.bin"]
+    assert any("room again" in line for line in output)
+
+
+def test_expired_token_is_refreshed_and_revoked_one_stops_cleanly(tmp_path, server):
+    tree = make_tree(tmp_path / "data", {"t/a.bin": 9 * MIB, "t/b.bin": 1000})
+    book = sheet(tmp_path, [[str(tree / "t"), "/T", 1]])
+    server.set_faults(FaultConfig(bandwidth_bps=4 * MIB))
+    process = subprocess.Popen(app_args(book, tmp_path / "logs", server, "--chunkSize_MB", "4"),
+                               env=script_env(app_env(server)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while server.count_calls("files/upload_session/append_v2") < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server.expire_access_tokens()
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output
+    assert server.count_calls("oauth2/token") >= 2
+
+    # Revoked: stop at once, say how to log in, delete nothing.
+    tree2 = make_tree(tmp_path / "data2", {"r/a.bin": 1000})
+    book2 = write_xlsx(tmp_path / "inputs2.xlsx", {"dropboxUpload_API": [["inputFile", "outputDir", "deleteAfterUpload"],
+                                                                        [str(tree2 / "r"), "/R", 1]]})
+    server.revoke_refresh_token()
+    result = run_app(book2, tmp_path / "logs", server)
+    assert result.returncode == 3
+    assert "python app.py --login" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert (tree2 / "r" / "a.bin").exists()
+
+
+def test_login_stores_a_private_refresh_token(tmp_path, server):
+    token_file = tmp_path / "home" / "token.json"
+    process = subprocess.Popen(app_args(sheet(tmp_path, [["x", "/X", 0]]), tmp_path / "logs", server, "--login",
+                                        "--appKey", server.app_key, "--tokenFile", str(token_file)),
+                               env=script_env(app_env(server, credentials=False)), stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = ""
+    while "code_challenge" not in url:
+        line = process.stdout.readline()
+        assert line, "no authorize URL printed"
+        url = line.strip() if "code_challenge" in line else url
+    from urllib.parse import parse_qs, urlparse
+    query = parse_qs(urlparse(url).query)
+    code = server.authorize(query["client_id"][0], query["code_challenge"][0])
+    output, _ = process.communicate(code + "\n", timeout=60)
+    assert process.returncode == 0, output
+    assert token_file.exists() and oct(token_file.stat().st_mode & 0o777) == "0o600"
+    stored = json.loads(token_file.read_text())
+    assert stored["app_key"] == server.app_key and stored["refresh_token"]
+    assert stored["refresh_token"] not in output
+    # The saved login is used by a normal run.
+    tree = make_tree(tmp_path / "data", {"l/a.txt": b"x"})
+    book = sheet(tmp_path, [[str(tree / "l"), "/L", 0]])
+    result = run_app(book, tmp_path / "logs", server, "--tokenFile", str(token_file),
+                     env=app_env(server, credentials=False))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the login saved in" in result.stdout
+
+
+@pytest.mark.parametrize("case, rows, flags, expected", [
+    ("missing path", [["{data}/nope", "/A", 0]], [], "does not exist"),
+    ("relative dropbox path", [["{data}/a", "Archive", 0]], [], "starts with '/'"),
+    ("bad flag", [["{data}/a", "/A", 2]], [], "write 1 for yes"),
+    ("case collision", [["{data}/a", "/A", 0], ["{data}/b", "/A", 0]], [], "ignores upper/lower case"),
+    ("chunk too big", [["{data}/a", "/A", 0]], ["--chunkSize_MB", "200"], "'chunkSize_MB' = '200' must be at most 150"),
+    ("bad limit", [["{data}/a", "/A", 0]], ["--fileSizeLimit_GB", "-1"], "fileSizeLimit_GB"),
+])
+def test_bad_input_gets_one_clear_message_and_changes_nothing(tmp_path, server, case, rows, flags, expected):
+    data = make_tree(tmp_path / "data", {"a/Data.txt": b"1", "b/DATA.txt": b"2"})
+    book = sheet(tmp_path, [[cell.format(data=data) if isinstance(cell, str) else cell for cell in row]
+                            for row in rows])
+    result = run_app(book, tmp_path / "logs", server, *flags)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert expected in output and "Traceback" not in output
+    assert not [c for c in server.calls() if c["route"].startswith("files/")]
+
+
+def test_missing_workbook_tab_and_login(tmp_path, server):
+    result = run_app(tmp_path / "none.xlsx", tmp_path / "logs", server)
+    assert result.returncode == 2 and "does not exist" in result.stdout + result.stderr
+    book = write_xlsx(tmp_path / "other.xlsx", {"joinFiles": [["inputFile"]]})
+    result = run_app(book, tmp_path / "logs", server)
+    assert result.returncode == 2 and "there is no tab named 'dropboxUpload_API'" in result.stdout
+    data = make_tree(tmp_path / "data", {"a/x.txt": b"1"})
+    result = run_app(sheet(tmp_path, [[str(data / "a"), "/A", 0]]), tmp_path / "logs", server,
+                     "--tokenFile", str(tmp_path / "no-token.json"), env=app_env(server, credentials=False))
+    assert result.returncode == 3 and "python app.py --login" in result.stdout
+
+
+def test_second_copy_on_the_same_sheet_is_refused(tmp_path, server):
+    tree = make_tree(tmp_path / "data", {"s/a.bin": 8 * MIB})
+    server.set_faults(FaultConfig(bandwidth_bps=2 * MIB))
+    book = sheet(tmp_path, [[str(tree / "s"), "/S", 0]])
+    first = subprocess.Popen(app_args(book, tmp_path / "logs", server, "--chunkSize_MB", "4"),
+                             env=script_env(app_env(server)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while server.count_calls("files/upload_session/start") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = run_app(book, tmp_path / "logs", server)
+        assert second.returncode == 4
+        assert "already working on this sheet" in second.stdout + second.stderr
+    finally:
+        first.wait(timeout=120)
+    assert first.returncode == 0
+
+
+def test_file_that_vanishes_or_changes_during_upload_is_reported_and_retried(tmp_path, server):
+    tree = make_tree(tmp_path / "data", {"v/big.bin": 12 * MIB, "v/ok.txt": b"fine"})
+    server.set_faults(FaultConfig(bandwidth_bps=4 * MIB))
+    book = sheet(tmp_path, [[str(tree / "v"), "/V", 1]])
+    process = subprocess.Popen(app_args(book, tmp_path / "logs", server, "--chunkSize_MB", "4", "--workers", "1"),
+                               env=script_env(app_env(server)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while server.count_calls("files/upload_session/start") < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with open(tree / "v" / "big.bin", "r+b") as handle:
+        handle.seek(5)
+        handle.write(b"changed")
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 1, output
+    assert "changed while it was being uploaded" in output
+    assert (tree / "v" / "big.bin").exists()
+    assert "/V/big.bin" not in server.files()
+    server.set_faults(FaultConfig())
+    result = run_app(book, tmp_path / "logs", server, "--chunkSize_MB", "4")
+    assert result.returncode == 0, result.stdout
+    assert not (tree / "v" / "big.bin").exists()

@@ -45,6 +45,12 @@ class UploadOptions:
     checksum: bool = False
     sleep_seconds: float = 1800
     network_give_up_seconds: float = 3600
+    # Files at least this large go through a concurrent upload session with several appends in
+    # flight, so one huge file is not bound to one connection.
+    concurrent_above: int = 512 * MIB
+    appends_per_file: int = 8
+    # File data held in memory at once (chunks read ahead, appends in flight, small files).
+    memory_budget: int = 1024 * MIB
 
 
 @dataclass
@@ -61,6 +67,58 @@ class Summary:
     @property
     def ok(self) -> bool:
         return not self.failures
+
+
+class ByteBudget:
+    """Caps the file data held in memory across all threads: every buffer is paid for before it
+    is read and refunded once Dropbox has it."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._used = 0
+        self._peak = 0
+        self._condition = threading.Condition()
+
+    def take(self, count: int, wait: bool = True) -> bool:
+        count = min(count, self.capacity)
+        with self._condition:
+            while self._used + count > self.capacity:
+                if not wait:
+                    return False
+                self._condition.wait()
+            self._used += count
+            self._peak = max(self._peak, self._used)
+            return True
+
+    def give(self, count: int) -> None:
+        count = min(count, self.capacity)
+        with self._condition:
+            self._used -= count
+            self._condition.notify_all()
+
+    @property
+    def peak(self) -> int:
+        return self._peak
+
+
+def read_at(handle, position: int, size: int) -> bytes:
+    """Positioned read that several threads can share on one handle."""
+    if hasattr(os, "pread"):
+        parts = []
+        while size > 0:
+            data = os.pread(handle.fileno(), size, position)
+            if not data:
+                break
+            parts.append(data)
+            position += len(data)
+            size -= len(data)
+        return b"".join(parts) if len(parts) != 1 else parts[0]
+    with _WINDOWS_READ_LOCK:  # Windows has no pread: serialise seek+read on the shared handle
+        handle.seek(position)
+        return handle.read(size)
+
+
+_WINDOWS_READ_LOCK = threading.Lock()
 
 
 class Pauser:
@@ -109,6 +167,10 @@ class ApiUploader:
         self._fatal: BaseException | None = None
         self._remote: dict[str, RemoteFile] = {}
         self.sources_to_delete: set[str] = set()
+        self.budget = ByteBudget(max(options.memory_budget, 2 * options.chunk_size))
+        self._readahead = futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="read")
+        self._appends = futures.ThreadPoolExecutor(max_workers=max(1, options.appends_per_file * 2),
+                                                   thread_name_prefix="append")
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -191,8 +253,15 @@ class ApiUploader:
     # -- one item ----------------------------------------------------------------------------
 
     def _upload_item(self, item: Item) -> None:
-        """Send one item through a sequential session (or a closed one for small items, which
-        then waits for a batch commit)."""
+        if item.length >= self.options.concurrent_above and self.options.appends_per_file > 1:
+            self._upload_concurrent(item)
+        else:
+            self._upload_sequential(item)
+
+    def _upload_sequential(self, item: Item) -> None:
+        """Send one item through a sequential session, reading the next chunk while the current
+        one is on the wire; an item of one chunk goes up in a closed session and waits for a
+        batch commit."""
         started = time.monotonic()
         self._source_unchanged(item)
         chunk = self.options.chunk_size
@@ -200,92 +269,205 @@ class ApiUploader:
         hasher = ContentHasher(with_sha256=with_sha)
         offset = 0
         session_id = item.session_id
-        if session_id and item.confirmed_offset:
+        if session_id and item.confirmed_offset and not item.confirmed_chunks:
             # Rebuild the hash of what Dropbox already holds from the local disk, not the network.
             offset = item.confirmed_offset
-            prefix = hash_range(Path(item.source), item.part_offset, offset, with_sha256=with_sha)
-            hasher = prefix
+            hasher = hash_range(Path(item.source), item.part_offset, offset, with_sha256=with_sha)
             self._advance(offset)
             self.log.info("Resuming %s at %s of %s (upload session from an earlier run).", item.destination,
                           human_bytes(offset), human_bytes(item.length))
         else:
             session_id = None
+        ahead: tuple[int, futures.Future] | None = None
+
+        def read(position: int, paid: bool) -> bytes:
+            size = min(chunk, item.length - position)
+            if not paid:
+                self.budget.take(size)
+            return read_at(handle, item.part_offset + position, size)
+
         with open(item.source, "rb") as handle:
-            while True:
-                handle.seek(item.part_offset + offset)
-                data = handle.read(min(chunk, item.length - offset))
-                last = offset + len(data) >= item.length
-                if len(data) != min(chunk, item.length - offset):
-                    raise FileProblem("the file became shorter while it was being uploaded; it is sent again "
-                                      "on the next run", paths=[item.source])
-                try:
-                    if session_id is None:
-                        session_id = self._retrying("upload", lambda: self.client.session_start(
-                            data, close=last and item.length <= chunk, path=item.destination), needed=item.length)
-                        self.journal.start_session(item, session_id, time.time(), len(data))
-                        hasher.update(data)
-                        self._advance(len(data))
-                        offset = len(data)
+            try:
+                while True:
+                    size = min(chunk, item.length - offset)
+                    if ahead is not None and ahead[0] == offset:
+                        data = ahead[1].result()
+                    else:
+                        if ahead is not None:  # an offset jump made the read-ahead useless
+                            self.budget.give(len(ahead[1].result()))
+                        data = read(offset, paid=False)
+                    ahead = None
+                    last = offset + len(data) >= item.length
+                    nxt = offset + len(data)
+                    if not last and self.budget.take(min(chunk, item.length - nxt), wait=False):
+                        ahead = (nxt, self._readahead.submit(read, nxt, True))
+                    try:
+                        if len(data) != size:
+                            raise FileProblem("the file became shorter while it was being uploaded; it is sent "
+                                              "again on the next run", paths=[item.source])
+                        if session_id is None:
+                            session_id = self._retrying("upload", lambda: self.client.session_start(
+                                data, close=last and item.length <= chunk, path=item.destination), needed=item.length)
+                            self.journal.start_session(item, session_id, time.time(), len(data))
+                            hasher.update(data)
+                            self._advance(len(data))
+                            offset = len(data)
+                            if last:
+                                item.content_hash = hasher.content_hash()
+                                if with_sha:
+                                    item.sha256 = hasher.sha256()
+                                self.journal.set_hashes(item)
+                                self._queue_commit(item, self._commit_request(item, session_id, offset), started)
+                                return
+                            continue
                         if last:
-                            item.content_hash = hasher.content_hash()
-                            if with_sha:
-                                item.sha256 = hasher.sha256()
-                            self.journal.set_hashes(item)
-                            self._queue_commit(item, self._commit_request(item, session_id, offset), started)
+                            item.content_hash = hasher.content_hash_with(data)
+                            request = self._commit_request(item, session_id, offset)
+                            self._source_unchanged(item)
+                            remote = self._retrying("upload", lambda: self.client.session_finish(request, data),
+                                                    needed=item.length)
+                            hasher.update(data)
+                            self._advance(len(data))
+                            self._verified(item, remote, hasher)
+                            self._unchanged_after_commit(item, remote)
+                            self.journal.mark_done([item])
+                            self.summary.items_uploaded += 1
+                            self._log_result(item, "UPLOADED", time.monotonic() - started)
                             return
-                        continue
-                    if last:
-                        item.content_hash = hasher.content_hash_with(data)
-                        request = self._commit_request(item, session_id, offset)
-                        self._source_unchanged(item)
-                        remote = self._retrying("upload", lambda: self.client.session_finish(request, data),
-                                                needed=item.length)
+                        current = offset
+                        self._retrying("upload", lambda: self.client.session_append(session_id, current, data,
+                                                                                    path=item.destination),
+                                       needed=item.length)
                         hasher.update(data)
                         self._advance(len(data))
-                        self._verified(item, remote, hasher)
-                        self._unchanged_after_commit(item, remote)
-                        self.journal.mark_done([item])
-                        self.summary.items_uploaded += 1
-                        self._log_result(item, "UPLOADED", time.monotonic() - started)
-                        return
-                    current = offset
-                    self._retrying("upload", lambda: self.client.session_append(session_id, current, data,
-                                                                                path=item.destination),
-                                   needed=item.length)
-                    hasher.update(data)
+                        offset += len(data)
+                        self.journal.confirm_offset(item, offset)
+                    except IncorrectOffset as exc:
+                        # A retried request had reached Dropbox, or the journal lags the server by
+                        # one chunk after a crash: continue from the server's offset.
+                        self.log.debug("%s: server offset %d, ours %d", item.destination, exc.correct_offset, offset)
+                        if exc.correct_offset > item.length:
+                            raise FileProblem("Dropbox's upload session holds more bytes than the file",
+                                              paths=[item.source]) from None
+                        self._advance(exc.correct_offset - offset)
+                        offset = exc.correct_offset
+                        hasher = hash_range(Path(item.source), item.part_offset, offset, with_sha256=with_sha)
+                        self.journal.confirm_offset(item, offset)
+                        if offset == item.length:
+                            # Every byte arrived; only the commit is missing.
+                            item.content_hash = hasher.content_hash()
+                            self._finish_without_data(item, session_id, hasher, started)
+                            return
+                    except SessionGone:
+                        if last and offset and self._already_committed(item, hasher, data):
+                            self._log_result(item, "UPLOADED", time.monotonic() - started)
+                            return
+                        self.log.info("The upload session of %s has expired; starting that file again.",
+                                      item.destination)
+                        self.journal.forget_session(item)
+                        self._advance(-offset)
+                        session_id, offset, hasher = None, 0, ContentHasher(with_sha256=with_sha)
+                    finally:
+                        self.budget.give(len(data))
+            finally:
+                if ahead is not None:
+                    self.budget.give(len(ahead[1].result()))
+
+    def _upload_concurrent(self, item: Item) -> None:
+        """Send one large item through a concurrent session: chunks are read and hashed in order
+        here, and up to `appends_per_file` of them travel at once on their own connections.
+        The closing append goes last, after every other chunk is confirmed, as Dropbox requires."""
+        started = time.monotonic()
+        self._source_unchanged(item)
+        chunk = self.options.chunk_size  # a multiple of 4 MiB, as concurrent appends must be
+        count = -(-item.length // chunk)
+        with_sha = item.kind == "part"
+        while True:
+            hasher = ContentHasher(with_sha256=with_sha)
+            confirmed = item.chunk_set() if item.session_id else set()
+            session_id = item.session_id if confirmed else None
+            if session_id is None:
+                session_id = self._retrying("upload", lambda: self.client.session_start(
+                    b"", concurrent=True, path=item.destination), needed=item.length)
+                self.journal.start_session(item, session_id, time.time(), 0)
+            else:
+                self.log.info("Resuming %s: %d of %d chunks are already in Dropbox.", item.destination,
+                              len(confirmed), count)
+            lock = threading.Lock()
+            in_flight: set[futures.Future] = set()
+            failure: list[BaseException] = []
+
+            def send(index: int, data: bytes, close: bool) -> None:
+                try:
+                    try:
+                        self._retrying("upload", lambda: self.client.session_append(
+                            session_id, index * chunk, data, close=close, path=item.destination),
+                            needed=item.length)
+                    except IncorrectOffset:
+                        # A retried append whose first attempt had arrived: Dropbox holds the
+                        # chunk already (the final content-hash check would catch any doubt).
+                        pass
                     self._advance(len(data))
-                    offset += len(data)
-                    self.journal.confirm_offset(item, offset)
-                except IncorrectOffset as exc:
-                    # A retried request had reached Dropbox, or the journal lags the server by one
-                    # chunk after a crash: continue from the server's offset.
-                    self.log.debug("%s: server offset %d, ours %d", item.destination, exc.correct_offset, offset)
-                    if exc.correct_offset > item.length:
-                        raise FileProblem("Dropbox's upload session holds more bytes than the file",
-                                          paths=[item.source]) from None
-                    self._advance(exc.correct_offset - offset)
-                    offset = exc.correct_offset
-                    hasher = hash_range(Path(item.source), item.part_offset, offset, with_sha256=with_sha)
-                    self.journal.confirm_offset(item, offset)
-                    if offset == item.length:
-                        # Every byte arrived; only the commit is missing.
-                        item.content_hash = hasher.content_hash()
-                        self._finish_without_data(item, session_id, hasher, started)
-                        return
-                except SessionGone:
-                    if last and offset and self._already_committed(item, hasher, data):
-                        self._log_result(item, "UPLOADED", time.monotonic() - started)
-                        return
-                    self.log.info("The upload session of %s has expired; starting that file again.",
-                                  item.destination)
-                    self.journal.forget_session(item)
-                    self._advance(-offset)
-                    session_id, offset, hasher = None, 0, ContentHasher(with_sha256=with_sha)
+                    with lock:
+                        confirmed.add(index)
+                        self.journal.confirm_chunks(item, set(confirmed))
+                finally:
+                    self.budget.give(len(data))
+
+            try:
+                with open(item.source, "rb") as handle:
+                    for index in range(count):
+                        size = min(chunk, item.length - index * chunk)
+                        self.budget.take(size)
+                        data = read_at(handle, item.part_offset + index * chunk, size)
+                        if len(data) != size:
+                            self.budget.give(size)
+                            raise FileProblem("the file became shorter while it was being uploaded; it is sent "
+                                              "again on the next run", paths=[item.source])
+                        hasher.update(data)
+                        if index in confirmed:
+                            self.budget.give(size)
+                            self._advance(size)
+                            continue
+                        if index == count - 1:
+                            # The closing append must come after all the others succeeded.
+                            done, in_flight = futures.wait(in_flight), set()
+                            for future in done.done:
+                                future.result()
+                            send(index, data, True)
+                            continue
+                        while len(in_flight) >= self.options.appends_per_file:
+                            finished, in_flight = futures.wait(in_flight, return_when=futures.FIRST_COMPLETED)
+                            for future in finished:
+                                future.result()
+                        in_flight.add(self._appends.submit(send, index, data, False))
+                    for future in futures.wait(in_flight).done:
+                        future.result()
+                    if len(confirmed) != count:
+                        raise FileProblem("not every chunk reached Dropbox", paths=[item.source])
+                item.content_hash = hasher.content_hash()
+                self._source_unchanged(item)
+                self._finish_without_data(item, session_id, hasher, started)
+                return
+            except SessionGone:
+                for future in in_flight:
+                    future.cancel()
+                futures.wait(in_flight)
+                self.log.info("The upload session of %s has expired; starting that file again.", item.destination)
+                self.journal.forget_session(item)
+                self._advance(-len(confirmed) * chunk)
 
     def _finish_without_data(self, item: Item, session_id: str, hasher: ContentHasher, started: float) -> None:
         request = self._commit_request(item, session_id, item.length)
-        remote = self._retrying("upload", lambda: self.client.session_finish(request, b""), needed=item.length)
+        try:
+            remote = self._retrying("upload", lambda: self.client.session_finish(request, b""), needed=item.length)
+        except SessionGone:
+            if not self._already_committed(item, hasher, b""):
+                raise
+            self._log_result(item, "UPLOADED", time.monotonic() - started)
+            return
         self._verified(item, remote, hasher)
+        self._unchanged_after_commit(item, remote)
         self.journal.mark_done([item])
         self.summary.items_uploaded += 1
         self._log_result(item, "UPLOADED", time.monotonic() - started)
@@ -524,6 +706,8 @@ class ApiUploader:
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            self._appends.shutdown(wait=True, cancel_futures=True)
+            self._readahead.shutdown(wait=True, cancel_futures=True)
             self._progress.close()
         if self._fatal is not None:
             raise self._fatal

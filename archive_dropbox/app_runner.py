@@ -28,6 +28,8 @@ SETTINGS = [
     Setting("batchTimeLimit_hour", 24, float, "hours before a slow batch is reported", minimum=0.0001),
     Setting("chunkSize_MB", 128, int, "bytes per upload request, in MiB", minimum=1, maximum=150),
     Setting("workers", 4, int, "files sent at the same time", minimum=1, maximum=64),
+    Setting("connectionsPerFile", 8, int, "connections for one large file", minimum=1, maximum=32),
+    Setting("memoryLimit_MB", 1024, int, "file data held in memory at once", minimum=16),
     Setting("ifExists", "report", str, "when a different file is already in Dropbox",
             choices=("report", "overwrite", "rename")),
     Setting("checksum", False, bool, "compare content hashes to skip files already in Dropbox"),
@@ -127,13 +129,17 @@ def run(context: RunContext) -> int:
 
 
 def prepare_rows(context: RunContext, sheet: str, *, destination_of_row, part_limit: int,
-                 already_done: set[str], mode: str, bytes_per_second: float) -> prepare.Plan:
-    """Stage 1 with its own log in logs/dataPrep: read the tab, expand, check and plan."""
+                 already_done: set[str], mode: str, bytes_per_second: float,
+                 row_check: sheets.RowCheck | None = None, describe_plan=None) -> prepare.Plan:
+    """Stage 1 with its own log in logs/dataPrep: read the tab, expand, check and plan.
+
+    `row_check(row)` adds mode-specific sheet problems; `describe_plan(plan, logger)` adds
+    mode-specific lines (e.g. the desktop-app batches) to both logs."""
     prep_log, prep_path = start_log(context.logs_root / "dataPrep", "", console=False)
     try:
         prep_log.info("Data preparation for tab '%s' of %s", sheet, context.settings.excelName)
         context.log.info("Stage 1, data preparation (log: %s)", prep_path)
-        rows = sheets.read_tab(context.settings.excelName, sheet, UPLOAD_COLUMNS[sheet])
+        rows = sheets.read_tab(context.settings.excelName, sheet, UPLOAD_COLUMNS[sheet], row_check=row_check)
         try:
             plan = prepare.build_plan(rows, input_column="inputFile", output_column="outputDir",
                                       delete_column="deleteAfterUpload", destination_of_row=destination_of_row,
@@ -143,6 +149,8 @@ def prepare_rows(context: RunContext, sheet: str, *, destination_of_row, part_li
             raise
         for logger in (prep_log, context.log):
             prepare.log_plan(plan, logger, mode=mode, bytes_per_second=bytes_per_second)
+            if describe_plan is not None:
+                describe_plan(plan, logger)
         return plan
     finally:
         close_log(prep_log)
@@ -164,9 +172,12 @@ def run_api_upload(context: RunContext, sheet: str) -> int:
             context.log.info("Dry run: nothing was sent.")
             return EXIT_OK
         items = journal.sync_plan(prepare.iter_items(plan, sheet))
-        client = open_client(context, workers=settings.workers)
+        client = open_client(context, workers=settings.workers * (settings.connectionsPerFile + 1))
         options = UploadOptions(chunk_size=chunk, workers=settings.workers, if_exists=settings.ifExists,
-                                checksum=settings.checksum, sleep_seconds=settings.sleepTime_min * 60)
+                                checksum=settings.checksum, sleep_seconds=settings.sleepTime_min * 60,
+                                appends_per_file=settings.connectionsPerFile,
+                                concurrent_above=4 * chunk,
+                                memory_budget=max(settings.memoryLimit_MB * MIB, 2 * chunk))
         uploader = ApiUploader(client, journal, options, context.log)
         uploader.sources_to_delete = {str(s.source) for s in plan.sources if s.delete_after}
         context.log.info("Stage 2, upload through the Dropbox API with %d workers, %d MiB chunks.",

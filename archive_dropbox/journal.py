@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS items (
     error TEXT,
     source_deleted INTEGER NOT NULL DEFAULT 0,
     updated REAL NOT NULL,
+    confirmed_chunks TEXT,           -- concurrent sessions: indexes of the chunks Dropbox confirmed
     UNIQUE (job, source, destination)
 );
 CREATE INDEX IF NOT EXISTS items_job_state ON items (job, state);
@@ -55,7 +56,7 @@ CREATE TABLE IF NOT EXISTS batches (
 
 ITEM_COLUMNS = ("id", "job", "source", "destination", "kind", "part_offset", "length", "source_size",
                 "source_mtime_ns", "state", "session_id", "session_started", "confirmed_offset",
-                "content_hash", "sha256", "remote_rev", "error", "source_deleted")
+                "content_hash", "sha256", "remote_rev", "error", "source_deleted", "confirmed_chunks")
 
 
 @dataclass
@@ -81,6 +82,10 @@ class Item:
     remote_rev: str | None = None
     error: str | None = None
     source_deleted: int = 0
+    confirmed_chunks: str | None = None  # "0,1,5": chunks of a concurrent session already in Dropbox
+
+    def chunk_set(self) -> set[int]:
+        return {int(x) for x in self.confirmed_chunks.split(",")} if self.confirmed_chunks else set()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -230,7 +235,7 @@ class Journal:
                         "UPDATE items SET kind = ?, part_offset = ?, length = ?, source_size = ?, "
                         "source_mtime_ns = ?, state = 'pending', session_id = NULL, session_started = NULL, "
                         "confirmed_offset = 0, content_hash = NULL, sha256 = NULL, remote_rev = NULL, "
-                        "error = NULL, source_deleted = 0, updated = ? WHERE id = ?",
+                        "error = NULL, source_deleted = 0, confirmed_chunks = NULL, updated = ? WHERE id = ?",
                         (item.kind, item.part_offset, item.length, item.source_size, item.source_mtime_ns,
                          now, item.id))
                 self._db.execute("COMMIT")
@@ -256,8 +261,15 @@ class Journal:
 
     def forget_session(self, item: Item) -> None:
         item.session_id, item.session_started, item.confirmed_offset = None, None, 0
+        item.confirmed_chunks = None
         self._write("UPDATE items SET session_id = NULL, session_started = NULL, confirmed_offset = 0, "
-                    "updated = ? WHERE id = ?", (time.time(), item.id))
+                    "confirmed_chunks = NULL, updated = ? WHERE id = ?", (time.time(), item.id))
+
+    def confirm_chunks(self, item: Item, chunks: set[int]) -> None:
+        """Concurrent sessions: these chunks are in Dropbox (appends arrive in any order)."""
+        item.confirmed_chunks = ",".join(str(c) for c in sorted(chunks))
+        self._write("UPDATE items SET confirmed_chunks = ?, updated = ? WHERE id = ?",
+                    (item.confirmed_chunks, time.time(), item.id))
 
     def mark_done(self, items: Iterable[Item]) -> None:
         """Record verified items in one transaction (small files are committed by the thousand)."""
@@ -298,6 +310,57 @@ class Journal:
         self._write("INSERT INTO batches (job, number, state, started, updated) VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT (job, number) DO UPDATE SET state = excluded.state, updated = excluded.updated",
                     (self.job, number, state, time.time(), time.time()))
+
+    # -- desktop-app mode: copied items and batch membership ------------------------------------
+
+    def mark_copied(self, item: Item) -> None:
+        """The item sits complete under its real name in the local Dropbox folder; its hashes
+        (computed while copying) are what Dropbox must later report."""
+        item.state, item.error = "copied", None
+        self._write("UPDATE items SET state = 'copied', content_hash = ?, sha256 = ?, error = NULL, updated = ? "
+                    "WHERE id = ?", (item.content_hash, item.sha256, time.time(), item.id))
+
+    def mark_pending(self, item: Item) -> None:
+        """Forget an item's copy (it is to be copied again)."""
+        item.state, item.error, item.content_hash, item.sha256 = "pending", None, None, None
+        self._write("UPDATE items SET state = 'pending', content_hash = NULL, sha256 = NULL, error = NULL, "
+                    "updated = ? WHERE id = ?", (time.time(), item.id))
+
+    def _ensure_batch_items(self) -> None:
+        self._write("CREATE TABLE IF NOT EXISTS batch_items (item_id INTEGER PRIMARY KEY, job TEXT NOT NULL, "
+                    "batch INTEGER NOT NULL)")
+
+    def item_batches(self) -> dict[int, int]:
+        """Item id -> the batch it was given when first planned (stable across reruns)."""
+        self._ensure_batch_items()
+        with self._mutex:
+            rows = self._db.execute("SELECT item_id, batch FROM batch_items WHERE job = ?", (self.job,)).fetchall()
+        return dict(rows)
+
+    def record_item_batches(self, batches: dict[int, int]) -> None:
+        """Record the batch of newly planned items, all in one transaction."""
+        if not batches:
+            return
+        self._ensure_batch_items()
+        with self._mutex:
+            try:
+                self._db.execute("BEGIN")
+                self._db.executemany("INSERT OR REPLACE INTO batch_items (item_id, job, batch) VALUES (?, ?, ?)",
+                                     [(item_id, self.job, batch) for item_id, batch in batches.items()])
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._db.execute("ROLLBACK")
+                raise JournalError(f"cannot write to the journal {self.path} ({exc}); is the disk full?",
+                                   paths=[self.path]) from None
+
+    # -- downloads ---------------------------------------------------------------------------
+
+    def mark_downloading(self, item: Item, remote_rev: str) -> None:
+        """A download into a partial file has started from this Dropbox revision; a rerun
+        continues the partial only while Dropbox still holds the same revision."""
+        item.state, item.remote_rev, item.error = "downloading", remote_rev, None
+        self._write("UPDATE items SET state = 'downloading', remote_rev = ?, error = NULL, updated = ? WHERE id = ?",
+                    (remote_rev, time.time(), item.id))
 
     def iter_states(self) -> Iterator[tuple[str, int]]:
         with self._mutex:

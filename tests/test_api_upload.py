@@ -197,8 +197,12 @@ def _kill_when(process: subprocess.Popen, condition, timeout: float = 60, delay:
     raise AssertionError("kill point never reached")
 
 
-@pytest.mark.parametrize("kill_point", ["mid_chunk", "between_chunks", "between_files", "during_commit"])
-def test_kill_9_then_rerun_lands_everything_once_resending_at_most_a_chunk_per_file(tmp_path, server, kill_point):
+@pytest.mark.parametrize("kill_point, connections", [("mid_chunk", 1), ("between_chunks", 1), ("between_files", 1),
+                                                     ("during_commit", 1), ("mid_chunk", 3), ("between_chunks", 3)])
+def test_kill_9_then_rerun_lands_everything_once_resending_at_most_a_chunk_per_file(tmp_path, server, kill_point,
+                                                                                    connections):
+    """connections=1: sequential sessions; 3: the 17 MiB file goes through a concurrent session
+    with 3 appends in flight, each of which counts as a stream in flight."""
     chunk = 4 * MIB
     tree = make_tree(tmp_path / "data", {"k/one.bin": 17 * MIB + 5, "k/two.bin": 9 * MIB,
                                          **{f"k/small/s{i}.txt": 100 + i for i in range(30)}})
@@ -207,7 +211,8 @@ def test_kill_9_then_rerun_lands_everything_once_resending_at_most_a_chunk_per_f
     server.set_faults(FaultConfig(bandwidth_bps=6 * MIB,
                                   commit_hold_s=1.5 if kill_point == "during_commit" else 0.0))
     env = script_env(app_env(server))
-    process = subprocess.Popen(app_args(book, tmp_path / "logs", server, "--chunkSize_MB", "4", "--workers", str(workers)),
+    flags = ["--chunkSize_MB", "4", "--workers", str(workers), "--connectionsPerFile", str(connections)]
+    process = subprocess.Popen(app_args(book, tmp_path / "logs", server, *flags),
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                stdin=subprocess.DEVNULL)
     appends = lambda: server.count_calls("files/upload_session/append_v2")  # noqa: E731
@@ -221,16 +226,19 @@ def test_kill_9_then_rerun_lands_everything_once_resending_at_most_a_chunk_per_f
         _kill_when(process, lambda: server.count_calls("files/upload_session/finish") >= 2, delay=0.6)
     server.set_faults(FaultConfig())
     sent_before = uploaded_bytes(server)
-    result = run_app(book, tmp_path / "logs", server, "--chunkSize_MB", "4", "--workers", str(workers))
+    result = run_app(book, tmp_path / "logs", server, *flags)
     assert result.returncode == 0, result.stdout[-3000:]
     assert_landed(server, tree / "k", "/Kill", split_names=())
+    if connections > 1:
+        assert "Resuming /Kill/one.bin" in result.stdout or kill_point == "between_files"
     names = [p for p in server.files() if p.startswith("/Kill/")]
     assert len(names) == 32 and not [n for n in names if "(1)" in n]
     total = tree_bytes(tree / "k")
     resent = uploaded_bytes(server) - total
     # Bytes sent more than once: at most one chunk per file in flight when the process died,
     # plus the small files whose closed sessions had not been recorded yet.
-    assert resent <= workers * chunk + 30 * 200, f"re-sent {resent} bytes"
+    streams = workers - 1 + connections  # the concurrent file uses `connections` streams
+    assert resent <= streams * chunk + 30 * 200, f"re-sent {resent} bytes"
 
 
 def test_quota_full_pauses_and_continues_when_space_is_freed(tmp_path, server):

@@ -51,6 +51,7 @@ class UploadOptions:
     appends_per_file: int = 8
     # File data held in memory at once (chunks read ahead, appends in flight, small files).
     memory_budget: int = 1024 * MIB
+    small_file_workers: int = 16
 
 
 @dataclass
@@ -276,6 +277,27 @@ class ApiUploader:
             self._advance(offset)
             self.log.info("Resuming %s at %s of %s (upload session from an earlier run).", item.destination,
                           human_bytes(offset), human_bytes(item.length))
+            # An empty append asks Dropbox where the session really stands (the journal may lag
+            # one chunk behind after a crash) without sending that chunk again.
+            try:
+                self._retrying("upload", lambda: self.client.session_append(session_id, offset, b"",
+                                                                            path=item.destination))
+            except IncorrectOffset as exc:
+                if exc.correct_offset > item.length:
+                    session_id = None
+                elif exc.correct_offset != offset:
+                    self._advance(exc.correct_offset - offset)
+                    offset = exc.correct_offset
+                    hasher = hash_range(Path(item.source), item.part_offset, offset, with_sha256=with_sha)
+                    self.journal.confirm_offset(item, offset)
+            except SessionGone:
+                # Consumed by a commit whose answer the crash lost, or expired.
+                if self._committed_earlier(item, started):
+                    return
+                self.log.info("The upload session of %s has expired; starting that file again.", item.destination)
+                self.journal.forget_session(item)
+                self._advance(-offset)
+                session_id, offset, hasher = None, 0, ContentHasher(with_sha256=with_sha)
         else:
             session_id = None
         ahead: tuple[int, futures.Future] | None = None
@@ -308,15 +330,15 @@ class ApiUploader:
                         if session_id is None:
                             session_id = self._retrying("upload", lambda: self.client.session_start(
                                 data, close=last and item.length <= chunk, path=item.destination), needed=item.length)
-                            self.journal.start_session(item, session_id, time.time(), len(data))
                             hasher.update(data)
-                            self._advance(len(data))
-                            offset = len(data)
                             if last:
                                 item.content_hash = hasher.content_hash()
                                 if with_sha:
                                     item.sha256 = hasher.sha256()
-                                self.journal.set_hashes(item)
+                            self.journal.start_session(item, session_id, time.time(), len(data))
+                            self._advance(len(data))
+                            offset = len(data)
+                            if last:
                                 self._queue_commit(item, self._commit_request(item, session_id, offset), started)
                                 return
                             continue
@@ -471,6 +493,22 @@ class ApiUploader:
         self.journal.mark_done([item])
         self.summary.items_uploaded += 1
         self._log_result(item, "UPLOADED", time.monotonic() - started)
+
+    def _committed_earlier(self, item: Item, started: float) -> bool:
+        """Is the item already in Dropbox, identical to the local bytes (checked from disk)?"""
+        remote = self._retrying("checking", lambda: self.client.metadata(item.destination))
+        if not isinstance(remote, RemoteFile) or remote.size != item.length:
+            return False
+        local = hash_range(Path(item.source), item.part_offset, item.length, with_sha256=item.kind == "part")
+        if local.content_hash() != remote.content_hash:
+            return False
+        item.content_hash = local.content_hash()
+        self._verified(item, remote, local)
+        self.journal.mark_done([item])
+        self.summary.items_uploaded += 1
+        self._advance(item.length - item.confirmed_offset)
+        self._log_result(item, "UPLOADED", time.monotonic() - started)
+        return True
 
     def _already_committed(self, item: Item, hasher: ContentHasher, last_data: bytes) -> bool:
         """After a lost answer to a commit: is the file already there, identical?"""
@@ -680,11 +718,16 @@ class ApiUploader:
         self._progress = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="Uploading",
                               disable=None, initial=total_bytes - remaining_bytes, dynamic_ncols=True)
         pool = futures.ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="upload")
+        # Small files cost one round trip each and almost no bandwidth: many more of them travel
+        # at once than large ones, or latency alone would bound the job.
+        small_pool = futures.ThreadPoolExecutor(max_workers=self.options.small_file_workers,
+                                                thread_name_prefix="small")
         try:
             pending: set[futures.Future] = set()
-            for items in todo.values():
-                pending.add(pool.submit(self._run_source, items))
-                if len(pending) >= self.options.workers * 4:
+            for items in sorted(todo.values(), key=lambda group: -sum(i.length for i in group)):
+                small = len(items) == 1 and items[0].length <= self.options.chunk_size
+                pending.add((small_pool if small else pool).submit(self._run_source, items))
+                if len(pending) >= (self.options.workers + self.options.small_file_workers) * 4:
                     finished, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
                     _raise_bugs(finished)
                 if self._fatal is not None:
@@ -703,9 +746,11 @@ class ApiUploader:
             if self._fatal is None:
                 self._fatal = exc if isinstance(exc, Exception) else KeyboardInterrupt()
             pool.shutdown(wait=True, cancel_futures=True)
+            small_pool.shutdown(wait=True, cancel_futures=True)
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            small_pool.shutdown(wait=True, cancel_futures=True)
             self._appends.shutdown(wait=True, cancel_futures=True)
             self._readahead.shutdown(wait=True, cancel_futures=True)
             self._progress.close()

@@ -390,3 +390,41 @@ def test_file_that_vanishes_or_changes_during_upload_is_reported_and_retried(tmp
     result = run_app(book, tmp_path / "logs", server, "--chunkSize_MB", "4")
     assert result.returncode == 0, result.stdout
     assert not (tree / "v" / "big.bin").exists()
+
+
+def test_large_file_travels_on_several_connections_at_once(tmp_path, server):
+    tree = make_tree(tmp_path / "data", {"c/huge.bin": 40 * MIB + 77})
+    server.set_faults(FaultConfig(bandwidth_bps=8 * MIB))
+    book = sheet(tmp_path, [[str(tree / "c"), "/C", 0]])
+    result = run_app(book, tmp_path / "logs", server, "--chunkSize_MB", "4", "--connectionsPerFile", "4")
+    assert result.returncode == 0, result.stdout
+    assert server.content_hash("/C/huge.bin") == file_content_hash(tree / "c" / "huge.bin")
+    appends = server.calls("files/upload_session/append_v2")
+    assert len(appends) == 11 and len({a["conn"] for a in appends}) >= 3
+    spans = sorted((a["ts"] - a["duration_s"], a["ts"]) for a in appends)
+    overlapping = sum(1 for (s1, e1), (s2, e2) in zip(spans, spans[1:]) if s2 < e1)
+    assert overlapping >= 3, "appends were not in flight together"
+
+
+def test_small_files_are_committed_a_thousand_at_a_time_and_failed_entries_reported(tmp_path):
+    server = DropboxTestServer(tmp_path / "server", disallowed_names=("refused.txt",))
+    try:
+        files = {f"s/{i // 100:02d}/f{i:04d}.txt": b"%d" % i for i in range(1200)}
+        files["s/refused.txt"] = b"Dropbox says no"
+        tree = make_tree(tmp_path / "data", files)
+        # Lock contention on half the batch commits: they are retried, not lost.
+        server.set_faults(FaultConfig(seed=3, p_write_limit=0.5, retry_after_s=0,
+                                      routes={"files/upload_session/finish_batch_v2"}))
+        book = sheet(tmp_path, [[str(tree / "s"), "/S", 0]])
+        result = run_app(book, tmp_path / "logs", server, env=app_env(server))
+        assert result.returncode == 1, result.stdout[-2000:]
+        assert "refused.txt" in result.stdout and "does not accept this name" in result.stdout
+        stored = [p for p in server.files() if p.startswith("/S/")]
+        assert len(stored) == 1200
+        commits = server.calls("files/upload_session/finish_batch_v2")
+        accepted = [c for c in commits if c["status"] == 200]
+        assert len(accepted) == 2 and len(commits) > len(accepted)
+        assert len(commits) - len(accepted) == len([c for c in commits if c["status"] == 429])
+        assert server.count_calls("files/upload_session/finish") == 0 and server.count_calls("files/upload") == 0
+    finally:
+        server.stop()

@@ -249,10 +249,12 @@ class Journal:
 
     def start_session(self, item: Item, session_id: str, started: float, offset: int) -> None:
         item.session_id, item.session_started, item.confirmed_offset = session_id, started, offset
-        item.state = "uploading"
+        item.state, item.confirmed_chunks = "uploading", None
+        # The item's hashes go along: a closed small session is known complete in one write.
         self._write("UPDATE items SET state = 'uploading', session_id = ?, session_started = ?, "
-                    "confirmed_offset = ?, error = NULL, updated = ? WHERE id = ?",
-                    (session_id, started, offset, time.time(), item.id))
+                    "confirmed_offset = ?, confirmed_chunks = NULL, content_hash = ?, sha256 = ?, error = NULL, "
+                    "updated = ? WHERE id = ?",
+                    (session_id, started, offset, item.content_hash, item.sha256, time.time(), item.id))
 
     def confirm_offset(self, item: Item, offset: int) -> None:
         item.confirmed_offset = offset

@@ -101,8 +101,8 @@ def run_script(
             log.error("%s", exc.describe())
             code = exc.exit_code
         except KeyboardInterrupt:
-            log.warning("Stopped by the user (Ctrl-C). Nothing is lost: run the script again "
-                        "and it continues where it stopped.")
+            log.warning("Stopped by the user (Ctrl-C). Nothing is lost: run the script again; "
+                        "finished work is not redone.")
             code = errors.EXIT_INTERRUPTED
         except Exception:
             log.error("Unexpected internal error (a bug, not your input). Please report it with "

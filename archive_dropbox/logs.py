@@ -78,7 +78,7 @@ def start_log(log_dir: Path, name: str, *, console: bool = True) -> tuple[loggin
     logger.propagate = False
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
     file_handler.setLevel(logging.DEBUG)
     file_handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)-7s %(message)s"))
     logger.addHandler(file_handler)

@@ -4,6 +4,8 @@ blank rows ignored, every problem reported together (workbook, tab, row, what to
 from __future__ import annotations
 
 import math
+import os
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -145,7 +147,10 @@ def _convert(row: SheetRow, column: Column, raw: Any, problems: list[SheetProble
         problems.append(row.problem(f"{name} {path} cannot be checked ({exc.strerror})", name))
         return None
     if not exists:
-        problems.append(row.problem(f"{name} {path} does not exist: check the spelling, "
+        hint = ""
+        if os.name != "nt" and re.match(r"^[A-Za-z]:[\\/]", str(raw).strip()):
+            hint = " (this looks like a Windows path, but this computer is not running Windows)"
+        problems.append(row.problem(f"{name} {path} does not exist{hint}: check the spelling, "
                                     "and that the drive is connected", name))
         return None
     if column.kind == EXISTING_DIR and not is_dir:

@@ -100,6 +100,10 @@ class SessionGone(DropboxProblem):
     """The upload session expired, was closed or is unknown: start a new one."""
 
 
+class RangeNotSatisfiable(DropboxProblem):
+    """A ranged download asked for bytes past the end of the file (it changed in Dropbox)."""
+
+
 class ContentHashMismatch(DropboxProblem):
     title = "Corrupted transfer"
 
@@ -462,23 +466,72 @@ class DropboxClient:
 
     # downloads ------------------------------------------------------------------------------
 
-    def download_range(self, path: str, start: int, end: int | None, chunk_size: int = 8 * 1024 * 1024
-                       ) -> tuple[RemoteFile, Iterator[bytes]]:
-        """Metadata and the bytes [start, end) of a file (end None: to the end)."""
+    def download_range(self, path: str, start: int = 0, end: int | None = None,
+                       chunk_size: int = 8 * 1024 * 1024) -> tuple[RemoteFile, Iterator[bytes]]:
+        """Metadata and the bytes [start, end) of a file (end None: to the end of the file).
+
+        The iterator yields exactly those bytes or raises: `NetworkProblem` when the connection
+        ends early (the caller continues from the bytes it already has), `RangeNotSatisfiable`
+        when the file is now shorter than `start`. A server may ignore the Range header and send
+        the whole file (RFC 9110 allows it); the bytes before `start` are then read and dropped
+        so the caller never writes them twice.
+        """
         headers = {}
-        if start or end is not None:
+        ranged = bool(start) or end is not None
+        if ranged:
             headers["Range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
-        metadata, response = self._call("download", path, self._dbx.request, files.download, "files",
-                                        files.DownloadArg(path=path), None, extra_headers=headers or None)
+        try:
+            metadata, response = self._dbx.request(files.download, "files", files.DownloadArg(path=path), None,
+                                                   extra_headers=headers or None)
+        except HttpError as exc:
+            if exc.status_code == 416:
+                raise RangeNotSatisfiable(f"download: {path} is now shorter than {start:,} bytes "
+                                          "(it changed in Dropbox)", paths=[path]) from None
+            raise _convert(exc, "download", path) from None
+        except Exception as exc:  # noqa: BLE001 - converted or re-raised by _convert
+            raise _convert(exc, "download", path) from None
+        remote = _to_remote(metadata)
+        if not isinstance(remote, RemoteFile):
+            response.close()
+            raise DropboxProblem(f"download: {path} is not a file", paths=[path])
+        skip = 0
+        if ranged and response.status_code == 206:
+            served = (response.headers.get("Content-Range") or "").split()[-1:]
+            first = served[0].split("-", 1)[0] if served else ""
+            if first.isdigit() and int(first) != start:
+                response.close()
+                raise NetworkProblem(f"download: asked for bytes from {start:,}, the server sent them from "
+                                     f"{int(first):,}", paths=[path])
+        elif ranged:
+            skip = start  # the whole file came back
+        wanted = max(0, (remote.size if end is None else min(end, remote.size)) - start)
 
         def chunks() -> Iterator[bytes]:
+            to_skip, delivered = skip, 0
             try:
                 with response:
-                    yield from response.iter_content(chunk_size)
+                    for chunk in response.iter_content(chunk_size):
+                        if to_skip:
+                            if len(chunk) <= to_skip:
+                                to_skip -= len(chunk)
+                                continue
+                            chunk, to_skip = chunk[to_skip:], 0
+                        if delivered + len(chunk) > wanted:
+                            chunk = chunk[:wanted - delivered]
+                        if chunk:
+                            delivered += len(chunk)
+                            yield chunk
+                        if delivered >= wanted:
+                            break
+            except ArchiveError:
+                raise
             except Exception as exc:  # noqa: BLE001
                 raise _convert(exc, "download", path) from None
+            if delivered < wanted:
+                raise NetworkProblem(f"download: the connection ended after {delivered:,} of {wanted:,} bytes",
+                                     paths=[path])
 
-        return _to_remote(metadata), chunks()  # type: ignore[return-value]
+        return remote, chunks()
 
 
 # -- logging in ------------------------------------------------------------------------------

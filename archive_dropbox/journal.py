@@ -143,6 +143,9 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(items)")}
+            if "confirmed_chunks" not in columns:  # journals written before concurrent sessions
+                self._db.execute("ALTER TABLE items ADD COLUMN confirmed_chunks TEXT")
         except sqlite3.DatabaseError as exc:
             self._lock_file.release()
             raise JournalError(f"the journal {self.path} cannot be opened ({exc}). If the disk "

@@ -694,6 +694,18 @@ class ApiUploader:
         self.summary.items_uploaded += 1
         self._log_result(manifest_item, "UPLOADED", time.monotonic() - started)
 
+    def create_empty_folders(self, folders: Iterable[str]) -> list[tuple[str, str]]:
+        """Empty local folders exist in Dropbox too (creating an existing one is harmless)."""
+        failures: list[tuple[str, str]] = []
+        for folder in folders:
+            try:
+                self._retrying("creating a folder", lambda: self.client.create_folder(folder))
+                self.log.debug("FOLDER\t%s", folder)
+            except FileProblem as exc:
+                failures.append((folder, exc.message))
+                self.log.error("FAILED\tfolder %s: %s", folder, exc.message)
+        return failures
+
     def run(self, job_items: list[Item], remote_folders: Iterable[str]) -> Summary:
         """Send every item not yet done; `remote_folders` are listed once to find what is there."""
         started = time.monotonic()

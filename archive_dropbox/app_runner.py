@@ -183,6 +183,7 @@ def run_api_upload(context: RunContext, sheet: str) -> int:
         context.log.info("Stage 2, upload through the Dropbox API with %d workers, %d MiB chunks.",
                          settings.workers, chunk // MIB)
         summary = uploader.run(items, {row["outputDir"] for row in plan_rows(plan)})
+        summary.failures.extend(uploader.create_empty_folders(plan.empty_folders))
         deleted, delete_failures = delete_verified_sources(plan, journal, context.log)
         summary.deleted_sources = deleted
         for path, message in delete_failures:

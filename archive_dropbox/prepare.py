@@ -75,6 +75,7 @@ class Plan:
     skipped_links: int = 0
     warnings: list[str] = field(default_factory=list)
     done_rows: list[SheetRow] = field(default_factory=list)  # rows whose sources were uploaded and deleted
+    empty_folders: list[str] = field(default_factory=list)  # Dropbox paths of folders with nothing inside
 
     @property
     def total_bytes(self) -> int:
@@ -118,8 +119,10 @@ def case_key(dropbox_path: str) -> str:
     return unicodedata.normalize("NFC", dropbox_path).casefold()
 
 
-def _walk_files(root: Path, plan: Plan, problems: list[str]) -> Iterator[tuple[Path, os.stat_result]]:
-    """Every regular file below root, without following links; iterative, one scandir per folder."""
+def _walk_files(root: Path, plan: Plan, problems: list[str],
+                empty_folders: list[Path]) -> Iterator[tuple[Path, os.stat_result]]:
+    """Every regular file below root, without following links; iterative, one scandir per folder.
+    Folders with nothing in them are collected so that they exist in Dropbox too."""
     stack = [root]
     while stack:
         folder = stack.pop()
@@ -129,6 +132,8 @@ def _walk_files(root: Path, plan: Plan, problems: list[str]) -> Iterator[tuple[P
         except OSError as exc:
             problems.append(f"cannot read the folder {folder} ({exc.strerror})")
             continue
+        if not listed and folder != root:
+            empty_folders.append(folder)
         for entry in sorted(listed, key=lambda e: e.name):
             if is_ignored(entry.name):
                 plan.skipped_ignored += 1
@@ -182,8 +187,9 @@ def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: st
                                         input_column))
             continue
         if source_root.is_dir():
+            empty: list[Path] = []
             found = ((path, info, path.relative_to(source_root).parts) for path, info in
-                     _walk_files(source_root, plan, row_problems))
+                     _walk_files(source_root, plan, row_problems, empty))
         else:
             if is_ignored(source_root.name):
                 plan.skipped_ignored += 1
@@ -215,6 +221,9 @@ def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: st
             if info.st_size > part_limit:
                 source.parts = split.plan_split(info.st_size, part_limit)
             plan.sources.append(source)
+        if source_root.is_dir():
+            plan.empty_folders.extend(join_dropbox(target_folder, *folder.relative_to(source_root).parts)
+                                      for folder in empty)
         for text in row_problems[:50]:
             problems.append(row.problem(text, input_column))
         if len(row_problems) > 50:

@@ -112,12 +112,14 @@ def tree_bytes(tree: Path) -> int:
 
 def test_tree_lands_verified_with_parts_manifest_and_logs(tmp_path, server):
     tree = sample_tree(tmp_path / "data")
+    (tree / "run1" / "empty folder" / "inner").mkdir(parents=True)
     book = sheet(tmp_path, [[str(tree / "run1"), "/Archive/run1", 0], [str(tree / "run1" / "notes" / "read me.txt"),
                                                                       "/Archive/single", 0]])
     result = run_app(book, tmp_path / "logs", server, "--fileSizeLimit_GB", "0.01", "--chunkSize_MB", "4")
     assert result.returncode == 0, result.stdout + result.stderr
     assert_landed(server, tree / "run1", "/Archive/run1", part_limit=10_000_000)
     assert server.read_file("/Archive/single/read me.txt") == b"hello lab"
+    assert "/Archive/run1/empty folder/inner" in {f.rstrip("/") for f in server.folders()}
     assert sorted(p for p in server.files() if "big.mrc" in p) == [
         "/Archive/run1/big.mrc_split_0001", "/Archive/run1/big.mrc_split_0002", "/Archive/run1/big.mrc_split_0003",
         "/Archive/run1/big.mrc_split_manifest.json"]

@@ -189,20 +189,24 @@ def read_tab(workbook: Path | str, tab: str, columns: Sequence[Column],
         raise SheetError(problems)
 
     rows: list[SheetRow] = []
+    clean: list[SheetRow] = []  # rows whose every cell converted: safe to check further
     for index in range(header_index + 1, len(cells)):
         line = cells[index]
         raw = {name: (line[pos] if pos < len(line) else None) for name, pos in positions.items()}
         if all(_blank(v) for v in raw.values()):
             continue
         row = SheetRow(workbook, tab, index + 1, {})
+        before = len(problems)
         for column in columns:
             row.values[column.name] = _convert(row, column, raw[column.name], problems)
         rows.append(row)
+        if len(problems) == before:
+            clean.append(row)
     if not rows and not problems:
         problems.append(SheetProblem(workbook, tab, None, None,
                                      "the tab has no rows to work on: add one row per item under the header"))
-    if row_check is not None and not problems:
-        for row in rows:
+    if row_check is not None:
+        for row in clean:
             problems.extend(row_check(row))
     if problems:
         raise SheetError(problems)

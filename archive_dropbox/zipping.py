@@ -1,0 +1,1131 @@
+"""Zip each folder of the zipDir tab into `<folder>.zip` beside it, prove the archive holds
+exactly the folder's files, and only then (deleteFlag=1) delete the originals it holds.
+
+How one row goes, and why it is safe to stop at any moment:
+
+1. Snapshot the folder: every file (size, modification time), symlink and empty folder.
+2. Write the archive under a name that does not look finished, `.~<name>.zip.partial`, with
+   7-Zip (`a -tzip`, the snapshot's entries fed as a list file, symlinks stored as links and never
+   followed) or with Python's `zipfile` (ZIP64, files streamed) when 7-Zip is not installed.
+3. Test it (`7z t`, or reading every member's CRC with `zipfile`), compare its member list and
+   sizes with the snapshot, and check that no file changed while it was being zipped.
+4. Stamp the archive comment `archive-big-data-dropbox: verified ...` (the mark that this tool
+   made and verified it; it travels with the file), fsync, and rename it to `<name>.zip` without
+   ever replacing an existing file.
+5. deleteFlag=1: delete the snapshot's files that are unchanged, then the emptied folders.
+
+A rerun skips rows whose archive carries the mark; a leftover `.partial` is removed and the row
+redone; a `<name>.zip` without the mark is never touched. If a run stopped while deleting, the
+rerun tests the archive again and deletes only files whose size and CRC match their member.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import re
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable, Iterator, Sequence
+
+from tqdm import tqdm
+
+from . import errors
+from .errors import FileProblem, SheetProblem
+from .settings import Setting
+from .sheets import FLAG, LOCAL_DIR, Column, SheetRow, read_tab
+
+# Chosen by bench/bench_zip.py on a microscope-like mix (incompressible frames, noisy 16-bit
+# images, sparse counting frames, text): with 7-Zip, level 1 makes archives of 68% of the data,
+# level 5 of 66% for 3.2x the CPU time, and level 3 is the same as level 1; level 0 (store) is
+# ~30x faster but keeps 100% of the bytes, all of which then have to be uploaded.
+DEFAULT_COMPRESSION_LEVEL = 1
+
+MARK_PREFIX = "archive-big-data-dropbox: verified"
+_MARK_PATTERN = re.compile(
+    r"^archive-big-data-dropbox: verified (\d+) entries \((\d+) files, (\d+) bytes\)")
+_EOCD_SIGNATURE = b"PK\x05\x06"
+_EOCD_SIZE = 22
+_COPY_CHUNK = 1 << 20
+# Below this much compressed data one `7z t` is quick enough; above, one per thread.
+PARALLEL_TEST_BYTES = 32 << 20
+
+WINDOWS_SEVEN_ZIP = (
+    Path("C:/Program Files/7-Zip/7z.exe"),
+    Path("C:/Program Files (x86)/7-Zip/7z.exe"),
+)
+
+
+def _program_check(value: str) -> str | None:
+    if _resolve_program(value) is None:
+        return ("cannot be found or is not a program: give the full path of 7z.exe / 7zz, "
+                "or leave it empty to look for 7-Zip automatically")
+    return None
+
+
+SETTINGS = [
+    Setting("excelName", "zipDir.xlsx", Path,
+            "workbook with the zipDir tab (relative to the script's folder, or a full path)"),
+    Setting("sheetName", "zipDir", str, "tab listing the folders: columns inputDir, deleteFlag"),
+    Setting("compressionLevel", DEFAULT_COMPRESSION_LEVEL, int,
+            "0 = store only, 1 = fastest ... 9 = smallest and slowest", minimum=0, maximum=9),
+    Setting("threads", 0, int, "CPU threads 7-Zip may use; 0 = every core of this computer",
+            minimum=0, maximum=4096),
+    Setting("sevenZipPath", "", str,
+            "7-Zip program (7z.exe, 7zz, 7z or 7za); empty = look for it automatically",
+            optional=True, check=_program_check),
+    Setting("useSevenZip", True, bool,
+            "True uses 7-Zip when it is installed; False always uses Python's own zip"),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the workbook and say what each row would do; change nothing")
+
+
+# --------------------------------------------------------------------------- the folder
+
+
+@dataclass
+class FolderSnapshot:
+    """What a folder held when it was scanned; the archive must hold exactly this."""
+
+    root: Path
+    files: dict[str, tuple[int, int]] = field(default_factory=dict)  # relative -> (size, mtime_ns)
+    links: dict[str, str] = field(default_factory=dict)  # relative -> link target
+    directories: list[str] = field(default_factory=list)  # every subfolder, relative
+    empty_directories: list[str] = field(default_factory=list)  # '' is the folder itself
+    skipped: list[str] = field(default_factory=list)  # sockets, pipes, devices: not archived
+    unreadable: list[str] = field(default_factory=list)
+    bad_names: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for size, _ in self.files.values())
+
+    @property
+    def archived_bytes(self) -> int:
+        """Bytes the archive's members hold: the files, plus each symlink's target text."""
+        return self.total_bytes + sum(len(os.fsencode(t)) for t in self.links.values())
+
+    def member_name(self, relative: str) -> str:
+        return f"{self.root.name}/{relative}" if relative else f"{self.root.name}"
+
+    def expected_members(self) -> dict[str, int]:
+        """Archive member name -> uncompressed size (0 for folders, which end in '/')."""
+        members = {self.member_name(rel): size for rel, (size, _) in self.files.items()}
+        members.update({self.member_name(rel): len(os.fsencode(target))
+                        for rel, target in self.links.items()})
+        members.update({self.member_name(rel) + "/": 0 for rel in self.empty_directories})
+        return members
+
+
+def _is_encodable(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 (surrogate-escaped) cannot be stored
+        return False
+    return True
+
+
+def _is_junction(entry: os.DirEntry) -> bool:
+    if os.name != "nt":
+        return False
+    if hasattr(entry, "is_junction"):  # Python 3.12+
+        return entry.is_junction()
+    try:
+        return entry.stat(follow_symlinks=False).st_reparse_tag == stat.IO_REPARSE_TAG_MOUNT_POINT
+    except (OSError, AttributeError):
+        return False
+
+
+def scan_folder(folder: Path) -> FolderSnapshot:
+    """Walk the folder once without following symlinks; never raises for one bad entry."""
+    snapshot = FolderSnapshot(root=folder)
+    pending = [""]
+    while pending:
+        relative = pending.pop()
+        directory = folder / relative if relative else folder
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            snapshot.unreadable.append(f"{directory} ({exc.strerror or exc})")
+            continue
+        if not entries:
+            snapshot.empty_directories.append(relative)
+        for entry in entries:
+            child = f"{relative}/{entry.name}" if relative else entry.name
+            if not _is_encodable(entry.name):
+                snapshot.bad_names.append(str(directory / entry.name))
+                continue
+            try:
+                if entry.is_symlink():
+                    snapshot.links[child] = os.readlink(entry.path)
+                elif _is_junction(entry):
+                    snapshot.skipped.append(child)  # a Windows junction: never followed
+                elif entry.is_dir(follow_symlinks=False):
+                    snapshot.directories.append(child)
+                    pending.append(child)
+                elif entry.is_file(follow_symlinks=False):
+                    info = entry.stat(follow_symlinks=False)
+                    snapshot.files[child] = (info.st_size, info.st_mtime_ns)
+                else:
+                    snapshot.skipped.append(child)
+            except OSError as exc:
+                snapshot.unreadable.append(f"{entry.path} ({exc.strerror or exc})")
+    return snapshot
+
+
+def changed_since(snapshot: FolderSnapshot) -> list[str]:
+    """Files and links that differ from the snapshot now (size, time, target, or gone)."""
+    changed = []
+    for relative, (size, mtime_ns) in snapshot.files.items():
+        try:
+            info = os.lstat(snapshot.root / relative)
+        except OSError:
+            changed.append(f"{relative} (vanished)")
+            continue
+        if not stat.S_ISREG(info.st_mode) or info.st_size != size or info.st_mtime_ns != mtime_ns:
+            changed.append(relative)
+    for relative, target in snapshot.links.items():
+        try:
+            if os.readlink(snapshot.root / relative) != target:
+                changed.append(relative)
+        except OSError:
+            changed.append(f"{relative} (vanished)")
+    return changed
+
+
+# --------------------------------------------------------------------------- archive mark
+
+
+@dataclass(frozen=True)
+class ArchiveMark:
+    """The comment this tool writes into an archive once it has been verified."""
+
+    entries: int
+    files: int
+    bytes: int
+
+    def text(self) -> str:
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return (f"{MARK_PREFIX} {self.entries} entries ({self.files} files, {self.bytes} bytes) "
+                f"on {stamp}")
+
+
+def _mark_of_members(members: Sequence[zipfile.ZipInfo]) -> ArchiveMark:
+    files = [m for m in members if not m.is_dir()]
+    return ArchiveMark(len(members), len(files), sum(m.file_size for m in files))
+
+
+def read_archive_mark(archive: Path) -> ArchiveMark | None:
+    """The verified mark of an archive this tool made, or None (not ours, or unreadable)."""
+    try:
+        with zipfile.ZipFile(archive) as book:
+            comment = book.comment.decode("utf-8", "replace")
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    match = _MARK_PATTERN.match(comment)
+    if not match:
+        return None
+    return ArchiveMark(*(int(group) for group in match.groups()))
+
+
+def check_marked_archive(archive: Path, folder_name: str) -> tuple[ArchiveMark, list[zipfile.ZipInfo]]:
+    """Members of an archive this tool made and verified; FileProblem when it is not one, or
+    when its contents no longer match its mark."""
+    mark = read_archive_mark(archive)
+    if mark is None:
+        raise FileProblem(
+            f"{archive} already exists and was not made (or not finished) by this tool, so it is "
+            "left untouched. Move or rename it if it is not needed, then run again.",
+            paths=[archive], title="Archive exists")
+    with zipfile.ZipFile(archive) as book:
+        members = book.infolist()
+    problems = []
+    if _mark_of_members(members) != mark:
+        problems.append("its contents do not match the count and size recorded when it was verified")
+    outside = [m.filename for m in members
+               if PurePosixPath(m.filename).parts[:1] != (folder_name,) or not _safe_member(m.filename)]
+    if outside:
+        problems.append(f"it holds entries outside the folder '{folder_name}', e.g. {outside[0]!r}")
+    if problems:
+        raise FileProblem(f"{archive} carries this tool's mark but " + "; ".join(problems)
+                          + ". It may be damaged or belong to another folder: check it by hand.",
+                          paths=[archive], title="Archive does not match")
+    return mark, members
+
+
+def _safe_member(name: str) -> bool:
+    return not name.startswith("/") and ".." not in PurePosixPath(name).parts
+
+
+def write_mark(archive: Path, mark: ArchiveMark) -> None:
+    """Put the mark in the archive comment: the last bytes of a .zip, so only they change."""
+    comment = mark.text().encode("utf-8")
+    with open(archive, "r+b") as handle:
+        handle.seek(-_EOCD_SIZE, os.SEEK_END)
+        end_record = handle.read(_EOCD_SIZE)
+        if end_record[:4] != _EOCD_SIGNATURE or end_record[20:22] != b"\0\0":
+            raise FileProblem(f"{archive} does not end as expected for a .zip; it was not finished",
+                              paths=[archive])
+        handle.seek(-2, os.SEEK_END)
+        handle.write(struct.pack("<H", len(comment)) + comment)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def _resolve_program(value: str) -> Path | None:
+    text = str(value).strip().strip('"')
+    if not text:
+        return None
+    found = shutil.which(text)
+    if found is None and Path(text).expanduser().is_file() and os.access(Path(text).expanduser(), os.X_OK):
+        found = str(Path(text).expanduser())
+    return Path(found).resolve() if found else None
+
+
+def find_seven_zip(configured: str | None = None) -> Path | None:
+    """The 7-Zip program: the configured one, else 7zz / 7z / 7za on PATH, else the usual
+    Windows install folders. None when there is none."""
+    if configured and str(configured).strip():
+        return _resolve_program(configured)
+    for name in ("7zz", "7z", "7za"):
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    if os.name == "nt":
+        roots = [os.environ.get("ProgramFiles"), os.environ.get("ProgramFiles(x86)")]
+        candidates = [Path(r) / "7-Zip" / "7z.exe" for r in roots if r] + list(WINDOWS_SEVEN_ZIP)
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def every_core() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))  # honours container CPU limits
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+Progress = Callable[[int], None]  # called with the number of input bytes done so far
+
+
+class PythonZip:
+    """Python's zipfile: always available, one core, ZIP64 for large archives."""
+
+    name = "Python zipfile"
+
+    def __init__(self, level: int):
+        self.level = level
+        self.compression = zipfile.ZIP_STORED if level == 0 else zipfile.ZIP_DEFLATED
+
+    def describe(self) -> str:
+        return f"{self.name} (level {self.level})"
+
+    def build(self, snapshot: FolderSnapshot, temporary: Path, progress: Progress) -> None:
+        done = 0
+        with _open_output(temporary) as raw, zipfile.ZipFile(
+                raw, "w", compression=self.compression, allowZip64=True,
+                strict_timestamps=False) as book:
+            for relative in snapshot.empty_directories:
+                path = snapshot.root / relative if relative else snapshot.root
+                info = zipfile.ZipInfo(snapshot.member_name(relative) + "/", _zip_time(path))
+                info.external_attr = ((stat.S_IFDIR | 0o755) << 16) | 0x10
+                info.create_system = 0 if os.name == "nt" else 3
+                book.writestr(info, b"", compress_type=zipfile.ZIP_STORED)
+            for relative, target in snapshot.links.items():
+                info = zipfile.ZipInfo(snapshot.member_name(relative), _zip_time(snapshot.root / relative))
+                info.create_system = 3
+                info.external_attr = (stat.S_IFLNK | 0o777) << 16
+                book.writestr(info, os.fsencode(target), compress_type=zipfile.ZIP_STORED)
+            for relative, (size, _) in snapshot.files.items():
+                path = snapshot.root / relative
+                info = zipfile.ZipInfo.from_file(path, snapshot.member_name(relative),
+                                                 strict_timestamps=False)
+                info.file_size = size  # as scanned: zipfile decides ZIP64 from it up front
+                info.compress_type = self.compression
+                info._compresslevel = None if self.level == 0 else self.level  # noqa: SLF001
+                with open(path, "rb") as source, book.open(info, "w") as sink:
+                    left = size
+                    while left:
+                        chunk = source.read(min(_COPY_CHUNK, left))
+                        if not chunk:
+                            raise FileProblem(f"{path} became shorter while it was being zipped",
+                                              title="File changed")
+                        sink.write(chunk)
+                        left -= len(chunk)
+                        done += len(chunk)
+                        progress(done)
+
+    def test(self, archive: Path) -> None:
+        """Read every member to the end: zipfile checks each one's CRC there."""
+        try:
+            with zipfile.ZipFile(archive) as book:
+                for info in book.infolist():
+                    with book.open(info) as member:
+                        while member.read(_COPY_CHUNK):
+                            pass
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+            raise FileProblem(f"the new archive failed its test: {exc}", paths=[archive],
+                              title="Archive test failed") from None
+
+
+def _open_output(path: Path):
+    """Create the archive file; 'x' so that an existing file is never overwritten."""
+    return open(path, "xb")
+
+
+def _zip_time(path: Path) -> tuple[int, int, int, int, int, int]:
+    try:
+        seconds = os.lstat(path).st_mtime
+    except OSError:
+        seconds = time.time()
+    stamp = time.localtime(seconds)[:6]
+    # A .zip cannot store dates before 1980 or after 2107.
+    if stamp[0] < 1980:
+        return (1980, 1, 1, 0, 0, 0)
+    if stamp[0] > 2107:
+        return (2107, 12, 31, 23, 59, 58)
+    return stamp  # type: ignore[return-value]
+
+
+_PERCENT = re.compile(rb"(?:^|[\s\x08])(\d{1,3})%")
+
+
+class SevenZip:
+    """7-Zip, compressing several files at once (one per thread)."""
+
+    name = "7-Zip"
+
+    def __init__(self, executable: Path, level: int, threads: int):
+        self.executable = executable
+        self.level = level
+        self.threads = threads
+
+    def describe(self) -> str:
+        return f"{self.name} {self.executable} (level {self.level}, {self.threads} threads)"
+
+    def version(self) -> str:
+        try:
+            result = subprocess.run([str(self.executable)], capture_output=True, timeout=30,
+                                    stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"could not be started ({exc})"
+        lines = [l.strip() for l in result.stdout.decode("utf-8", "replace").splitlines() if l.strip()]
+        return lines[0] if lines else f"gave no version (exit status {result.returncode})"
+
+    @staticmethod
+    def can_take_names(snapshot: FolderSnapshot) -> bool:
+        names = list(snapshot.files) + list(snapshot.links) + snapshot.empty_directories
+        return all(_list_file_safe(snapshot.member_name(n)) for n in names)
+
+    def build(self, snapshot: FolderSnapshot, temporary: Path, progress: Progress) -> None:
+        # Naming each entry (instead of the folder) keeps out files that appear after the scan
+        # and pipes 7-Zip would block on; only empty folders are named, since 7-Zip adds a named
+        # folder with everything in it.
+        entries = [snapshot.member_name(r) for r in snapshot.files]
+        entries += [snapshot.member_name(r) for r in snapshot.links]
+        entries += [snapshot.member_name(r) for r in snapshot.empty_directories]
+        handle, list_path = tempfile.mkstemp(prefix="zipDir_", suffix=".txt")
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as listing:
+                for entry in entries:
+                    listing.write(entry.replace("/", os.sep) + "\n")
+            command = [str(self.executable), "a", "-tzip", f"-mx={self.level}", f"-mmt={self.threads}",
+                       "-mcu=on",  # UTF-8 names, so every unzip tool reads the same names
+                       "-spd",  # a '*' or '?' in a file name is a name, not a wildcard
+                       "-scsUTF-8", "-bso0", "-bse2", "-bsp1", "-y"]
+            if snapshot.links:
+                command.append("-snl")  # store symlinks as links; never follow them anywhere
+            command += [str(temporary), f"@{list_path}"]
+            total = snapshot.total_bytes
+            self._run(command, cwd=snapshot.root.parent, what="zipping",
+                      on_percent=lambda pct: progress(total * pct // 100))
+        finally:
+            try:
+                os.unlink(list_path)
+            except OSError:
+                pass
+
+    def test(self, archive: Path) -> None:
+        """`7z t`. One 7-Zip test uses one core, so a large archive is tested by one 7-Zip per
+        thread, each on its share of the members; the counts they report must add up."""
+        with zipfile.ZipFile(archive) as book:
+            members = book.infolist()
+            for folder_entry in (m for m in members if m.is_dir()):
+                book.open(folder_entry).close()  # folders have no data: check their headers here
+        files = [m for m in members if not m.is_dir()]
+        groups = self._test_groups(files)
+        if groups is not None and self._test_in_parallel(archive, groups) == len(files):
+            return
+        self._run([str(self.executable), "t", "-tzip", "-bso0", "-bse2", "-bsp0", "-y", str(archive)],
+                  cwd=archive.parent, what="testing the archive")
+
+    def _test_groups(self, files: list[zipfile.ZipInfo]) -> list[list[str]] | None:
+        if (self.threads < 2 or len(files) < 4 * self.threads
+                or sum(m.compress_size for m in files) < PARALLEL_TEST_BYTES
+                or not all(_list_file_safe(m.filename) for m in files)):
+            return None
+        groups: list[list[str]] = [[] for _ in range(self.threads)]
+        loads = [0] * self.threads
+        for member in sorted(files, key=lambda m: m.compress_size, reverse=True):
+            lightest = loads.index(min(loads))
+            groups[lightest].append(member.filename)
+            loads[lightest] += member.compress_size + 1
+        return groups
+
+    def _test_in_parallel(self, archive: Path, groups: list[list[str]]) -> int | None:
+        """Members tested, as 7-Zip counted them; None when a count could not be read."""
+        counts: list[int | None] = [None] * len(groups)
+        failures: list[BaseException] = []
+        list_paths = []
+        try:
+            for group in groups:
+                handle, list_path = tempfile.mkstemp(prefix="zipDir_test_", suffix=".txt")
+                list_paths.append(list_path)
+                with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as listing:
+                    listing.write("".join(name + "\n" for name in group))
+
+            def test_group(index: int) -> None:
+                try:
+                    output = self._run([str(self.executable), "t", "-tzip", "-spd", "-scsUTF-8",
+                                        "-bso1", "-bse2", "-bsp0", "-y", str(archive),
+                                        f"@{list_paths[index]}"],
+                                       cwd=archive.parent, what="testing the archive")
+                    counts[index] = _tested_files(output)
+                except BaseException as exc:  # handed to the caller below
+                    failures.append(exc)
+
+            workers = [threading.Thread(target=test_group, args=(i,), daemon=True)
+                       for i in range(len(groups))]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+        finally:
+            for list_path in list_paths:
+                try:
+                    os.unlink(list_path)
+                except OSError:
+                    pass
+        if failures:
+            raise failures[0]
+        if any(count is None for count in counts):
+            return None
+        return sum(counts)  # type: ignore[arg-type]
+
+    def _run(self, command: list[str], *, cwd: Path, what: str,
+             on_percent: Callable[[int], None] | None = None) -> bytes:
+        try:
+            process = subprocess.Popen(command, cwd=str(cwd), stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       **_die_with_parent())
+        except OSError as exc:
+            raise FileProblem(f"7-Zip ({self.executable}) could not be started for {what}: "
+                              f"{exc.strerror or exc}", title="7-Zip failed") from None
+        errors_seen: list[bytes] = []
+        output: list[bytes] = []
+        reader = threading.Thread(target=lambda: errors_seen.append(process.stderr.read()), daemon=True)
+        reader.start()
+        try:
+            assert process.stdout is not None
+            while True:
+                chunk = process.stdout.read1(65536)
+                if not chunk:
+                    break
+                if on_percent is not None:
+                    found = _PERCENT.findall(chunk)
+                    if found:
+                        on_percent(min(100, int(found[-1])))
+                else:
+                    output.append(chunk)
+            code = process.wait()
+        except BaseException:
+            _stop(process)
+            raise
+        reader.join()
+        if code != 0:
+            message = b"".join(errors_seen).decode("utf-8", "replace").strip()
+            lines = [line.strip() for line in message.splitlines() if line.strip()]
+            detail = " / ".join(lines[-12:]) or "no message"
+            raise FileProblem(f"7-Zip stopped with exit status {code} while {what}: {detail}",
+                              title="7-Zip failed")
+        return b"".join(output)
+
+
+def _list_file_safe(name: str) -> bool:
+    """7-Zip's list files trim blanks around each line and hold one name per line."""
+    return name == name.strip() and "\n" not in name and "\r" not in name
+
+
+def _tested_files(output: bytes) -> int | None:
+    found = re.findall(rb"^Files: (\d+)\s*$", output, flags=re.MULTILINE)
+    return int(found[-1]) if found else None
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _die_with_parent() -> dict:
+    """On Linux, have the kernel stop 7-Zip if this script is killed, so no orphan keeps
+    writing an archive that the next run removes."""
+    if not sys.platform.startswith("linux"):
+        return {}
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return {}
+    set_parent_death_signal = 1  # PR_SET_PDEATHSIG
+
+    def arm() -> None:
+        prctl(set_parent_death_signal, signal.SIGKILL)
+
+    return {"preexec_fn": arm}
+
+
+# --------------------------------------------------------------------------- one row
+
+
+@dataclass
+class RowOutcome:
+    """What happened to one row; `ok` decides the exit status."""
+
+    folder: Path
+    ok: bool
+    result: str
+    subdirectories: int | None = None
+    files: int | None = None
+    size: int | None = None
+    archive_size: int | None = None
+    seconds: float = 0.0
+    row: int | None = None
+
+    def line(self) -> str:
+        def number(value: int | None, unit: str) -> str:
+            return f"{value:,} {unit}" if value is not None else f"? {unit}"
+
+        def gigabytes(value: int | None) -> str:
+            return human_size(value) if value is not None else "? GB"
+
+        where = f"row {self.row}" if self.row is not None else "folder"
+        return " | ".join([
+            f"[{where}] {self.folder}", number(self.subdirectories, "subdirectories"),
+            number(self.files, "files"), gigabytes(self.size),
+            f"archive {gigabytes(self.archive_size)}", f"{self.seconds:.1f} s",
+            ("OK: " if self.ok else "FAILED: ") + self.result,
+        ])
+
+
+def human_size(size: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.2f} {unit}"
+        size /= 1000
+    return f"{size:.3f} TB"
+
+
+def archive_path(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".zip")
+
+
+def partial_path(folder: Path) -> Path:
+    return folder.with_name(f".~{folder.name}.zip.partial")
+
+
+def _member_path(parent: Path, name: str) -> Path:
+    return parent.joinpath(*PurePosixPath(name).parts)
+
+
+def _subdirectories_of(members: Iterable[zipfile.ZipInfo]) -> int:
+    folders: set[PurePosixPath] = set()
+    for member in members:
+        path = PurePosixPath(member.filename.rstrip("/"))
+        parents = list(path.parents)[:-2]  # drop '.' and the top folder itself
+        folders.update(parents)
+        if member.is_dir() and len(path.parts) > 1:
+            folders.add(path)
+    return len(folders)
+
+
+def _remove_partial(folder: Path, log) -> None:
+    temporary = partial_path(folder)
+    if temporary.exists() or temporary.is_symlink():
+        try:
+            temporary.unlink()
+        except OSError as exc:
+            raise FileProblem(
+                f"{temporary} is left from an interrupted run and cannot be removed "
+                f"({exc.strerror or exc}). If another copy of this script (or 7-Zip) is still "
+                "running, wait for it to finish or stop it, then run again.",
+                paths=[temporary], title="Leftover temporary file") from None
+        log.info("Removed %s, left by an interrupted run; this folder is zipped again.", temporary)
+
+
+def _publish(temporary: Path, archive: Path) -> None:
+    """Rename the verified archive to its final name, never replacing an existing file."""
+    if os.name == "nt":
+        os.rename(temporary, archive)  # refuses to replace on Windows
+    else:
+        try:
+            os.link(temporary, archive)  # atomic, and fails if the name is taken
+        except FileExistsError:
+            raise
+        except OSError:  # file systems without hard links (exFAT, some network shares)
+            if archive.exists() or archive.is_symlink():
+                raise FileExistsError(errno.EEXIST, "exists", str(archive)) from None
+            os.rename(temporary, archive)
+        else:
+            os.unlink(temporary)
+    _sync_directory(archive.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    if os.name == "nt":
+        return
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def _compare_members(members: Sequence[zipfile.ZipInfo], snapshot: FolderSnapshot) -> list[str]:
+    expected = snapshot.expected_members()
+    found: dict[str, int] = {}
+    problems = []
+    for member in members:
+        if member.filename in found:
+            problems.append(f"{member.filename} is in the archive twice")
+        found[member.filename] = member.file_size
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(found) if expected[n] != found[n])
+    for label, names in (("missing from the archive", missing), ("unexpected in the archive", extra),
+                         ("with a different size in the archive", wrong)):
+        if names:
+            problems.append(f"{len(names)} entries {label}, e.g. {names[0]}")
+    return problems
+
+
+def _crc_of(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_COPY_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+@dataclass
+class _Deletion:
+    deleted: int = 0
+    already_gone: int = 0
+    kept: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = f"{self.deleted:,} original files deleted"
+        if self.already_gone:
+            text += f" ({self.already_gone:,} already deleted before)"
+        if self.kept:
+            text += f"; {len(self.kept):,} kept because they are not in the archive or differ from it"
+        return text
+
+
+def _remove_empty_folders(folder: Path, members: Iterable[str]) -> None:
+    """Remove, deepest first, the folders the archive holds once they are empty."""
+    archived = {PurePosixPath(name.rstrip("/")) for name in members}
+    archived |= {parent for name in list(archived) for parent in name.parents}
+    candidates = []
+    for dirpath, dirnames, _ in os.walk(folder, topdown=True, followlinks=False):
+        relative = PurePosixPath(folder.name, *Path(dirpath).relative_to(folder).parts)
+        if relative in archived:
+            candidates.append(Path(dirpath))
+    for directory in sorted(candidates, key=lambda p: len(p.parts), reverse=True):
+        try:
+            directory.rmdir()
+        except OSError:
+            pass  # not empty: it holds files the archive does not, which stay
+
+
+def _left_over(folder: Path) -> str:
+    count = sum(len(files) for _, _, files in os.walk(folder, followlinks=False))
+    return f"it still holds {count:,} files that are not in the archive or differ from it"
+
+
+def _delete_snapshot_files(snapshot: FolderSnapshot, log) -> _Deletion:
+    """Delete the files just archived, each only if still exactly as it was zipped."""
+    outcome = _Deletion()
+    for relative, (size, mtime_ns) in snapshot.files.items():
+        path = snapshot.root / relative
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            outcome.already_gone += 1
+            continue
+        if stat.S_ISREG(info.st_mode) and info.st_size == size and info.st_mtime_ns == mtime_ns:
+            path.unlink()
+            outcome.deleted += 1
+        else:
+            outcome.kept.append(relative)
+            log.warning("Kept %s: it changed after it was zipped.", path)
+    for relative, target in snapshot.links.items():
+        path = snapshot.root / relative
+        try:
+            if os.readlink(path) == target:
+                path.unlink()
+                outcome.deleted += 1
+            else:
+                outcome.kept.append(relative)
+        except FileNotFoundError:
+            outcome.already_gone += 1
+        except OSError:
+            outcome.kept.append(relative)
+    names = list(snapshot.expected_members())
+    _remove_empty_folders(snapshot.root, names)
+    return outcome
+
+
+def _delete_verified_against_archive(folder: Path, archive: Path, members: Sequence[zipfile.ZipInfo],
+                                     log) -> _Deletion:
+    """Finish a deletion that an earlier run started (or that deleteFlag asks for later):
+    a file is deleted only when its size and CRC equal those of its member."""
+    outcome = _Deletion()
+    parent = folder.parent
+    with zipfile.ZipFile(archive) as book:
+        for member in members:
+            if member.is_dir():
+                continue
+            path = _member_path(parent, member.filename)
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                outcome.already_gone += 1
+                continue
+            is_link_member = stat.S_ISLNK(member.external_attr >> 16)
+            try:
+                if stat.S_ISLNK(info.st_mode):
+                    same = is_link_member and os.fsencode(os.readlink(path)) == book.read(member)
+                else:
+                    same = (not is_link_member and stat.S_ISREG(info.st_mode)
+                            and info.st_size == member.file_size and _crc_of(path) == member.CRC)
+            except OSError as exc:
+                log.warning("Kept %s: it could not be checked (%s).", path, exc.strerror or exc)
+                same = False
+            if same:
+                path.unlink()
+                outcome.deleted += 1
+            else:
+                outcome.kept.append(member.filename)
+                log.warning("Kept %s: it differs from its copy in the archive.", path)
+    _remove_empty_folders(folder, [m.filename for m in members])
+    return outcome
+
+
+def zip_folder(folder: Path, *, engine, delete_originals: bool, log,
+               progress_factory: Callable[[int, str], "tqdm"] | None = None) -> RowOutcome:
+    """Zip one folder (or finish it, or skip it when done). Per-row problems come back as a
+    failed outcome; nothing is deleted unless the archive was verified."""
+    started = time.monotonic()
+    archive = archive_path(folder)
+    outcome = RowOutcome(folder=folder, ok=False, result="")
+    try:
+        _remove_partial(folder, log)
+        if archive.exists() or archive.is_symlink():
+            _finish_existing(folder, archive, engine, delete_originals, log, outcome)
+        elif not folder.is_dir():
+            raise FileProblem(f"{folder} no longer exists (and there is no {archive.name} beside it)",
+                              paths=[folder], title="Folder missing")
+        else:
+            _zip_new(folder, archive, engine, delete_originals, log, outcome, progress_factory)
+    except FileProblem as exc:
+        outcome.ok, outcome.result = False, exc.message
+        if any(sign in exc.message for sign in _DISK_FULL_SIGNS):
+            outcome.result = _disk_full(folder, exc.message)
+    except OSError as exc:
+        outcome.ok = False
+        if exc.errno == errno.ENOSPC:
+            outcome.result = _disk_full(folder, exc.strerror or str(exc))
+        else:
+            where = f" ({exc.filename})" if exc.filename else ""
+            outcome.result = f"{exc.strerror or exc}{where}"
+    outcome.seconds = time.monotonic() - started
+    return outcome
+
+
+# How 7-Zip reports a full disk on Linux/macOS and on Windows.
+_DISK_FULL_SIGNS = ("errno=28", "No space left on device", "not enough space on the disk")
+
+
+def _disk_full(folder: Path, detail: str) -> str:
+    return (f"the disk holding {folder.parent} is full ({detail}). The unfinished archive was "
+            "removed and nothing was deleted; free some space and run again.")
+
+
+def _finish_existing(folder: Path, archive: Path, engine, delete_originals: bool, log,
+                     outcome: RowOutcome) -> None:
+    mark, members = check_marked_archive(archive, folder.name)
+    outcome.files, outcome.size = mark.files, mark.bytes
+    outcome.subdirectories = _subdirectories_of(members)
+    outcome.archive_size = archive.stat().st_size
+    if not folder.exists():
+        outcome.ok, outcome.result = True, "already done earlier (archive verified; folder already removed)"
+        return
+    if not delete_originals:
+        now = scan_folder(folder)
+        outcome.ok = True
+        outcome.result = "skipped: already zipped and verified earlier"
+        if len(now.files) + len(now.links) != mark.files or now.archived_bytes != mark.bytes:
+            outcome.result += (f"; note: the folder has changed since ({len(now.files) + len(now.links):,} "
+                               f"files, {now.archived_bytes:,} bytes now). To zip it again, move "
+                               f"{archive.name} away and run again")
+        return
+    log.info("%s exists and is marked verified; testing it again before deleting originals in %s.",
+             archive, folder)
+    engine.test(archive)
+    deletion = _delete_verified_against_archive(folder, archive, members, log)
+    outcome.ok = True
+    outcome.result = "archive verified earlier and tested again; " + deletion.summary()
+    if folder.exists():
+        outcome.result += f"; folder kept: {_left_over(folder)}"
+
+
+def _zip_new(folder: Path, archive: Path, engine, delete_originals: bool, log, outcome: RowOutcome,
+             progress_factory) -> None:
+    snapshot = scan_folder(folder)
+    outcome.subdirectories = len(snapshot.directories)
+    outcome.files = len(snapshot.files) + len(snapshot.links)
+    outcome.size = snapshot.total_bytes
+    if snapshot.unreadable:
+        raise FileProblem(f"{len(snapshot.unreadable)} entries in {folder} cannot be read, e.g. "
+                          f"{snapshot.unreadable[0]}. Fix the permissions and run again.",
+                          paths=[folder], title="Unreadable files")
+    if snapshot.bad_names:
+        raise FileProblem(f"{len(snapshot.bad_names)} names in {folder} are not valid text (UTF-8) "
+                          f"and cannot be stored in a .zip, e.g. {snapshot.bad_names[0]!r}. Rename "
+                          "them and run again.", paths=[folder], title="Unusable file names")
+    if snapshot.skipped:
+        log.warning("%d special entries in %s (pipes, sockets, devices, junctions) are not archived "
+                    "and stay in place, e.g. %s", len(snapshot.skipped), folder, snapshot.skipped[0])
+    free = shutil.disk_usage(folder.parent).free
+    if free < snapshot.total_bytes:
+        log.warning("Only %s free beside %s for an archive of up to %s; it may not fit.",
+                    human_size(free), folder, human_size(snapshot.total_bytes))
+    if isinstance(engine, SevenZip) and not engine.can_take_names(snapshot):
+        log.info("Some names in %s begin or end with a blank, which 7-Zip's list file cannot "
+                 "carry; this folder is zipped with Python's zipfile instead.", folder)
+        engine = PythonZip(engine.level)
+    log.info("Zipping %s (%s subdirectories, %s files, %s) with %s", folder,
+             f"{outcome.subdirectories:,}", f"{outcome.files:,}", human_size(snapshot.total_bytes),
+             engine.describe())
+
+    temporary = partial_path(folder)
+    bar = progress_factory(snapshot.total_bytes, folder.name) if progress_factory else None
+    done = [0]
+
+    def advance(total_done: int) -> None:
+        if bar is not None and total_done > done[0]:
+            bar.update(total_done - done[0])
+            done[0] = total_done
+
+    published = False
+    try:
+        engine.build(snapshot, temporary, advance)
+        engine.test(temporary)
+        with zipfile.ZipFile(temporary) as book:
+            members = book.infolist()
+        differences = _compare_members(members, snapshot)
+        if differences:
+            raise FileProblem("the archive does not match the folder: " + "; ".join(differences)
+                              + ". Was something writing into the folder? Nothing was deleted.",
+                              title="Archive does not match")
+        changed = changed_since(snapshot)
+        if changed:
+            raise FileProblem(f"{len(changed)} files changed while they were being zipped, e.g. "
+                              f"{folder / changed[0].split(' (')[0]}. Is something still writing into "
+                              "this folder? Nothing was deleted; run again when it is finished.",
+                              title="Files changed")
+        write_mark(temporary, _mark_of_members(members))
+        try:
+            _publish(temporary, archive)
+        except FileExistsError:
+            raise FileProblem(f"{archive} appeared while this folder was being zipped; it is left "
+                              "untouched and nothing was deleted.", paths=[archive]) from None
+        published = True
+    finally:
+        if bar is not None:
+            bar.close()
+        if not published:
+            try:
+                temporary.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("Could not remove the unfinished %s (%s); the next run removes it.",
+                            temporary, exc.strerror or exc)
+    outcome.archive_size = archive.stat().st_size
+    outcome.ok = True
+    outcome.result = "zipped and verified"
+    if delete_originals:
+        deletion = _delete_snapshot_files(snapshot, log)
+        outcome.result += "; " + deletion.summary()
+        if folder.exists():
+            outcome.result += f"; folder kept: {_left_over(folder)}"
+
+
+# --------------------------------------------------------------------------- the sheet
+
+
+def _comparable(path: Path) -> str:
+    return os.path.normcase(str(path.resolve()))
+
+
+def _inside(inner: str, outer: str) -> bool:
+    return inner != outer and inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def read_zip_rows(workbook: Path, tab: str, *, protected: Sequence[Path] = ()) -> list[SheetRow]:
+    """Preflight: read the tab and check every row, listing every problem at once."""
+    seen: list[tuple[SheetRow, str]] = []
+    protected_paths = [_comparable(p) for p in protected]
+
+    def check(row: SheetRow) -> Iterator[SheetProblem]:
+        folder: Path = row["inputDir"]
+        if folder is None:
+            return
+        if folder.name == "" or folder.parent == folder:
+            yield row.problem(f"inputDir {folder} is the top of a drive; give a folder inside it",
+                              "inputDir")
+            return
+        archive = archive_path(folder)
+        if not folder.exists():
+            if archive.is_file() and read_archive_mark(archive) is not None:
+                pass  # finished earlier and its originals deleted: nothing to do
+            else:
+                yield row.problem(f"inputDir {folder} does not exist: check the spelling, and that "
+                                  "the drive is connected", "inputDir")
+                return
+        if archive.is_dir():
+            yield row.problem(f"a folder named {archive.name} is in the way of the archive; "
+                              "rename it", "inputDir")
+        elif folder.exists() and not os.access(folder.parent, os.W_OK):
+            yield row.problem(f"the archive cannot be written beside {folder} (no permission "
+                              f"to write in {folder.parent})", "inputDir")
+        key = _comparable(folder)
+        for earlier, earlier_key in seen:
+            if key == earlier_key:
+                yield row.problem(f"inputDir {folder} is already listed in row {earlier.row}; "
+                                  "delete one of the two rows", "inputDir")
+            elif _inside(key, earlier_key) or _inside(earlier_key, key):
+                inner, outer = (row, earlier) if _inside(key, earlier_key) else (earlier, row)
+                yield row.problem(f"the folder of row {inner.row} is inside the folder of row "
+                                  f"{outer.row} ({outer['inputDir']}), so it would be zipped twice; "
+                                  "keep only one of the two rows", "inputDir")
+        for mine in protected_paths:
+            if key == mine or _inside(mine, key):
+                yield row.problem(f"inputDir {folder} contains this tool's own files or logs; "
+                                  "choose a data folder", "inputDir")
+                break
+        seen.append((row, key))
+
+    return read_tab(workbook, tab, [Column("inputDir", LOCAL_DIR), Column("deleteFlag", FLAG)],
+                    row_check=lambda row: list(check(row)))
+
+
+def choose_engine(settings, log) -> SevenZip | PythonZip:
+    level = settings.compressionLevel
+    if not settings.useSevenZip:
+        log.info("useSevenZip is False: zipping with Python's zipfile (one core).")
+        return PythonZip(level)
+    configured = settings.sevenZipPath
+    executable = find_seven_zip(configured)
+    if executable is None:
+        log.info("7-Zip was not found (looked for 7zz, 7z and 7za on PATH%s): zipping with Python's "
+                 "zipfile instead, which works but uses one core and is slower. Installing 7-Zip "
+                 "(https://www.7-zip.org) makes this faster.",
+                 ", and in Program Files" if os.name == "nt" else "")
+        return PythonZip(level)
+    threads = settings.threads or every_core()
+    engine = SevenZip(executable, level, threads)
+    log.info("Using 7-Zip: %s (%s)", executable, engine.version())
+    return engine
+
+
+def run_zip_dir(context) -> int:
+    """Entry point of preProcess/2_zipDir.py."""
+    settings, log = context.settings, context.log
+    rows = read_zip_rows(settings.excelName, settings.sheetName,
+                         protected=[context.script.parent, context.logs_root])
+    log.info("Workbook %s, tab '%s': %d folder(s) to zip.", settings.excelName, settings.sheetName,
+             len(rows))
+    if getattr(context.args, "dry_run", False):
+        for row in rows:
+            log.info("[row %d] %s", row.row, _planned_action(row["inputDir"], bool(row["deleteFlag"])))
+        log.info("Dry run: nothing was changed.")
+        return errors.EXIT_OK
+    engine = choose_engine(settings, log)
+    log.info("One line per row: folder | subdirectories | files | size | archive size | seconds | result")
+
+    def progress_factory(total: int, name: str):
+        return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
+                    leave=False, disable=None, dynamic_ncols=True)
+
+    outcomes: list[RowOutcome] = []
+    for index, row in enumerate(rows, start=1):
+        folder: Path = row["inputDir"]
+        log.info("Row %d (%d of %d): %s", row.row, index, len(rows), folder)
+        outcome = zip_folder(folder, engine=engine, delete_originals=bool(row["deleteFlag"]), log=log,
+                             progress_factory=progress_factory)
+        outcome.row = row.row
+        (log.info if outcome.ok else log.error)("%s", outcome.line())
+        outcomes.append(outcome)
+    failed = [o for o in outcomes if not o.ok]
+    log.info("Summary: %d row(s): %d done, %d failed.", len(outcomes), len(outcomes) - len(failed),
+             len(failed))
+    for outcome in failed:
+        log.error("  row %s, %s: %s", outcome.row, outcome.folder, outcome.result)
+    return errors.EXIT_OK if not failed else errors.EXIT_SOME_FAILED
+
+
+def _planned_action(folder: Path, delete: bool) -> str:
+    archive = archive_path(folder)
+    if archive.exists() or archive.is_symlink():
+        if read_archive_mark(archive) is None:
+            return f"would fail: {archive} exists and was not made by this tool"
+        if not folder.exists():
+            return "already done"
+        return ("would test the archive again and delete the originals it holds" if delete
+                else "would skip: already zipped and verified")
+    return f"would zip {folder} into {archive}" + (" and then delete the originals" if delete else "")

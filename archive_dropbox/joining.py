@@ -1,0 +1,919 @@
+"""Joining split files back into the original (joinFiles.py, and the download stage's joinFlag):
+find every part, check them against the manifest, join into a temporary file while hashing,
+verify, rename; then, when asked, delete the parts and unzip the result without letting any
+entry land outside its folder. Every step can be rerun after a crash."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import time
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from tqdm import tqdm
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED, ArchiveError, FileProblem, SheetError
+from .settings import Setting
+from .split import (CHUNK, TEMP_PREFIX, Digester, Manifest, PartPlan, RangeCopier, SourceEnded,
+                    build_manifest, manifest_name, parse_manifest_name, parse_part_name,
+                    read_manifest, sha256_file, write_manifest, fsync_folder)
+
+if TYPE_CHECKING:
+    from .sheets import SheetRow
+
+Progress = Callable[[int], object]
+
+SETTINGS = [
+    Setting("excelName", "inputs.xlsx", Path,
+            "workbook holding the joinFiles tab (next to joinFiles.py, or a full path)"),
+    Setting("sheetName", "joinFiles", str, "tab with the columns inputFile, deleteFlag, unzipFlag"),
+]
+
+# Keep a little room on the disk so the join does not fill it to the last byte.
+SPACE_MARGIN = 64 * 1024 * 1024
+
+
+class JoinProblem(FileProblem):
+    """One split file cannot be joined (or unzipped); the others go on."""
+
+    title = "Cannot join"
+
+
+class JoinInputError(ArchiveError):
+    """Files given on the command line cannot be joined as they are; nothing was changed."""
+
+    title = "Cannot start"
+    exit_code = EXIT_BAD_INPUT
+
+
+def human_size(size: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:,.0f} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
+        size /= 1000
+    return f"{size:,.1f} TB"
+
+
+# ----------------------------------------------------------------------------- finding the parts
+
+JOIN = "join"                # the parts are all there: join them
+VERIFY_EXISTING = "verify"   # the joined file exists already: check it, then finish the clean-up
+DONE_BEFORE = "done"         # nothing left to do: joined (and cleaned up) by an earlier run
+
+
+@dataclass
+class SplitSeries:
+    """Everything found about one split file, before anything is changed."""
+
+    folder: Path
+    name: str                       # the original file's name
+    parts: list[Path]               # the parts present, in order
+    part_sizes: list[int]
+    manifest: Manifest | None
+    state: str
+    note: str = ""
+
+    @property
+    def output(self) -> Path:
+        return self.folder / self.name
+
+    @property
+    def partial(self) -> Path:
+        return self.folder / f"{TEMP_PREFIX}{self.name}.partial"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / manifest_name(self.name)
+
+    @property
+    def size(self) -> int:
+        return self.manifest.size if self.manifest is not None else sum(self.part_sizes)
+
+
+def _number_ranges(numbers: Sequence[int]) -> str:
+    spans: list[list[int]] = []
+    for number in sorted(numbers):
+        if spans and number == spans[-1][1] + 1:
+            spans[-1][1] = number
+        else:
+            spans.append([number, number])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def _listing(folder: Path) -> list[str]:
+    try:
+        return [entry.name for entry in os.scandir(folder)]
+    except OSError as exc:
+        raise JoinProblem(f"the folder {folder} cannot be read ({exc.strerror}).", paths=[folder]) from None
+
+
+def _series_base(path: Path, names: list[str]) -> str | None:
+    """The original file's name for a part or manifest path, in the spelling found on disk
+    (a sheet may type a name in another case on Windows or macOS)."""
+    name = path.name
+    if name not in names:
+        folded = [n for n in names if n.casefold() == name.casefold()]
+        if len(folded) == 1:
+            name = folded[0]
+    parsed = parse_part_name(name)
+    return parsed[0] if parsed else parse_manifest_name(name)
+
+
+def _os_problem(exc: OSError, what: str) -> JoinProblem:
+    hint = " The disk is full: free some space and run again." if exc.errno == 28 else ""
+    where = f" ({exc.filename})" if exc.filename else ""
+    return JoinProblem(f"{what}: {exc.strerror or exc}{where}.{hint}", paths=[exc.filename] if exc.filename else [])
+
+
+def inspect_series(path: Path | str) -> SplitSeries:
+    """Find the parts of the split file that `path` (any of its parts, or its manifest) belongs
+    to, and check them without reading their content. Raises JoinProblem naming what is wrong
+    (a missing, extra or truncated part, a bad manifest, a different file in the way)."""
+    try:
+        return _inspect(Path(path))
+    except OSError as exc:
+        raise _os_problem(exc, f"the parts of {Path(path).name} cannot be examined") from None
+
+
+def _inspect(path: Path) -> SplitSeries:
+    folder = path.parent
+    if parse_part_name(path.name) is None and parse_manifest_name(path.name) is None:
+        raise JoinProblem(f"{path.name} is not a part of a split file: give the first part, whose "
+                          "name ends in _split_0001.", paths=[path])
+    if not folder.is_dir():
+        raise JoinProblem(f"the folder {folder} does not exist: check the path of {path.name}.", paths=[path])
+    names = _listing(folder)
+    base = _series_base(path, names)
+    numbered: dict[int, list[str]] = {}
+    for name in names:
+        parsed = parse_part_name(name)
+        if parsed is not None and parsed[0] == base:
+            numbered.setdefault(parsed[1], []).append(name)
+    manifest_file = folder / manifest_name(base)
+    manifest = read_manifest(manifest_file) if manifest_name(base) in names else None
+    output = folder / base
+    output_exists = output.exists() or output.is_symlink()
+    if output_exists and not output.is_file():
+        raise JoinProblem(f"{output} is a folder or a special file, so the joined file cannot be "
+                          "written there: rename it and run again.", paths=[output])
+    for number, clashing in sorted(numbered.items()):
+        if len(clashing) > 1:
+            raise JoinProblem(f"{' and '.join(sorted(clashing))} are both part {number} of {base}: "
+                              "keep only the right one and run again.", paths=[folder])
+    if manifest is not None and manifest.original_name != base:
+        raise JoinProblem(f"the manifest {manifest_file.name} describes {manifest.original_name!r}, not "
+                          f"{base!r}: it does not belong to these parts.", paths=[manifest_file])
+
+    def sizes(paths: list[Path]) -> list[int]:
+        return [p.stat().st_size for p in paths]
+
+    if not numbered and manifest is None:
+        if output_exists:
+            return SplitSeries(folder, base, [], [], None, DONE_BEFORE,
+                               f"{base} is already joined and its parts were deleted by an earlier run")
+        unpacked = folder / base[:-4] if base.lower().endswith(".zip") else None
+        if unpacked is not None and unpacked.is_dir():
+            return SplitSeries(folder, base, [], [], None, DONE_BEFORE,
+                               f"{base} was already joined, unzipped into {unpacked} and cleaned up by an earlier run")
+        raise JoinProblem(f"{path.name} does not exist, and no other part of {base} is in {folder}. "
+                          "Check the name and the folder. (If this file was joined and cleaned up by "
+                          "an earlier run, remove it from the list.)", paths=[path])
+
+    present = {name for clashing in numbered.values() for name in clashing}
+    if manifest is not None:
+        listed = [folder / p.name for p in manifest.parts]
+        if output_exists:
+            if output.stat().st_size != manifest.size:
+                raise JoinProblem(f"{output} already exists and is not the joined file: it has "
+                                  f"{output.stat().st_size:,} bytes, the original had {manifest.size:,}. "
+                                  "Move or rename it and run again; it was not touched.", paths=[output])
+            kept = [p for p in listed if p.name in present]
+            return SplitSeries(folder, base, kept, sizes(kept), manifest, VERIFY_EXISTING)
+        extras = sorted(present - {p.name for p in manifest.parts})
+        if extras:
+            raise JoinProblem(f"{extras[0]} is not one of the {len(manifest.parts)} parts listed in "
+                              f"{manifest_file.name}: it may come from a different split. Move it away "
+                              "and run again.", paths=[folder / extras[0]])
+        missing = [p.name for p in manifest.parts if p.name not in present]
+        if missing:
+            raise JoinProblem(f"part {missing[0]} is missing"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                              + f": {len(manifest.parts) - len(missing)} of the {len(manifest.parts)} parts "
+                              f"listed in {manifest_file.name} are in {folder}. Copy or download the "
+                              "missing part next to the others and run again.", paths=[folder / missing[0]])
+        actual = sizes(listed)
+        for part, size in zip(manifest.parts, actual):
+            if size != part.size:
+                kind = "incomplete (cut short)" if size < part.size else "longer than it should be"
+                raise JoinProblem(f"part {part.name} has {size:,} bytes but should have {part.size:,}: "
+                                  f"it is {kind}. Copy or download it again and run again.",
+                                  paths=[folder / part.name])
+        return SplitSeries(folder, base, listed, actual, manifest, JOIN)
+
+    numbers = sorted(numbered)
+    parts = [folder / numbered[n][0] for n in numbers]
+    width = len(numbered[numbers[-1]][0]) - len(base) - len("_split_")
+    missing_numbers = [n for n in range(1, numbers[-1] + 1) if n not in numbered]
+    if output_exists:
+        if output.stat().st_size != sum(sizes(parts)) or missing_numbers:
+            raise JoinProblem(f"{output} already exists and is not the join of the parts found: move or "
+                              "rename it and run again; it was not touched.", paths=[output])
+        return SplitSeries(folder, base, parts, sizes(parts), None, VERIFY_EXISTING)
+    if missing_numbers:
+        first = f"{base}_split_{missing_numbers[0]:0{width}d}"
+        raise JoinProblem(f"part {first} is missing"
+                          + (f" (and {len(missing_numbers) - 1} more)" if len(missing_numbers) > 1 else "")
+                          + f": only parts {_number_ranges(numbers)} of {base} are in {folder}. Copy or "
+                          "download the missing part next to the others and run again.",
+                          paths=[folder / first])
+    return SplitSeries(folder, base, parts, sizes(parts), None, JOIN)
+
+
+def find_split_files(folder: Path | str) -> list[Path]:
+    """One path per split file found under `folder` (its first part, else its manifest, else
+    its lowest-numbered part): what the download stage hands to `join_split_file`."""
+    found: dict[tuple[str, str], list[str]] = {}
+    for directory, subfolders, files in os.walk(folder):
+        subfolders[:] = [d for d in subfolders if not d.startswith(TEMP_PREFIX)]
+        for name in files:
+            parsed = parse_part_name(name)
+            base = parsed[0] if parsed else parse_manifest_name(name)
+            if base is not None:
+                found.setdefault((directory, base), []).append(name)
+    result = []
+    for (directory, base), names in sorted(found.items()):
+        numbered = sorted((parse_part_name(n)[1], n) for n in names if parse_part_name(n))
+        first = [n for number, n in numbered if number == 1]
+        pick = first[0] if first else (manifest_name(base) if manifest_name(base) in names else numbered[0][1])
+        result.append(Path(directory) / pick)
+    return result
+
+
+# ----------------------------------------------------------------------------- joining
+
+
+def _rename_without_replacing(source: Path, target: Path) -> None:
+    """Rename, but never over an existing file (a plain rename would replace it on POSIX)."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError:
+        # No hard links on this file system (FAT, exFAT, some network shares): check, then rename.
+        if target.exists() or target.is_symlink():
+            raise FileExistsError(target) from None
+        os.rename(source, target)
+        return
+    os.unlink(source)
+
+
+@dataclass
+class Hashes:
+    whole: str
+    parts: list[str] | None  # only computed when the parts have no manifest
+
+
+def _hash_series(series: SplitSeries, progress: Progress | None) -> Hashes:
+    with Digester(whole=True, pieces=True) as digester:
+        for index, part in enumerate(series.parts, start=1):
+            with open(part, "rb", buffering=0) as handle:
+                while True:
+                    buffer = digester.buffer()
+                    got = handle.readinto(buffer)
+                    if not got:
+                        digester.feed(buffer, 0, index)
+                        break
+                    digester.feed(buffer, got, index)
+                    if progress is not None:
+                        progress(got)
+        whole, pieces = digester.finish()
+    return Hashes(whole, [digester.piece_digest(pieces, i) for i in range(1, len(series.parts) + 1)])
+
+
+def _verify_existing(series: SplitSeries, log: logging.Logger, progress: Progress | None) -> Hashes | None:
+    """The joined file is already there: prove it is the right one before anything else."""
+    output = series.output
+    if series.manifest is not None:
+        log.info("%s already exists: checking it against the manifest", output.name)
+        if sha256_file(output, progress) != series.manifest.sha256:
+            raise JoinProblem(f"{output} already exists but is not the original file described by "
+                              f"{series.manifest_path.name} (different content). Move or rename it and run "
+                              "again; nothing was deleted.", paths=[output])
+        return None
+    log.info("%s already exists: comparing it with the parts", output.name)
+    hashes = _hash_series(series, progress)
+    if sha256_file(output) != hashes.whole:
+        raise JoinProblem(f"{output} already exists and differs from the join of its parts. Move or "
+                          "rename it and run again; nothing was deleted.", paths=[output])
+    return hashes
+
+
+def _check_free_space(folder: Path, needed: int, what: str) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed + SPACE_MARGIN:
+        raise JoinProblem(f"not enough free space in {folder} to {what}: {human_size(needed)} needed, "
+                          f"{human_size(free)} free. Free some space and run again; nothing was deleted.",
+                          paths=[folder])
+
+
+def _find_damaged_parts(series: SplitSeries, log: logging.Logger) -> list[str]:
+    log.info("The joined file does not match the manifest: checking each part to find the damaged one")
+    return [part.name for part, info in zip(series.parts, series.manifest.parts)
+            if sha256_file(part) != info.sha256]
+
+
+def _lock(handle) -> bool:
+    """Take this process's claim on an open temporary file; False when another run holds it.
+    (POSIX only: Windows already refuses to delete a file another process has open.)"""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _remove_leftover(partial: Path, name: str, log: logging.Logger) -> None:
+    if not (partial.exists() or partial.is_symlink()):
+        return
+    if partial.is_file() and not partial.is_symlink():
+        with open(partial, "rb") as handle:
+            if not _lock(handle):
+                raise JoinProblem(f"another run is joining {name} right now ({partial.name} is in use): "
+                                  "let it finish, or stop it, then run again.", paths=[partial])
+    log.warning("Removing %s, left by an interrupted run; joining %s again", partial.name, name)
+    partial.unlink()
+
+
+def _join(series: SplitSeries, log: logging.Logger, progress: Progress | None) -> Hashes:
+    """Join the parts into `.~<name>.partial`, verify it, and rename it to the original name."""
+    partial, output = series.partial, series.output
+    _remove_leftover(partial, series.name, log)
+    _check_free_space(series.folder, series.size, f"join {series.name}")
+    current = series.parts[0] if series.parts else None
+    try:
+        with open(partial, "xb", buffering=0) as target, \
+                Digester(whole=True, pieces=series.manifest is None) as digester:
+            _lock(target)
+            copier = RangeCopier(digester, progress)
+            for index, (part, size) in enumerate(zip(series.parts, series.part_sizes), start=1):
+                current = part
+                with open(part, "rb", buffering=0) as source:
+                    if os.fstat(source.fileno()).st_size != size:
+                        raise JoinProblem(f"part {part.name} changed size while {series.name} was being "
+                                          "joined: wait until nothing writes to it and run again.", paths=[part])
+                    copier.copy(source, 0, size, target, partial, index)
+            whole, pieces = digester.finish()
+            os.fsync(target.fileno())
+        joined_size = partial.stat().st_size
+        if joined_size != series.size:
+            raise JoinProblem(f"{series.name} came out with {joined_size:,} bytes instead of {series.size:,}; "
+                              "nothing was kept. Run again.", paths=[output])
+        if series.manifest is not None and whole != series.manifest.sha256:
+            damaged = _find_damaged_parts(series, log)
+            if damaged:
+                raise JoinProblem(f"{series.name} was not joined: part {damaged[0]}"
+                                  + (f" (and {', '.join(damaged[1:])})" if len(damaged) > 1 else "")
+                                  + " is damaged: its content does not match the SHA-256 in the manifest. "
+                                  "Copy or download it again and run again; nothing was deleted.",
+                                  paths=[series.folder / damaged[0]])
+            raise JoinProblem(f"{series.name} was not joined: every part matches the manifest but the joined "
+                              "copy does not, so the disk may have written wrong data. Check the disk and run "
+                              "again; nothing was deleted.", paths=[output])
+        if series.manifest is not None:
+            os.utime(partial, (time.time(), series.manifest.mtime))
+        try:
+            _rename_without_replacing(partial, output)
+        except FileExistsError:
+            raise JoinProblem(f"{output} appeared while {series.name} was being joined; it was not replaced. "
+                              "Move or rename it and run again.", paths=[output]) from None
+        fsync_folder(series.folder)
+    except SourceEnded:
+        raise JoinProblem(f"part {current.name} became shorter while {series.name} was being joined: wait "
+                          "until nothing writes to it and run again.", paths=[current]) from None
+    except OSError as exc:
+        raise _os_problem(exc, f"{series.name} could not be joined (nothing was deleted)") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    if series.manifest is None:
+        return Hashes(whole, [digester.piece_digest(pieces, i) for i in range(1, len(series.parts) + 1)])
+    return Hashes(whole, None)
+
+
+def _delete_parts(series: SplitSeries, hashes: Hashes | None, log: logging.Logger) -> int:
+    """Delete the parts, then the manifest, of a verified join."""
+    manifest_path = series.manifest_path
+    if series.manifest is None and series.parts and hashes is not None and hashes.parts is not None:
+        # Parts made by the original tool have no manifest. Write one first, so that a run stopped
+        # half-way through the deletion can still prove the joined file is complete.
+        plan, offset = [], 0
+        for index, size in enumerate(series.part_sizes, start=1):
+            plan.append(PartPlan(index, offset, size, series.parts[index - 1].name))
+            offset += size
+        try:
+            manifest = build_manifest(series.name, offset, hashes.whole, series.output.stat().st_mtime,
+                                      plan, hashes.parts)
+            write_manifest(manifest_path, manifest)
+        except ValueError:
+            pass  # names that do not follow the numbering scheme: delete without a record
+    freed = 0
+    try:
+        for part, size in zip(series.parts, series.part_sizes):
+            part.unlink(missing_ok=True)
+            freed += size
+        manifest_path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise JoinProblem(f"{series.name} was joined and verified, but {exc.filename} could not be "
+                          f"deleted ({exc.strerror}). Delete the remaining parts by hand.",
+                          paths=[series.folder]) from None
+    log.info("Deleted the %d part(s) of %s (%s freed)", len(series.parts), series.name, human_size(freed))
+    return freed
+
+
+@dataclass
+class JoinOutcome:
+    output: Path
+    action: str                       # "joined", "verified" (earlier join checked), "resumed", "skipped"
+    size: int = 0
+    seconds: float = 0.0
+    verified: bool = False
+    unzipped_into: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def process_series(series: SplitSeries, *, delete_parts: bool, unzip: bool, log: logging.Logger,
+                   progress: Progress | None = None) -> JoinOutcome:
+    """Join (or check an earlier join), then delete the parts and unzip when asked. Raises
+    JoinProblem (nothing deleted) when the file cannot be joined or unzipped."""
+    try:
+        return _process(series, delete_parts, unzip, log, progress)
+    except OSError as exc:
+        raise _os_problem(exc, f"{series.name} could not be processed; nothing was deleted") from None
+
+
+def _process(series: SplitSeries, delete_parts: bool, unzip: bool, log: logging.Logger,
+             progress: Progress | None) -> JoinOutcome:
+    started = time.monotonic()
+    outcome = JoinOutcome(series.output, "skipped", series.size)
+    hashes = None
+    if series.state == DONE_BEFORE:
+        outcome.notes.append(series.note)
+        if not (unzip and series.name.lower().endswith(".zip") and series.output.is_file()):
+            return outcome
+        # An earlier run deleted the parts of a verified join, then stopped before unzipping.
+        outcome.action = "resumed"
+    elif series.state == VERIFY_EXISTING:
+        hashes = _verify_existing(series, log, progress)
+        outcome.action = "verified"
+    else:
+        if series.manifest is None:
+            log.warning("%s has no manifest (%s): its parts are joined in the order of their numbers, "
+                        "but the result cannot be verified.", series.name, series.manifest_path.name)
+        hashes = _join(series, log, progress)
+        outcome.action = "joined"
+        if series.manifest is None:
+            outcome.notes.append(f"not verified (no manifest); SHA-256 of the joined file: {hashes.whole}")
+    outcome.verified = series.manifest is not None
+    deleted = False
+    if delete_parts and series.state != DONE_BEFORE and (series.parts or series.manifest_path.exists()):
+        _delete_parts(series, hashes, log)
+        deleted = True
+    if unzip:
+        if series.name.lower().endswith(".zip"):
+            try:
+                summary = extract_zip(series.output, log, progress=None)
+            except JoinProblem as exc:
+                parts = "its parts were deleted" if deleted else "its parts were kept"
+                raise JoinProblem(f"{series.name} is joined and checked ({parts}), but {exc.message}",
+                                  paths=exc.paths) from None
+            outcome.unzipped_into = series.folder
+            outcome.notes.append(f"unzipped {summary.files:,} file(s), {human_size(summary.bytes)}; "
+                                 f"{series.name} deleted")
+        else:
+            log.warning("%s is not a .zip file, so it was not unzipped (unzipFlag=1)", series.name)
+    outcome.seconds = time.monotonic() - started
+    return outcome
+
+
+def join_split_file(path: Path | str, *, delete_parts: bool = False, unzip: bool = False,
+                    log: logging.Logger, progress: Progress | None = None) -> JoinOutcome:
+    """Join one split file given any of its parts or its manifest (the download stage's joinFlag)."""
+    return process_series(inspect_series(path), delete_parts=delete_parts, unzip=unzip, log=log,
+                          progress=progress)
+
+
+# ----------------------------------------------------------------------------- unzipping
+
+
+@dataclass
+class _Member:
+    info: zipfile.ZipInfo
+    parts: tuple[str, ...]
+
+    @property
+    def is_dir(self) -> bool:
+        return self.info.is_dir()
+
+
+@dataclass
+class ExtractSummary:
+    files: int
+    folders: int
+    bytes: int
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def _unsafe_reason(info: zipfile.ZipInfo, parts: list[str]) -> str | None:
+    name = info.filename
+    mode = info.external_attr >> 16
+    if "\0" in name:
+        return "contains a NUL character"
+    if name.startswith(("/", "\\")):
+        return "is an absolute path"
+    if _DRIVE.match(name) or any(_DRIVE.match(p) for p in parts):
+        return "names a drive letter"
+    if ".." in parts:
+        return "climbs out of the folder with '..'"
+    if os.name == "nt" and any(":" in p for p in parts):
+        return "contains ':', which Windows reads as a drive or a hidden stream"
+    if info.create_system == 3 and stat.S_ISLNK(mode):
+        return "is a symbolic link"
+    if info.create_system == 3 and stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        return "is a device or other special file"
+    if info.flag_bits & 0x1:
+        return "is password-protected"
+    return None
+
+
+def _checked_members(archive: zipfile.ZipFile, zip_path: Path, target: Path) -> list[_Member]:
+    """Every entry, with its path split into safe components; raise before anything is
+    extracted when one entry could land outside `target` or is not a plain file or folder."""
+    unsafe: list[str] = []
+    members: list[_Member] = []
+    seen: dict[tuple[str, ...], bool] = {}
+    root = os.path.normpath(os.path.abspath(target))
+    for info in archive.infolist():
+        parts = [p for p in re.split(r"[\\/]+", info.filename) if p not in ("", ".")]
+        reason = _unsafe_reason(info, parts)
+        if reason is None and parts:
+            landing = os.path.normpath(os.path.join(root, *parts))
+            try:
+                outside = os.path.commonpath([root, landing]) != root or landing == root
+            except ValueError:  # another drive (Windows)
+                outside = True
+            if outside:
+                reason = "would land outside the folder"
+        if reason is None and tuple(parts) in seen:
+            reason = "is listed twice"
+        if reason is not None:
+            unsafe.append(f"'{info.filename}' {reason}")
+            continue
+        if not parts:
+            continue  # an entry for "." itself carries nothing
+        seen[tuple(parts)] = info.is_dir()
+        members.append(_Member(info, tuple(parts)))
+    for member in members:
+        for depth in range(1, len(member.parts)):
+            if seen.get(member.parts[:depth]) is False:
+                unsafe.append(f"'{'/'.join(member.parts[:depth])}' is both a file and a folder")
+    if unsafe:
+        shown = "\n".join(f"  - {u}" for u in unsafe[:10])
+        more = f"\n  - ... and {len(unsafe) - 10} more" if len(unsafe) > 10 else ""
+        raise JoinProblem(f"{zip_path.name} was not unzipped: {len(unsafe)} entr{'y is' if len(unsafe) == 1 else 'ies are'} "
+                          f"unsafe, so nothing was extracted and the zip was kept:\n{shown}{more}",
+                          paths=[zip_path])
+    return members
+
+
+def _crc32_file(path: Path) -> int:
+    crc = 0
+    with open(path, "rb", buffering=0) as handle:
+        while chunk := handle.read(CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _sort_against_disk(members: list[_Member], target: Path, zip_path: Path) -> list[_Member]:
+    """The members still to extract. A file already in place with the same size and CRC (from
+    an interrupted earlier run) is kept; anything else in the way stops the unzip."""
+    todo, conflicts = [], []
+    for member in members:
+        place = target
+        for name in member.parts[:-1]:
+            place = place / name
+            if place.is_symlink():
+                conflicts.append(f"{place} is a symbolic link: extracting through it could write elsewhere")
+                break
+            if place.exists() and not place.is_dir():
+                conflicts.append(f"{place} is a file, but the archive has a folder there")
+                break
+        else:
+            place = target.joinpath(*member.parts)
+            if place.is_symlink():
+                conflicts.append(f"{place} is a symbolic link")
+            elif member.is_dir:
+                if place.exists() and not place.is_dir():
+                    conflicts.append(f"{place} is a file, but the archive has a folder there")
+                elif not place.exists():
+                    todo.append(member)
+            elif place.is_dir():
+                conflicts.append(f"{place} is a folder, but the archive has a file there")
+            elif place.exists():
+                if place.stat().st_size != member.info.file_size or _crc32_file(place) != member.info.CRC:
+                    conflicts.append(f"{place} already exists and differs from the copy in the archive")
+            else:
+                todo.append(member)
+    if conflicts:
+        shown = "\n".join(f"  - {c}" for c in conflicts[:10])
+        more = f"\n  - ... and {len(conflicts) - 10} more" if len(conflicts) > 10 else ""
+        raise JoinProblem(f"{zip_path.name} was not unzipped because files are in the way (nothing was "
+                          f"extracted, the zip was kept; move them away and run again):\n{shown}{more}",
+                          paths=[zip_path])
+    return todo
+
+
+def _extract_with_seven_zip(zip_path: Path, staging: Path) -> None:
+    """For compression methods Python's zipfile cannot read (Deflate64, for instance)."""
+    from .zipping import find_seven_zip  # the zip stage's search: PATH, then the Windows install folders
+
+    seven_zip = find_seven_zip()
+    if seven_zip is None:
+        raise JoinProblem(f"{zip_path.name} uses a compression method Python cannot read; install 7-Zip "
+                          "(https://www.7-zip.org) and run again. The zip was kept.", paths=[zip_path])
+    result = subprocess.run([str(seven_zip), "x", "-y", "-bd", f"-o{staging}", "--", str(zip_path)],
+                            capture_output=True, text=True, errors="replace")
+    if result.returncode != 0:
+        detail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-3:]
+        raise JoinProblem(f"7-Zip could not extract {zip_path.name} (exit status {result.returncode}: "
+                          f"{' '.join(detail)}). The zip was kept.", paths=[zip_path])
+
+
+def _extract_into(archive: zipfile.ZipFile, todo: list[_Member], staging: Path, zip_path: Path,
+                  progress: Progress | None, flush_each: bool) -> None:
+    for member in todo:
+        staged = staging.joinpath(*member.parts)
+        if member.is_dir:
+            staged.mkdir(parents=True, exist_ok=True)
+            continue
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        with archive.open(member.info) as source, open(staged, "xb") as target:
+            while chunk := source.read(CHUNK):  # zipfile checks the CRC when the entry ends
+                target.write(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+            if flush_each:
+                target.flush()
+                os.fsync(target.fileno())
+
+
+def _entry_time(member: _Member) -> float | None:
+    try:
+        return time.mktime(member.info.date_time + (0, 0, -1))
+    except (OverflowError, ValueError):
+        return None
+
+
+def _move_into_place(staged_folder: Path, target_folder: Path) -> None:
+    """Move the staged tree into the target: whole folders in one rename when they are new,
+    merging file by file where a folder already exists."""
+    for entry in os.scandir(staged_folder):
+        source, destination = Path(entry.path), target_folder / entry.name
+        if not (destination.exists() or destination.is_symlink()):
+            os.rename(source, destination)
+        elif entry.is_dir(follow_symlinks=False) and destination.is_dir() and not destination.is_symlink():
+            _move_into_place(source, destination)
+        else:
+            raise FileExistsError(destination)
+
+
+def extract_zip(zip_path: Path | str, log: logging.Logger, progress: Progress | None = None) -> ExtractSummary:
+    """Unzip `zip_path` into the folder that holds it, then delete it.
+
+    Every entry is checked first: one that would land outside the folder (absolute path, '..',
+    drive letter, symbolic link) stops the unzip before anything is written. Entries go to a
+    `.~<zip>.extracting` folder and are moved into place when all of them are out and checked;
+    the zip is deleted only when every member is in place with the right size. Rerunning after a
+    crash keeps the files already in place (same size and CRC) and extracts the rest.
+    """
+    zip_path = Path(zip_path)
+    try:
+        return _extract(zip_path, log, progress)
+    except OSError as exc:
+        raise _os_problem(exc, f"{zip_path.name} could not be unzipped (the zip was kept)") from None
+
+
+def _extract(zip_path: Path, log: logging.Logger, progress: Progress | None) -> ExtractSummary:
+    target = zip_path.parent
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise JoinProblem(f"{zip_path.name} cannot be opened as a zip archive ({exc}); it was kept.",
+                          paths=[zip_path]) from None
+    staging = target / f"{TEMP_PREFIX}{zip_path.name}.extracting"
+    with archive:
+        members = _checked_members(archive, zip_path, target)
+        todo = _sort_against_disk(members, target, zip_path)
+        files = [m for m in members if not m.is_dir]
+        total = sum(m.info.file_size for m in files)
+        _check_free_space(target, sum(m.info.file_size for m in todo if not m.is_dir), f"unzip {zip_path.name}")
+        log.info("Unzipping %s: %d file(s), %s, into %s", zip_path.name, len(files), human_size(total), target)
+        if staging.is_symlink() or staging.is_file():
+            staging.unlink()
+        elif staging.exists():
+            log.warning("Removing %s, left by an interrupted run", staging.name)
+            shutil.rmtree(staging)
+        staging.mkdir()
+        flush_each = not hasattr(os, "sync")
+        try:
+            try:
+                _extract_into(archive, todo, staging, zip_path, progress, flush_each)
+            except NotImplementedError:
+                shutil.rmtree(staging)
+                staging.mkdir()
+                _extract_with_seven_zip(zip_path, staging)
+                wanted = {m.parts for m in todo}
+                for member in members:  # keep only what the earlier run did not already put in place
+                    staged = staging.joinpath(*member.parts)
+                    if member.parts not in wanted and not member.is_dir and staged.is_file():
+                        staged.unlink()
+            for member in todo:
+                staged = staging.joinpath(*member.parts)
+                if member.is_dir:
+                    continue
+                if not staged.is_file() or staged.stat().st_size != member.info.file_size:
+                    raise JoinProblem(f"{'/'.join(member.parts)} did not come out of {zip_path.name} complete; "
+                                      "the zip was kept.", paths=[zip_path])
+                when = _entry_time(member)
+                if when is not None:
+                    os.utime(staged, (when, when))
+            _move_into_place(staging, target)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise JoinProblem(f"{zip_path.name} is damaged ({exc}): it was not unzipped completely and was "
+                              "kept. Files already extracted were left in "
+                              f"{staging.name} for inspection.", paths=[zip_path]) from None
+        except FileExistsError as exc:
+            raise JoinProblem(f"{exc.args[0] if exc.args else 'a file'} appeared while {zip_path.name} was "
+                              "being unzipped; the zip was kept. Run again.", paths=[zip_path]) from None
+        for member in sorted((m for m in todo if m.is_dir), key=lambda m: -len(m.parts)):
+            when = _entry_time(member)
+            if when is not None:
+                try:
+                    os.utime(target.joinpath(*member.parts), (when, when))
+                except OSError:
+                    pass
+
+    missing = [m for m in members if not _in_place(target.joinpath(*m.parts), m)]
+    if missing:
+        raise JoinProblem(f"after unzipping {zip_path.name}, {'/'.join(missing[0].parts)} is missing or has the "
+                          f"wrong size ({len(missing)} entr{'y' if len(missing) == 1 else 'ies'} in all); the zip "
+                          "was kept.", paths=[zip_path])
+    if hasattr(os, "sync"):
+        os.sync()  # everything on disk before the only other copy, the zip, goes
+    shutil.rmtree(staging, ignore_errors=True)
+    zip_path.unlink()
+    fsync_folder(target)
+    return ExtractSummary(len(files), len(members) - len(files), total)
+
+
+def _in_place(path: Path, member: _Member) -> bool:
+    if path.is_symlink():
+        return False
+    if member.is_dir:
+        return path.is_dir()
+    return path.is_file() and path.stat().st_size == member.info.file_size
+
+
+# ----------------------------------------------------------------------------- the script
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("parts", nargs="*", metavar="PART",
+                        help="first part of a split file (…_split_0001) to join; several may be given. "
+                             "Dropping a part on joinFiles.py does the same. When given, the workbook "
+                             "is not read.")
+    parser.add_argument("--delete", action="store_true",
+                        help="with PART: delete the parts once the joined file is verified (deleteFlag=1)")
+    parser.add_argument("--unzip", action="store_true",
+                        help="with PART: unzip a joined .zip next to it, then delete the .zip (unzipFlag=1)")
+
+
+@dataclass
+class JoinJob:
+    source: Path
+    delete_parts: bool
+    unzip: bool
+    where: str
+    row: SheetRow | None = None
+
+
+def _row_path(value: str, workbook: Path) -> Path:
+    path = Path(str(value).strip()).expanduser()
+    return path if path.is_absolute() else workbook.parent / path
+
+
+def _jobs_from_sheet(workbook: Path, tab: str) -> list[JoinJob]:
+    # Imported here: pandas takes half a second to load, and a part dropped on the script needs no sheet.
+    from .sheets import FLAG, TEXT, Column, read_tab
+
+    rows = read_tab(workbook, tab, [Column("inputFile", TEXT), Column("deleteFlag", FLAG),
+                                    Column("unzipFlag", FLAG)])
+    return [JoinJob(_row_path(row["inputFile"], row.workbook), bool(row["deleteFlag"]),
+                    bool(row["unzipFlag"]), f"row {row.row}", row) for row in rows]
+
+
+def _preflight(jobs: list[JoinJob]) -> list[tuple[JoinJob, SplitSeries]]:
+    """Inspect every job before changing anything; raise one error listing every problem."""
+    problems: list[tuple[JoinJob, str]] = []
+    ready: list[tuple[JoinJob, SplitSeries]] = []
+    claimed: dict[Path, JoinJob] = {}
+    for job in jobs:
+        try:
+            series = inspect_series(job.source)
+        except FileProblem as exc:
+            problems.append((job, exc.message))
+            continue
+        key = series.output.resolve()
+        if key in claimed:
+            problems.append((job, f"{series.name} is already listed ({claimed[key].where}): list each split "
+                                  "file once"))
+            continue
+        claimed[key] = job
+        ready.append((job, series))
+    if problems:
+        if all(job.row is not None for job, _ in problems):
+            raise SheetError([job.row.problem(message, "inputFile") for job, message in problems])
+        listed = "\n".join(f"  - {job.where}: {message}" for job, message in problems)
+        raise JoinInputError(f"{len(problems)} problem(s) found before starting; nothing was changed.\n{listed}")
+    return ready
+
+
+def run_join_files(context) -> int:
+    """joinFiles.py: join every row of the joinFiles tab, or the parts named on the command line."""
+    log, args, settings = context.log, context.args, context.settings
+    if args.parts:
+        jobs = [JoinJob(Path(p).expanduser().absolute(), args.delete, args.unzip, p) for p in args.parts]
+        log.info("Joining %d split file(s) given on the command line", len(jobs))
+    else:
+        if args.delete or args.unzip:
+            log.info("--delete and --unzip apply to parts given on the command line; the workbook's "
+                     "deleteFlag and unzipFlag columns are used instead")
+        workbook = Path(settings.excelName)
+        log.info("Reading tab '%s' of %s", settings.sheetName, workbook)
+        jobs = _jobs_from_sheet(workbook, settings.sheetName)
+    ready = _preflight(jobs)
+    log.info("%d split file(s) to process", len(ready))
+
+    counts = {"joined": 0, "verified": 0, "resumed": 0, "skipped": 0, "failed": 0}
+    total_bytes, started = 0, time.monotonic()
+    for job, series in ready:
+        bar = tqdm(total=series.size if series.state != DONE_BEFORE else 0, unit="B", unit_scale=True,
+                   unit_divisor=1024, desc=series.name[:40], leave=False, disable=None, file=sys.stderr)
+        try:
+            outcome = process_series(series, delete_parts=job.delete_parts, unzip=job.unzip, log=log,
+                                     progress=bar.update)
+        except FileProblem as exc:
+            counts["failed"] += 1
+            log.error("%s: %s: FAILED\n%s", job.where, series.name, exc.describe())
+            continue
+        finally:
+            bar.close()
+        counts[outcome.action] += 1
+        if outcome.action == "skipped":
+            log.info("%s: %s: nothing to do; %s", job.where, series.name, "; ".join(outcome.notes))
+            continue
+        if outcome.action == "joined":
+            total_bytes += outcome.size
+        rate = f", {human_size(outcome.size / outcome.seconds)}/s" if outcome.action == "joined" and outcome.seconds > 0 else ""
+        verdict = {"joined": "joined" + (", verified against the manifest" if outcome.verified else ""),
+                   "verified": "already joined; checked" + (" against the manifest" if outcome.verified else
+                                                           " against its parts"),
+                   "resumed": "already joined by an earlier run"}[outcome.action]
+        log.info("%s: %s -> %s: %s (%d part(s), %s in %.1f s%s)%s", job.where, series.name, outcome.output,
+                 verdict, len(series.parts), human_size(outcome.size), outcome.seconds, rate,
+                 "".join(f"; {note}" for note in outcome.notes))
+    elapsed = time.monotonic() - started
+    log.info("Summary: %d joined, %d already joined, %d with nothing to do, %d failed; %s joined in %.1f s",
+             counts["joined"], counts["verified"] + counts["resumed"], counts["skipped"], counts["failed"],
+             human_size(total_bytes), elapsed)
+    if counts["failed"]:
+        log.error("%d split file(s) failed: see the messages above.", counts["failed"])
+        return EXIT_SOME_FAILED
+    return EXIT_OK

@@ -1,0 +1,415 @@
+"""joinFiles.py run as users run it: from the joinFiles tab or with parts on the command line;
+verified joins, refused damage (missing, truncated, altered parts), safe unzipping, deletion
+only after verification, and reruns after a crash."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import REPO, log_files, run_script, script_env, write_xlsx
+
+from archive_dropbox import joining, split
+
+SCRIPT = "joinFiles.py"
+HEADER = ["inputFile", "deleteFlag", "unzipFlag"]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_parts(folder: Path, name: str, data: bytes, limit: int, *, manifest: bool = True,
+               mtime: float = 1_650_000_000.0) -> list[Path]:
+    """Split `data` the way the upload stages do (or, without manifest, as the original tool did)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = split.plan_split(len(data), limit, name)
+    if manifest:
+        original = folder.parent / f"original-of-{name}"
+        original.write_bytes(data)
+        os.utime(original, (mtime, mtime))
+        split.write_parts(original, folder, plan, name=name)
+        original.unlink()
+    else:
+        for part in plan:
+            (folder / part.name).write_bytes(data[part.offset:part.end])
+    return [folder / part.name for part in plan]
+
+
+def join_sheet(tmp_path: Path, logs_root: Path, rows: list[list]) -> subprocess.CompletedProcess:
+    workbook = write_xlsx(tmp_path / "inputs.xlsx", {"joinFiles": [HEADER, *rows]})
+    return run_script(SCRIPT, "--excelName", str(workbook), "--logs", str(logs_root))
+
+
+def join_args(logs_root: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_script(SCRIPT, *args, "--logs", str(logs_root))
+
+
+def output_of(result: subprocess.CompletedProcess) -> str:
+    return result.stdout + result.stderr
+
+
+def zip_bytes(tmp_path: Path, entries: dict[str, bytes | None], name: str = "build.zip") -> bytes:
+    """A zip whose entries are stored as given (None makes a folder entry)."""
+    path = tmp_path / name
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for entry, content in entries.items():
+            if content is None:
+                archive.writestr(zipfile.ZipInfo(entry), b"")
+            else:
+                archive.writestr(entry, content)
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+# ----------------------------------------------------------------------------- joining
+
+
+def test_sheet_row_joins_verifies_and_keeps_the_parts(tmp_path, logs_root):
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    parts = make_parts(tmp_path / "restored", "scan 01 é.mrc", data, 1024 * 1024)
+    result = join_sheet(tmp_path, logs_root, [[str(parts[0]), 0, 0]])
+    assert result.returncode == 0, output_of(result)
+    joined = tmp_path / "restored" / "scan 01 é.mrc"
+    assert joined.read_bytes() == data
+    assert joined.stat().st_mtime == 1_650_000_000.0
+    assert all(p.exists() for p in parts)
+    assert not list((tmp_path / "restored").glob(".~*"))
+    logs = log_files(logs_root, "dataPrep")
+    assert len(logs) == 1 and logs[0].name.endswith("_joinFiles.log")
+    text = logs[0].read_text(encoding="utf-8")
+    assert "verified against the manifest" in text and "1 joined" in text
+
+
+def test_relative_path_in_the_sheet_is_read_from_the_workbooks_folder(tmp_path, logs_root):
+    data = os.urandom(50_000)
+    make_parts(tmp_path / "data", "a.bin", data, 20_000)
+    result = join_sheet(tmp_path, logs_root, [["data/a.bin_split_0001", "", ""]])
+    assert result.returncode == 0, output_of(result)
+    assert (tmp_path / "data" / "a.bin").read_bytes() == data
+
+
+def test_the_same_file_listed_twice_is_refused(tmp_path, logs_root):
+    parts = make_parts(tmp_path / "d", "big.bin", os.urandom(3000), 1000)
+    result = join_sheet(tmp_path, logs_root, [[str(parts[0]), 0, 0], [str(parts[2]), 1, 0]])
+    assert result.returncode == 2 and "row 3" in output_of(result), output_of(result)
+    assert "big.bin is already listed (row 2)" in output_of(result)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == sorted(
+        [p.name for p in parts] + ["big.bin_split_manifest.json"])
+
+
+def test_find_split_files_picks_one_path_per_split_file(tmp_path):
+    make_parts(tmp_path / "a", "x.bin", os.urandom(3000), 1000)
+    make_parts(tmp_path / "a" / "deeper", "y.zip", os.urandom(3000), 1000, manifest=False)
+    (tmp_path / "a" / "z.bin_split_manifest.json").write_text("{}")
+    (tmp_path / "a" / "unrelated.txt").write_text("no")
+    found = joining.find_split_files(tmp_path)
+    assert found == [tmp_path / "a" / "x.bin_split_0001", tmp_path / "a" / "z.bin_split_manifest.json",
+                     tmp_path / "a" / "deeper" / "y.zip_split_0001"]
+
+
+def test_part_on_the_command_line_with_delete(tmp_path, logs_root):
+    data = os.urandom(300_000)
+    parts = make_parts(tmp_path / "d", "big.bin", data, 100_000)
+    # Any part of the series will do, as when a user drops the wrong one on the script.
+    result = join_args(logs_root, str(parts[1]), "--delete")
+    assert result.returncode == 0, output_of(result)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["big.bin"]
+    assert (tmp_path / "d" / "big.bin").read_bytes() == data
+
+
+def test_rerun_of_a_finished_join_checks_it_and_leaves_it_alone(tmp_path, logs_root):
+    data = os.urandom(200_000)
+    parts = make_parts(tmp_path / "d", "big.bin", data, 64_000)
+    assert join_args(logs_root, str(parts[0])).returncode == 0
+    joined = tmp_path / "d" / "big.bin"
+    before = joined.stat()
+    result = join_args(logs_root, str(parts[0]))
+    assert result.returncode == 0, output_of(result)
+    assert "already joined; checked against the manifest" in output_of(result)
+    after = joined.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_parts_without_manifest_join_by_number_with_a_warning(tmp_path, logs_root):
+    data = os.urandom(250_000)
+    make_parts(tmp_path / "old", "legacy.tif", data, 100_000, manifest=False)
+    result = join_sheet(tmp_path, logs_root, [[str(tmp_path / "old" / "legacy.tif_split_0001"), 1, 0]])
+    assert result.returncode == 0, output_of(result)
+    assert "cannot be verified" in output_of(result)
+    assert sha(data) in output_of(result)
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["legacy.tif"]
+    assert (tmp_path / "old" / "legacy.tif").read_bytes() == data
+
+
+# ----------------------------------------------------------------------------- damaged inputs
+
+
+def test_missing_middle_part_is_named_and_nothing_changes(tmp_path, logs_root):
+    data = os.urandom(500_000)
+    parts = make_parts(tmp_path / "d", "big.bin", data, 100_000)
+    parts[2].unlink()
+    result = join_sheet(tmp_path, logs_root, [[str(parts[0]), 1, 0]])
+    assert result.returncode == 2, output_of(result)
+    assert "part big.bin_split_0003 is missing" in output_of(result)
+    assert "row 2" in output_of(result)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == sorted(
+        [p.name for p in parts if p != parts[2]] + ["big.bin_split_manifest.json"])
+
+
+def test_missing_middle_part_without_manifest_is_named(tmp_path, logs_root):
+    parts = make_parts(tmp_path / "d", "old.bin", os.urandom(50_000), 10_000, manifest=False)
+    parts[1].unlink()
+    result = join_args(logs_root, str(parts[0]), "--delete")
+    assert result.returncode == 2, output_of(result)
+    assert "part old.bin_split_0002 is missing" in output_of(result)
+    assert all(p.exists() for p in parts if p != parts[1])
+
+
+def test_truncated_part_is_named_and_nothing_changes(tmp_path, logs_root):
+    parts = make_parts(tmp_path / "d", "big.bin", os.urandom(300_000), 100_000)
+    parts[1].write_bytes(parts[1].read_bytes()[:-1])
+    result = join_args(logs_root, str(parts[0]), "--delete")
+    assert result.returncode == 2, output_of(result)
+    assert "part big.bin_split_0002 has 99,999 bytes but should have 100,000" in output_of(result)
+    assert all(p.exists() for p in parts) and not (tmp_path / "d" / "big.bin").exists()
+
+
+def test_part_with_one_flipped_byte_is_named_and_nothing_is_deleted(tmp_path, logs_root):
+    data = os.urandom(400_000)
+    parts = make_parts(tmp_path / "d", "big.bin", data, 100_000)
+    damaged = bytearray(parts[2].read_bytes())
+    damaged[1234] ^= 0x01
+    parts[2].write_bytes(bytes(damaged))
+    good = os.urandom(1000)
+    good_parts = make_parts(tmp_path / "e", "good.bin", good, 300)
+    result = join_sheet(tmp_path, logs_root, [[str(parts[0]), 1, 1], [str(good_parts[0]), 1, 0]])
+    assert result.returncode == 1, output_of(result)
+    assert "part big.bin_split_0003 is damaged" in output_of(result)
+    assert "row 2: big.bin: FAILED" in output_of(result)
+    assert [p.name for p in (tmp_path / "e").iterdir()] == ["good.bin"]  # the other row still ran
+    assert (tmp_path / "e" / "good.bin").read_bytes() == good
+    assert all(p.exists() for p in parts) and (tmp_path / "d" / "big.bin_split_manifest.json").exists()
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == sorted(
+        [p.name for p in parts] + ["big.bin_split_manifest.json"])
+
+
+def test_extra_part_beyond_the_manifest_is_refused(tmp_path, logs_root):
+    parts = make_parts(tmp_path / "d", "big.bin", os.urandom(30_000), 10_000)
+    (tmp_path / "d" / "big.bin_split_0004").write_bytes(b"stray")
+    result = join_args(logs_root, str(parts[0]))
+    assert result.returncode == 2, output_of(result)
+    assert "big.bin_split_0004 is not one of the 3 parts" in output_of(result)
+
+
+def test_a_different_file_with_the_output_name_is_never_replaced(tmp_path, logs_root):
+    data = os.urandom(30_000)
+    parts = make_parts(tmp_path / "d", "big.bin", data, 10_000)
+    squatter = tmp_path / "d" / "big.bin"
+    squatter.write_bytes(b"my own notes")
+    result = join_args(logs_root, str(parts[0]), "--delete")
+    assert result.returncode == 2 and "already exists and is not the joined file" in output_of(result)
+    squatter.write_bytes(os.urandom(len(data)))  # same size, other content: found by its hash
+    kept = squatter.read_bytes()
+    result = join_args(logs_root, str(parts[0]), "--delete")
+    assert result.returncode == 1 and "different content" in output_of(result)
+    assert squatter.read_bytes() == kept and all(p.exists() for p in parts)
+
+
+def test_inputs_that_are_not_parts_are_all_listed_and_nothing_changes(tmp_path, logs_root):
+    (tmp_path / "notes.bin").write_bytes(b"data")
+    (tmp_path / "notes.bin_split_manifest.txt").write_bytes(b"data")
+    rows = [[str(tmp_path / "notes.bin"), 1, 1],
+            [str(tmp_path / "big.bin_split_0001"), 1, 1],
+            ["nowhere/big.bin_split_0001", 1, 1]]
+    result = join_sheet(tmp_path, logs_root, rows)
+    assert result.returncode == 2, output_of(result)
+    text = output_of(result)
+    assert "3 problem(s) found before starting; nothing was changed" in text
+    assert "row 2, column 'inputFile': notes.bin is not a part of a split file" in text
+    assert "row 3, column 'inputFile': big.bin_split_0001 does not exist, and no other part" in text
+    assert f"row 4, column 'inputFile': the folder {tmp_path / 'nowhere'} does not exist" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs.xlsx", "logs", "notes.bin",
+                                                          "notes.bin_split_manifest.txt"]
+
+
+@pytest.mark.parametrize("tabs, message", [
+    (None, "the workbook does not exist"),
+    ({"other": [HEADER]}, "there is no tab named 'joinFiles'"),
+    ({"joinFiles": [["inputFile", "deleteFlag"], ["x_split_0001", 0]]}, "column 'unzipFlag' is missing"),
+    ({"joinFiles": []}, "the tab is empty"),
+])
+def test_bad_workbooks_are_refused(tmp_path, logs_root, tabs, message):
+    workbook = tmp_path / "inputs.xlsx"
+    if tabs is not None:
+        write_xlsx(workbook, tabs)
+    result = run_script(SCRIPT, "--excelName", str(workbook), "--logs", str(logs_root))
+    assert result.returncode == 2 and message in output_of(result), output_of(result)
+    assert "Traceback" not in output_of(result)
+
+
+# ----------------------------------------------------------------------------- unzipping
+
+
+FOLDER_ZIP = {"001/": None, "001/frame_0001.tif": b"A" * 70_000, "001/sub/frame_0002.tif": os.urandom(40_000),
+              "001/empty/": None, "001/notes é.txt": b"hello"}
+
+
+def test_unzip_after_join_restores_the_folder_and_removes_the_zip(tmp_path, logs_root):
+    data = zip_bytes(tmp_path, FOLDER_ZIP)
+    parts = make_parts(tmp_path / "restore", "001.zip", data, 30_000)
+    result = join_sheet(tmp_path, logs_root, [[str(parts[0]), 0, 1]])
+    assert result.returncode == 0, output_of(result)
+    root = tmp_path / "restore"
+    for entry, content in FOLDER_ZIP.items():
+        if content is None:
+            assert (root / entry).is_dir()
+        else:
+            assert (root / entry).read_bytes() == content
+    assert not (root / "001.zip").exists() and all(p.exists() for p in parts)
+    assert not list(root.glob(".~*"))
+    # Rerun: the zip is gone but the parts are kept, so it is joined again and found already in place.
+    result = join_sheet(tmp_path, logs_root, [[str(parts[0]), 1, 1]])
+    assert result.returncode == 0, output_of(result)
+    assert sorted(p.name for p in root.iterdir()) == ["001"]
+    # And once everything is cleaned up, a rerun has nothing to do.
+    result = join_sheet(tmp_path, logs_root, [[str(parts[0]), 1, 1]])
+    assert result.returncode == 0 and "nothing to do" in output_of(result), output_of(result)
+
+
+@pytest.mark.parametrize("bad_entry, reason", [
+    ("../evil.txt", "climbs out of the folder"),
+    ("/tmp/evil.txt", "is an absolute path"),
+    ("C:/evil.txt", "names a drive letter"),
+    ("001/../../evil.txt", "climbs out of the folder"),
+    ("link", "is a symbolic link"),
+])
+def test_unsafe_zip_entry_is_refused_before_extracting_anything(tmp_path, logs_root, bad_entry, reason):
+    archive_path = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive_path, "w") as archive:
+        archive.writestr("001/ok.txt", b"fine")
+        if bad_entry == "link":
+            info = zipfile.ZipInfo("001/link")
+            info.create_system = 3
+            info.external_attr = (0o120777 << 16)
+            archive.writestr(info, "/etc/passwd")
+        else:
+            archive.writestr(bad_entry, b"evil")
+    parts = make_parts(tmp_path / "restore", "001.zip", archive_path.read_bytes(), 200)
+    archive_path.unlink()
+    result = join_args(logs_root, str(parts[0]), "--unzip")
+    assert result.returncode == 1, output_of(result)
+    assert reason in output_of(result) and "nothing was extracted" in output_of(result)
+    assert not (tmp_path / "restore" / "001").exists()
+    assert (tmp_path / "restore" / "001.zip").exists()
+    assert not (tmp_path / "evil.txt").exists() and not Path("/tmp/evil.txt").exists()
+
+
+def test_unzip_continues_after_an_interrupted_extraction(tmp_path, logs_root):
+    data = zip_bytes(tmp_path, FOLDER_ZIP)
+    root = tmp_path / "restore"
+    parts = make_parts(root, "001.zip", data, 30_000)
+    # What a crash mid-extraction leaves: some files in place, a half-filled staging folder.
+    (root / "001").mkdir()
+    (root / "001" / "frame_0001.tif").write_bytes(FOLDER_ZIP["001/frame_0001.tif"])
+    (root / ".~001.zip.extracting" / "001").mkdir(parents=True)
+    (root / ".~001.zip.extracting" / "001" / "notes é.txt").write_bytes(b"hel")
+    result = join_args(logs_root, str(parts[0]), "--unzip", "--delete")
+    assert result.returncode == 0, output_of(result)
+    assert sorted(p.name for p in root.iterdir()) == ["001"]
+    assert (root / "001" / "notes é.txt").read_bytes() == b"hello"
+    assert (root / "001" / "sub" / "frame_0002.tif").read_bytes() == FOLDER_ZIP["001/sub/frame_0002.tif"]
+
+
+def test_unzip_still_happens_when_a_crash_came_after_the_parts_were_deleted(tmp_path, logs_root):
+    root = tmp_path / "restore"
+    root.mkdir()
+    (root / "001.zip").write_bytes(zip_bytes(tmp_path, FOLDER_ZIP))  # joined, parts already deleted
+    result = join_args(logs_root, str(root / "001.zip_split_0001"), "--unzip", "--delete")
+    assert result.returncode == 0, output_of(result)
+    assert "already joined by an earlier run" in output_of(result)
+    assert sorted(p.name for p in root.iterdir()) == ["001"]
+    assert (root / "001" / "notes é.txt").read_bytes() == b"hello"
+
+
+def test_unzip_never_overwrites_a_different_file(tmp_path, logs_root):
+    data = zip_bytes(tmp_path, FOLDER_ZIP)
+    root = tmp_path / "restore"
+    parts = make_parts(root, "001.zip", data, 30_000)
+    (root / "001").mkdir()
+    (root / "001" / "notes é.txt").write_bytes(b"HELLO")
+    result = join_args(logs_root, str(parts[0]), "--unzip")
+    assert result.returncode == 1, output_of(result)
+    assert "differs from the copy in the archive" in output_of(result)
+    assert (root / "001" / "notes é.txt").read_bytes() == b"HELLO"
+    assert (root / "001.zip").exists() and not (root / "001" / "sub").exists()
+
+
+def test_zip_that_python_cannot_read_is_unzipped_with_7zip(tmp_path, logs_root):
+    seven_zip = next((t for t in ("7zz", "7z", "7za") if __import__("shutil").which(t)), None)
+    if seven_zip is None:
+        pytest.skip("7-Zip is not installed")
+    source = tmp_path / "src"
+    (source / "001").mkdir(parents=True)
+    content = os.urandom(1000) * 300
+    (source / "001" / "frame.tif").write_bytes(content)
+    subprocess.run([seven_zip, "a", "-tzip", "-mm=Deflate64", "-bd", "001.zip", "001"], cwd=source,
+                   check=True, capture_output=True)
+    with zipfile.ZipFile(source / "001.zip") as archive:
+        with pytest.raises(NotImplementedError):
+            archive.read("001/frame.tif")
+    parts = make_parts(tmp_path / "restore", "001.zip", (source / "001.zip").read_bytes(), 2_000)
+    result = join_args(logs_root, str(parts[0]), "--unzip")
+    assert result.returncode == 0, output_of(result)
+    assert (tmp_path / "restore" / "001" / "frame.tif").read_bytes() == content
+    assert not (tmp_path / "restore" / "001.zip").exists()
+
+
+# ----------------------------------------------------------------------------- crash and rerun
+
+
+def test_rerun_after_kill_mid_join_ends_correct(tmp_path, logs_root):
+    block = os.urandom(1024 * 1024)
+    data = b"".join(i.to_bytes(8, "little") + block[8:] for i in range(64))
+    parts = make_parts(tmp_path / "d", "big.bin", data, 8 * 1024 * 1024)
+    partial = tmp_path / "d" / ".~big.bin.partial"
+    process = subprocess.Popen([sys.executable, str(REPO / SCRIPT), str(parts[0]), "--delete",
+                                "--logs", str(logs_root)], env=script_env(), cwd=str(REPO),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not partial.exists() and process.poll() is None:
+            pass
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the join finished before it could be interrupted"
+    assert partial.exists() and not (tmp_path / "d" / "big.bin").exists()
+    assert all(p.exists() for p in parts)
+    result = join_args(logs_root, str(parts[0]), "--delete")
+    assert result.returncode == 0, output_of(result)
+    assert "left by an interrupted run" in output_of(result)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["big.bin"]
+    assert sha((tmp_path / "d" / "big.bin").read_bytes()) == sha(data)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file locks")
+def test_a_join_in_progress_in_another_run_is_left_alone(tmp_path, logs_root):
+    import fcntl
+
+    parts = make_parts(tmp_path / "d", "big.bin", os.urandom(3000), 1000)
+    partial = tmp_path / "d" / ".~big.bin.partial"
+    with open(partial, "wb") as busy:
+        busy.write(b"being written by another run")
+        busy.flush()
+        fcntl.flock(busy.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = join_args(logs_root, str(parts[0]))
+    assert result.returncode == 1, output_of(result)
+    assert "another run is joining big.bin right now" in output_of(result)
+    assert partial.read_bytes() == b"being written by another run"

@@ -839,12 +839,22 @@ def _jobs_from_sheet(workbook: Path, tab: str) -> list[JoinJob]:
                     bool(row["unzipFlag"]), f"row {row.row}", row) for row in rows]
 
 
-def _preflight(jobs: list[JoinJob]) -> list[tuple[JoinJob, SplitSeries]]:
+def _preflight(jobs: list[JoinJob]) -> list[tuple[JoinJob, SplitSeries | None]]:
     """Inspect every job before changing anything; raise one error listing every problem."""
     problems: list[tuple[JoinJob, str]] = []
-    ready: list[tuple[JoinJob, SplitSeries]] = []
+    ready: list[tuple[JoinJob, SplitSeries | None]] = []  # None: a whole .zip to unzip
     claimed: dict[Path, JoinJob] = {}
     for job in jobs:
+        if job.source.suffix.lower() == ".zip" and parse_part_name(job.source.name) is None:
+            # A whole .zip (never split, or joined by the download's joinFlag): unzip only.
+            if not job.unzip:
+                problems.append((job, f"{job.source.name} is a .zip, not a split part: set unzipFlag = 1 "
+                                      "(or --unzip) to unzip it"))
+            elif job.source.is_file() or job.source.with_suffix("").is_dir():
+                ready.append((job, None))
+            else:
+                problems.append((job, f"{job.source} does not exist"))
+            continue
         try:
             series = inspect_series(job.source)
         except FileProblem as exc:
@@ -863,6 +873,20 @@ def _preflight(jobs: list[JoinJob]) -> list[tuple[JoinJob, SplitSeries]]:
         listed = "\n".join(f"  - {job.where}: {message}" for job, message in problems)
         raise JoinInputError(f"{len(problems)} problem(s) found before starting; nothing was changed.\n{listed}")
     return ready
+
+
+def _unzip_only(job: JoinJob, log: logging.Logger) -> str:
+    """Unzip a whole .zip named in a row; a rerun after a finished unzip has nothing to do."""
+    if not job.source.is_file():
+        log.info("%s: %s: already unzipped into %s", job.where, job.source.name, job.source.with_suffix(""))
+        return "skipped"
+    try:
+        extract_zip(job.source, log)
+    except FileProblem as exc:
+        log.error("%s: %s: FAILED\n%s", job.where, job.source.name, exc.describe())
+        return "failed"
+    log.info("%s: %s: unzipped next to it", job.where, job.source.name)
+    return "joined"
 
 
 def run_join_files(context) -> int:
@@ -884,6 +908,9 @@ def run_join_files(context) -> int:
     counts = {"joined": 0, "verified": 0, "resumed": 0, "skipped": 0, "failed": 0}
     total_bytes, started = 0, time.monotonic()
     for job, series in ready:
+        if series is None:
+            counts[_unzip_only(job, log)] += 1
+            continue
         bar = tqdm(total=series.size if series.state != DONE_BEFORE else 0, unit="B", unit_scale=True,
                    unit_divisor=1024, desc=series.name[:40], leave=False, disable=None, file=sys.stderr)
         try:

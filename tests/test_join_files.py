@@ -413,3 +413,28 @@ def test_a_join_in_progress_in_another_run_is_left_alone(tmp_path, logs_root):
     assert result.returncode == 1, output_of(result)
     assert "another run is joining big.bin right now" in output_of(result)
     assert partial.read_bytes() == b"being written by another run"
+
+
+def test_a_whole_zip_row_is_unzipped_and_a_rerun_has_nothing_to_do(tmp_path):
+    import zipfile as _zipfile
+
+    from conftest import run_script as _run, write_xlsx as _xlsx
+
+    archive = tmp_path / "restored" / "Movie_0001.zip"
+    archive.parent.mkdir()
+    with _zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("Movie_0001/Hour_00/frame_0001.tif", b"frame")
+        handle.writestr("Movie_0001/empty/", b"")
+    book = _xlsx(tmp_path / "inputs.xlsx", {"joinFiles": [["inputFile", "deleteFlag", "unzipFlag"],
+                                                          [str(archive), 0, 1]]})
+    first = _run("joinFiles.py", "--excelName", str(book), "--logs", str(tmp_path / "logs"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (tmp_path / "restored" / "Movie_0001" / "Hour_00" / "frame_0001.tif").read_bytes() == b"frame"
+    assert (tmp_path / "restored" / "Movie_0001" / "empty").is_dir() and not archive.exists()
+    again = _run("joinFiles.py", "--excelName", str(book), "--logs", str(tmp_path / "logs"))
+    assert again.returncode == 0 and "already unzipped" in again.stdout
+    no_flag = _xlsx(tmp_path / "no_flag.xlsx", {"joinFiles": [["inputFile", "deleteFlag", "unzipFlag"],
+                                                              [str(tmp_path / "other.zip"), 0, 0]]})
+    (tmp_path / "other.zip").write_bytes(b"PK")
+    refused = _run("joinFiles.py", "--excelName", str(no_flag), "--logs", str(tmp_path / "logs"))
+    assert refused.returncode == 2 and "set unzipFlag = 1" in refused.stdout + refused.stderr

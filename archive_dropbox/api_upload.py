@@ -25,15 +25,15 @@ from tqdm import tqdm
 
 from . import split
 from .content_hash import ContentHasher, bytes_content_hash, hash_range
-from .dropbox_client import (CommitRequest, ContentHashMismatch, DropboxClient, DropboxProblem,
+from .dropbox_client import (CommitRequest, ContentHashMismatch, DropboxClient,
                              IncorrectOffset, InsufficientSpace, NetworkProblem, RateLimited,
                              RemoteConflict, RemoteFile, SessionGone, TransportLimit,
                              mtime_to_client_modified)
 from .errors import ArchiveError, AuthError, FileProblem
 from .journal import Item, Journal
-from .prepare import Plan, PlannedSource, case_key, human_bytes
+from .prepare import Plan, case_key
+from .units import MIB, human_bytes
 
-MIB = 1024 * 1024
 BATCH_LIMIT = 1000  # finish_batch_v2 takes at most 1000 entries
 
 
@@ -417,7 +417,6 @@ class ApiUploader:
                               len(confirmed), count)
             lock = threading.Lock()
             in_flight: set[futures.Future] = set()
-            failure: list[BaseException] = []
 
             def send(index: int, data: bytes, close: bool) -> None:
                 try:

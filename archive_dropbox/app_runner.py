@@ -7,10 +7,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import prepare, sheets
+from . import prepare, sheets, units
 from .cli import RunContext
 from .credentials import default_token_file, load_credentials, save_credentials
-from .errors import EXIT_OK, EXIT_SOME_FAILED, AuthError, EnvironmentProblem, SettingsError
+from .errors import EXIT_OK, EXIT_SOME_FAILED, ArchiveError, AuthError, EnvironmentProblem, SettingsError
 from .logs import close_log, start_log
 from .settings import Setting
 
@@ -139,13 +139,13 @@ def prepare_rows(context: RunContext, sheet: str, *, destination_of_row, part_li
     try:
         prep_log.info("Data preparation for tab '%s' of %s", sheet, context.settings.excelName)
         context.log.info("Stage 1, data preparation (log: %s)", prep_path)
-        rows = sheets.read_tab(context.settings.excelName, sheet, UPLOAD_COLUMNS[sheet], row_check=row_check)
         try:
+            rows = sheets.read_tab(context.settings.excelName, sheet, UPLOAD_COLUMNS[sheet], row_check=row_check)
             plan = prepare.build_plan(rows, input_column="inputFile", output_column="outputDir",
                                       delete_column="deleteAfterUpload", destination_of_row=destination_of_row,
                                       part_limit=part_limit, log=prep_log, already_done_sources=already_done)
-        except Exception as exc:
-            prep_log.error("%s", getattr(exc, "describe", lambda: str(exc))())
+        except ArchiveError as exc:
+            prep_log.error("%s", exc.describe())
             raise
         for logger in (prep_log, context.log):
             prepare.log_plan(plan, logger, mode=mode, bytes_per_second=bytes_per_second)
@@ -164,7 +164,7 @@ def run_api_upload(context: RunContext, sheet: str) -> int:
     chunk = max(4, settings.chunkSize_MB // 4 * 4) * MIB  # 4 MiB multiples match Dropbox's hash blocks
     if settings.chunkSize_MB % 4:
         context.log.info("chunkSize_MB %d is used as %d (a multiple of 4 MiB).", settings.chunkSize_MB, chunk // MIB)
-    part_limit = int(min(settings.fileSizeLimit_GB * prepare.GB, prepare.DROPBOX_API_MAX_FILE))
+    part_limit = int(min(settings.fileSizeLimit_GB * units.GB, prepare.DROPBOX_API_MAX_FILE))
     with Journal(context.logs_root / "journal.sqlite3", sheet) as journal:
         plan = prepare_rows(context, sheet, destination_of_row=lambda row: row["outputDir"], part_limit=part_limit,
                             already_done=journal.deleted_sources(), mode="API", bytes_per_second=50e6)
@@ -206,7 +206,7 @@ def _log_summary(context: RunContext, summary) -> None:
     log.info("Summary: %d files in the sheet; %d items sent now, %d already in Dropbox, %d done in earlier runs; "
              "%s sent in %.0f s (%s/s); %d originals deleted after verification; %d failed.",
              summary.files_total, summary.items_uploaded, summary.items_already_there, summary.items_done_before,
-             prepare.human_bytes(summary.bytes_sent), summary.seconds, prepare.human_bytes(speed),
+             units.human_bytes(summary.bytes_sent), summary.seconds, units.human_bytes(speed),
              summary.deleted_sources, len(summary.failures))
     for destination, message in summary.failures[:50]:
         log.error("  failed: %s: %s", destination, message)

@@ -38,7 +38,8 @@ from .dropbox_client import NetworkProblem, RateLimited, RemoteFile, RemoteFolde
 from .errors import (EXIT_OK, EXIT_SOME_FAILED, ArchiveError, EnvironmentProblem, FileProblem, SettingsError,
                      SheetProblem)
 from .journal import Item, Journal
-from .prepare import GB, Plan, case_key, human_bytes, human_duration
+from .prepare import Plan, case_key
+from .units import GB, human_bytes, human_duration
 from .sheets import SheetRow
 
 MIB = 1024 * 1024

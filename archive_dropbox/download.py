@@ -51,6 +51,7 @@ from .cli import RunContext
 from .content_hash import ContentHasher, file_content_hash, hash_range
 from .dropbox_client import (DropboxClient, DropboxProblem, NetworkProblem, RangeNotSatisfiable, RateLimited, RemoteFile,
                              RemoteFolder)
+from .localfs import rename_without_replacing
 from .errors import EXIT_OK, EXIT_SOME_FAILED, AuthError, FileProblem, SheetError, SheetProblem
 from .journal import Item, Journal
 from .prepare import human_bytes
@@ -204,22 +205,6 @@ def local_name_problem(name: str) -> str | None:
         return (f"Windows cannot hold the name {name!r} ({' '.join(bad) or 'it ends in a space or a dot'}); "
                 "rename it in Dropbox, or download it on macOS or Linux")
     return None
-
-
-def _rename_without_replacing(source: Path, target: Path) -> None:
-    """Move the verified partial into place, never over a file that appeared meanwhile
-    (a plain rename would silently replace it on POSIX)."""
-    try:
-        os.link(source, target)
-    except FileExistsError:
-        raise
-    except OSError:
-        # No hard links here (FAT, exFAT, some network shares): check, then rename.
-        if target.exists() or target.is_symlink():
-            raise FileExistsError(target) from None
-        os.rename(source, target)
-        return
-    os.unlink(source)
 
 
 def _write_all(handle, data: bytes) -> None:
@@ -659,7 +644,7 @@ class Downloader:
         wanted_mtime = client_modified_epoch(remote.client_modified)
         os.utime(task.partial, (time.time(), wanted_mtime))
         try:
-            _rename_without_replacing(task.partial, task.target)
+            rename_without_replacing(task.partial, task.target)
         except FileExistsError:
             task.partial.unlink(missing_ok=True)
             self._advance(-remote.size)

@@ -14,7 +14,7 @@ import datetime as dt
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import dropbox
 import requests

@@ -27,6 +27,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
+from .localfs import rename_without_replacing
 from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED, ArchiveError, FileProblem, SheetError
 from .settings import Setting
 from .split import (CHUNK, TEMP_PREFIX, Digester, Manifest, PartPlan, RangeCopier, SourceEnded,
@@ -267,21 +268,6 @@ def find_split_files(folder: Path | str) -> list[Path]:
 # ----------------------------------------------------------------------------- joining
 
 
-def _rename_without_replacing(source: Path, target: Path) -> None:
-    """Rename, but never over an existing file (a plain rename would replace it on POSIX)."""
-    try:
-        os.link(source, target)
-    except FileExistsError:
-        raise
-    except OSError:
-        # No hard links on this file system (FAT, exFAT, some network shares): check, then rename.
-        if target.exists() or target.is_symlink():
-            raise FileExistsError(target) from None
-        os.rename(source, target)
-        return
-    os.unlink(source)
-
-
 @dataclass
 class Hashes:
     whole: str
@@ -399,7 +385,7 @@ def _join(series: SplitSeries, log: logging.Logger, progress: Progress | None) -
         if series.manifest is not None:
             os.utime(partial, (time.time(), series.manifest.mtime))
         try:
-            _rename_without_replacing(partial, output)
+            rename_without_replacing(partial, output)
         except FileExistsError:
             raise JoinProblem(f"{output} appeared while {series.name} was being joined; it was not replaced. "
                               "Move or rename it and run again.", paths=[output]) from None

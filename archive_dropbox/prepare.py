@@ -15,9 +15,9 @@ from typing import Iterable, Iterator, Sequence
 from . import split
 from .errors import SheetError, SheetProblem
 from .journal import Item
+from .units import GB, human_bytes, human_duration
 from .sheets import SheetRow
 
-GB = 1_000_000_000
 # Dropbox's per-file limit through an upload session in its older documentation (newer: 2 TiB);
 # API mode never plans a part above it unless a setting raises it.
 DROPBOX_API_MAX_FILE = 350 * GB
@@ -244,26 +244,6 @@ def log_plan(plan: Plan, log: logging.Logger, *, mode: str, bytes_per_second: fl
         log.warning("Warning: %s", warning)
     seconds = plan.total_bytes / bytes_per_second if bytes_per_second else 0
     log.info("Estimated time at %s/s: %s.", human_bytes(bytes_per_second), human_duration(seconds))
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(count) < 1000 or unit == "PB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
-        count /= 1000
-    return f"{count:.2f} PB"
-
-
-def human_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if days:
-        return f"{days} d {hours} h"
-    if hours:
-        return f"{hours} h {minutes} min"
-    return f"{minutes} min {seconds} s"
 
 
 def iter_items(plan: Plan, job: str) -> Iterable[Item]:

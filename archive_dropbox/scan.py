@@ -45,8 +45,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from . import errors
 from .settings import Setting
 from .sheets import EXISTING_DIR, Column, SheetRow, read_tab, write_workbook
-
-GB = 1_000_000_000  # as prepare.GB: fileSizeLimit_GB must mean the same bytes in every script
+from .units import GB
 
 # Dropbox's desktop app slows down past about this many files (help.dropbox.com, "file storage
 # limit"); the projection in the warnings is measured against it.

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
+from .localfs import fsync_folder
 from .errors import FileProblem
 
 MiB = 1024 * 1024
@@ -287,22 +288,6 @@ def read_manifest(path: Path | str) -> Manifest:
     except OSError as exc:
         raise SplitError(f"The split manifest {path} cannot be read ({exc.strerror}).", paths=[path]) from None
     return parse_manifest(content, str(path))
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make a rename durable (POSIX); Windows cannot open folders and does not need it."""
-    if os.name == "nt":
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_manifest(path: Path | str, manifest: Manifest) -> Path:

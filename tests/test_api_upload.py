@@ -20,7 +20,6 @@ import pytest
 from archive_dropbox.content_hash import file_content_hash
 from conftest import REPO, make_tree, script_env, write_xlsx
 from tests.dropbox_server import DropboxTestServer, FaultConfig
-from tests.dropbox_server.faults import FailRule
 
 SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 MIB = 1024 * 1024
@@ -227,7 +226,6 @@ def test_kill_9_then_rerun_lands_everything_once_resending_at_most_a_chunk_per_f
     else:  # the small files' batch commit comes last and is held by the server for 1.5 s
         _kill_when(process, lambda: server.count_calls("files/upload_session/finish") >= 2, delay=0.6)
     server.set_faults(FaultConfig())
-    sent_before = uploaded_bytes(server)
     result = run_app(book, tmp_path / "logs", server, *flags)
     assert result.returncode == 0, result.stdout[-3000:]
     assert_landed(server, tree / "k", "/Kill", split_names=())

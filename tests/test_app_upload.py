@@ -370,13 +370,13 @@ def test_full_disk_and_full_dropbox_pause_the_run_until_space_returns(world: Wor
     flag.write_text("1")
 
     process = world.start(book, TEST_LOW_DISK_FLAG=str(flag))
-    text = world.wait_for_line(process, r"PAUSED before batch 1: the disk holding the Dropbox folder")
+    world.wait_for_line(process, r"PAUSED before batch 1: the disk holding the Dropbox folder")
     time.sleep(1.0)
     assert process.poll() is None and world.local_files() == {}  # nothing copied while paused
 
     world.server.set_quota(100 * KB)  # now Dropbox is too full for the batch
     flag.unlink()
-    text = world.wait_for_line(process, r"PAUSED before batch 1: Dropbox has")
+    world.wait_for_line(process, r"PAUSED before batch 1: Dropbox has")
     assert world.local_files() == {}
     world.server.set_quota(10**12)
 
@@ -517,8 +517,8 @@ def test_rows_outside_or_inside_the_dropbox_folder_are_refused_together(world: W
     assert result.returncode == 2, result.stdout + result.stderr
     out = result.stdout
     assert f"tab '{TAB}', row 2, column 'outputDir'" in out and "is not inside the Dropbox folder" in out
-    assert f"row 3, column 'inputFile'" in out and "never copies or deletes anything inside the Dropbox" in out
-    assert f"row 4, column 'inputFile'" in out and "contains the Dropbox folder" in out
+    assert "row 3, column 'inputFile'" in out and "never copies or deletes anything inside the Dropbox" in out
+    assert "row 4, column 'inputFile'" in out and "contains the Dropbox folder" in out
     assert "row 5" not in out
     assert "nothing was changed" in out and "Traceback" not in out + result.stderr
     assert (world.dropbox / "synced" / "c.bin").exists() and (data / "a.bin").exists()

@@ -1,0 +1,39 @@
+"""Local file operations that must survive a crash at any moment: durable renames, and renames
+that never replace a file that appeared meanwhile."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename durable (POSIX); Windows cannot open folders and does not need it."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def rename_without_replacing(source: Path, target: Path) -> None:
+    """Rename, but never over an existing file (a plain rename would replace it on POSIX).
+    Raises FileExistsError when `target` exists."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError:
+        # No hard links on this file system (FAT, exFAT, some network shares): check, then rename.
+        if target.exists() or target.is_symlink():
+            raise FileExistsError(target) from None
+        os.rename(source, target)
+        return
+    os.unlink(source)

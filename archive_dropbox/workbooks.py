@@ -38,8 +38,9 @@ INPUTS_README = [
     ("Tab dropboxUpload_API", "Upload straight to Dropbox over the internet. inputFile: a file or "
      "folder. outputDir: a Dropbox path such as /Data/2024. deleteAfterUpload: as above."),
     ("Tab dropboxDownload_API", "Get data back. dropboxPath: a Dropbox file or folder such as "
-     "/Data/2024. localDir: the local folder to download into. joinFlag: 1 joins split files after "
-     "downloading them."),
+     "/Data/2024 (a folder keeps its name: /Data/2024 into D:\\restore gives D:\\restore\\2024). "
+     "localDir: the local folder to download into. joinFlag: 1 joins split files after downloading "
+     "them, checks them against their manifest, then deletes the parts."),
     ("Tab joinFiles", "Join a file that was split into parts. inputFile: the first part, the file "
      "ending in _split_0001. deleteFlag: 1 deletes the parts after the joined file was checked. "
      "unzipFlag: 1 unzips the joined file when it is a .zip, then deletes the .zip."),

@@ -529,12 +529,16 @@ class ApiUploader:
             self._pending_commits.append((item, request, started))
             full = len(self._pending_commits) >= BATCH_LIMIT
         if full:
-            self.flush_commits()
+            self.flush_commits(only_full=True)
 
-    def flush_commits(self) -> None:
+    def flush_commits(self, only_full: bool = False) -> None:
+        """Commit what waits; with `only_full`, only whole batches of 1000, so that commits
+        stay few while other threads keep adding (the last, partial batch comes at the end)."""
         with self._commit_lock:
             while True:
                 with self._pending_lock:
+                    if only_full and len(self._pending_commits) < BATCH_LIMIT:
+                        return
                     batch = self._pending_commits[:BATCH_LIMIT]
                     del self._pending_commits[:BATCH_LIMIT]
                 if not batch:

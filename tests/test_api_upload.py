@@ -428,3 +428,14 @@ def test_small_files_are_committed_a_thousand_at_a_time_and_failed_entries_repor
         assert server.count_calls("files/upload_session/finish") == 0 and server.count_calls("files/upload") == 0
     finally:
         server.stop()
+
+
+def test_thousands_of_small_files_take_one_commit_per_thousand(tmp_path, server):
+    tree = make_tree(tmp_path / "data", {f"many/{i // 500:02d}/f{i:05d}.bin": b"x" * (i % 97) for i in range(3000)})
+    book = sheet(tmp_path, [[str(tree / "many"), "/M", 0]])
+    result = run_app(book, tmp_path / "logs", server)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert len([p for p in server.files() if p.startswith("/M/")]) == 3000
+    commits = sum(server.count_calls(route) for route in ("files/upload_session/finish_batch_v2",
+                                                          "files/upload_session/finish", "files/upload"))
+    assert commits <= 4, f"{commits} commit calls for 3000 small files"

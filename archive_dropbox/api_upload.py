@@ -35,6 +35,7 @@ from .prepare import Plan, case_key
 from .units import MIB, human_bytes
 
 BATCH_LIMIT = 1000  # finish_batch_v2 takes at most 1000 entries
+BLOCK = 4 * MIB  # concurrent-session appends are multiples of this, except the closing one
 
 
 @dataclass
@@ -51,7 +52,7 @@ class UploadOptions:
     appends_per_file: int = 8
     # File data held in memory at once (chunks read ahead, appends in flight, small files).
     memory_budget: int = 1024 * MIB
-    small_file_workers: int = 16
+    small_file_workers: int = 32
 
 
 @dataclass
@@ -402,7 +403,12 @@ class ApiUploader:
         started = time.monotonic()
         self._source_unchanged(item)
         chunk = self.options.chunk_size  # a multiple of 4 MiB, as concurrent appends must be
-        count = -(-item.length // chunk)
+        # The closing append must wait until every other append succeeded, so it carries only
+        # the last (at most 4 MiB) block: a whole last chunk would cross the link alone.
+        tail = item.length - ((item.length - 1) // BLOCK) * BLOCK if item.length else 0
+        body = item.length - tail
+        pieces = [(start, min(chunk, body - start)) for start in range(0, body, chunk)] + [(body, tail)]
+        count = len(pieces)
         with_sha = item.kind == "part"
         while True:
             hasher = ContentHasher(with_sha256=with_sha)
@@ -422,7 +428,7 @@ class ApiUploader:
                 try:
                     try:
                         self._retrying("upload", lambda: self.client.session_append(
-                            session_id, index * chunk, data, close=close, path=item.destination),
+                            session_id, pieces[index][0], data, close=close, path=item.destination),
                             needed=item.length)
                     except IncorrectOffset:
                         # A retried append whose first attempt had arrived: Dropbox holds the
@@ -438,9 +444,9 @@ class ApiUploader:
             try:
                 with open(item.source, "rb") as handle:
                     for index in range(count):
-                        size = min(chunk, item.length - index * chunk)
+                        start, size = pieces[index]
                         self.budget.take(size)
-                        data = read_at(handle, item.part_offset + index * chunk, size)
+                        data = read_at(handle, item.part_offset + start, size)
                         if len(data) != size:
                             self.budget.give(size)
                             raise FileProblem("the file became shorter while it was being uploaded; it is sent "
@@ -462,6 +468,7 @@ class ApiUploader:
                             for future in finished:
                                 future.result()
                         in_flight.add(self._appends.submit(send, index, data, False))
+                        data = None  # the sender owns it now; do not keep it alive past its refund
                     for future in futures.wait(in_flight).done:
                         future.result()
                     if len(confirmed) != count:
@@ -476,7 +483,7 @@ class ApiUploader:
                 futures.wait(in_flight)
                 self.log.info("The upload session of %s has expired; starting that file again.", item.destination)
                 self.journal.forget_session(item)
-                self._advance(-len(confirmed) * chunk)
+                self._advance(-sum(pieces[i][1] for i in confirmed))
 
     def _finish_without_data(self, item: Item, session_id: str, hasher: ContentHasher, started: float) -> None:
         request = self._commit_request(item, session_id, item.length)

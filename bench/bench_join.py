@@ -190,14 +190,10 @@ def run(quick: bool, workdir: Path) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    header = ["figure", "value", "unit", "reference", "reference_value", "ratio", "target", "passed"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(row[h]) for h in header) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_table import markdown
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64 MiB instead of 4 GiB (smoke test)")
     parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "work",

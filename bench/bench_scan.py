@@ -178,14 +178,10 @@ def run(quick: bool, workdir: Path) -> list[dict]:
     ]
 
 
-def markdown(rows: list[dict]) -> str:
-    columns = ["figure", "value", "unit", "reference", "reference_value", "ratio", "target", "passed"]
-    text = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    text += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
-    return "\n".join(text)
-
-
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_table import markdown
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="20,000 files in 2,000 folders (smoke test)")
     parser.add_argument("--workdir", default=str(REPO / "bench" / "work"), help="cache for the test tree")

@@ -610,15 +610,10 @@ def run(quick: bool, workdir: Path, cases: tuple[str, ...] = CASES, log=None) ->
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    header = ["figure", "value", "unit", "reference", "reference_value", "ratio", "target", "passed"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        lines.append("| " + " | ".join(str(row[h]) for h in header) + " |")
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_table import markdown
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small data, correctness only (CI smoke)")
     parser.add_argument("--workdir", default=str(REPO / "bench" / "work" / "upload"))

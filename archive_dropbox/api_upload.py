@@ -328,10 +328,15 @@ class ApiUploader:
                         if len(data) != size:
                             raise FileProblem("the file became shorter while it was being uploaded; it is sent "
                                               "again on the next run", paths=[item.source])
+                        # Hashed before sending: the request carries its own content hash, so
+                        # Dropbox checks it and the SDK need not hash the bytes a second time.
+                        hasher.mark()
+                        hasher.update(data)
+                        request_hash = hasher.since_mark()
                         if session_id is None:
                             session_id = self._retrying("upload", lambda: self.client.session_start(
-                                data, close=last and item.length <= chunk, path=item.destination), needed=item.length)
-                            hasher.update(data)
+                                data, close=last and item.length <= chunk, path=item.destination,
+                                content_hash=request_hash), needed=item.length)
                             if last:
                                 item.content_hash = hasher.content_hash()
                                 if with_sha:
@@ -344,12 +349,11 @@ class ApiUploader:
                                 return
                             continue
                         if last:
-                            item.content_hash = hasher.content_hash_with(data)
+                            item.content_hash = hasher.content_hash()
                             request = self._commit_request(item, session_id, offset)
                             self._source_unchanged(item)
-                            remote = self._retrying("upload", lambda: self.client.session_finish(request, data),
-                                                    needed=item.length)
-                            hasher.update(data)
+                            remote = self._retrying("upload", lambda: self.client.session_finish(
+                                request, data, content_hash=request_hash), needed=item.length)
                             self._advance(len(data))
                             self._verified(item, remote, hasher)
                             self._unchanged_after_commit(item, remote)
@@ -358,10 +362,9 @@ class ApiUploader:
                             self._log_result(item, "UPLOADED", time.monotonic() - started)
                             return
                         current = offset
-                        self._retrying("upload", lambda: self.client.session_append(session_id, current, data,
-                                                                                    path=item.destination),
-                                       needed=item.length)
-                        hasher.update(data)
+                        self._retrying("upload", lambda: self.client.session_append(
+                            session_id, current, data, path=item.destination, content_hash=request_hash),
+                            needed=item.length)
                         self._advance(len(data))
                         offset += len(data)
                         self.journal.confirm_offset(item, offset)
@@ -382,7 +385,7 @@ class ApiUploader:
                             self._finish_without_data(item, session_id, hasher, started)
                             return
                     except SessionGone:
-                        if last and offset and self._already_committed(item, hasher, data):
+                        if last and offset and self._already_committed(item, hasher, b""):
                             self._log_result(item, "UPLOADED", time.monotonic() - started)
                             return
                         self.log.info("The upload session of %s has expired; starting that file again.",
@@ -424,12 +427,12 @@ class ApiUploader:
             lock = threading.Lock()
             in_flight: set[futures.Future] = set()
 
-            def send(index: int, data: bytes, close: bool) -> None:
+            def send(index: int, data: bytes, close: bool, request_hash: str | None) -> None:
                 try:
                     try:
                         self._retrying("upload", lambda: self.client.session_append(
-                            session_id, pieces[index][0], data, close=close, path=item.destination),
-                            needed=item.length)
+                            session_id, pieces[index][0], data, close=close, path=item.destination,
+                            content_hash=request_hash), needed=item.length)
                     except IncorrectOffset:
                         # A retried append whose first attempt had arrived: Dropbox holds the
                         # chunk already (the final content-hash check would catch any doubt).
@@ -451,7 +454,9 @@ class ApiUploader:
                             self.budget.give(size)
                             raise FileProblem("the file became shorter while it was being uploaded; it is sent "
                                               "again on the next run", paths=[item.source])
+                        hasher.mark()
                         hasher.update(data)
+                        request_hash = hasher.since_mark()
                         if index in confirmed:
                             self.budget.give(size)
                             self._advance(size)
@@ -461,13 +466,13 @@ class ApiUploader:
                             done, in_flight = futures.wait(in_flight), set()
                             for future in done.done:
                                 future.result()
-                            send(index, data, True)
+                            send(index, data, True, request_hash)
                             continue
                         while len(in_flight) >= self.options.appends_per_file:
                             finished, in_flight = futures.wait(in_flight, return_when=futures.FIRST_COMPLETED)
                             for future in finished:
                                 future.result()
-                        in_flight.add(self._appends.submit(send, index, data, False))
+                        in_flight.add(self._appends.submit(send, index, data, False, request_hash))
                         data = None  # the sender owns it now; do not keep it alive past its refund
                     for future in futures.wait(in_flight).done:
                         future.result()

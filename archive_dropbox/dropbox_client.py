@@ -408,22 +408,23 @@ class DropboxClient:
                                 strict_conflict=False)
 
     def session_start(self, data: bytes, *, close: bool = False, concurrent: bool = False,
-                      path: str | None = None) -> str:
+                      path: str | None = None, content_hash: str | None = None) -> str:
+        """`content_hash` of `data`, when the caller has it, spares the SDK hashing it again."""
         session_type = files.UploadSessionType.concurrent if concurrent else None
         result = self._call("upload session start", path, self._dbx.files_upload_session_start, data,
-                            close=close, session_type=session_type)
+                            close=close, session_type=session_type, content_hash=content_hash)
         return result.session_id
 
     def session_append(self, session_id: str, offset: int, data: bytes, *, close: bool = False,
-                       path: str | None = None) -> None:
+                       path: str | None = None, content_hash: str | None = None) -> None:
         cursor = files.UploadSessionCursor(session_id=session_id, offset=offset)
         self._call("upload session append", path, self._dbx.files_upload_session_append_v2, data, cursor,
-                   close=close)
+                   close=close, content_hash=content_hash)
 
-    def session_finish(self, request: CommitRequest, data: bytes = b"") -> RemoteFile:
+    def session_finish(self, request: CommitRequest, data: bytes = b"", content_hash: str | None = None) -> RemoteFile:
         cursor = files.UploadSessionCursor(session_id=request.session_id, offset=request.offset)
         result = self._call("upload session finish", request.path, self._dbx.files_upload_session_finish,
-                            data, cursor, self._commit_info(request))
+                            data, cursor, self._commit_info(request), content_hash=content_hash)
         return _to_remote(result)  # type: ignore[return-value]
 
     def finish_batch(self, requests_: Sequence[CommitRequest]) -> list[RemoteFile | ArchiveError]:

@@ -51,8 +51,8 @@ from .cli import RunContext
 from .content_hash import ContentHasher, file_content_hash, hash_range
 from .dropbox_client import (DropboxClient, DropboxProblem, NetworkProblem, RangeNotSatisfiable, RateLimited, RemoteFile,
                              RemoteFolder)
-from .localfs import rename_without_replacing
 from .errors import EXIT_OK, EXIT_SOME_FAILED, AuthError, FileProblem, SheetError, SheetProblem
+from .localfs import rename_without_replacing
 from .journal import Item, Journal
 from .prepare import human_bytes
 

@@ -27,8 +27,8 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-from .localfs import rename_without_replacing
 from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED, ArchiveError, FileProblem, SheetError
+from .localfs import rename_without_replacing
 from .settings import Setting
 from .split import (CHUNK, TEMP_PREFIX, Digester, Manifest, PartPlan, RangeCopier, SourceEnded,
                     build_manifest, manifest_name, parse_manifest_name, parse_part_name,

@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
-from .localfs import fsync_folder
 from .errors import FileProblem
+from .localfs import fsync_folder
 
 MiB = 1024 * 1024
 # Dropbox hashes files in 4 MiB blocks and concurrent upload sessions append 4 MiB multiples,

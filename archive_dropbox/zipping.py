@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from . import errors
 from .errors import FileProblem, SheetProblem
+from .localfs import fsync_folder, rename_without_replacing
 from .settings import Setting
 from .sheets import FLAG, LOCAL_DIR, Column, SheetRow, read_tab
 
@@ -692,35 +693,8 @@ def _remove_partial(folder: Path, log) -> None:
 
 def _publish(temporary: Path, archive: Path) -> None:
     """Rename the verified archive to its final name, never replacing an existing file."""
-    if os.name == "nt":
-        os.rename(temporary, archive)  # refuses to replace on Windows
-    else:
-        try:
-            os.link(temporary, archive)  # atomic, and fails if the name is taken
-        except FileExistsError:
-            raise
-        except OSError:  # file systems without hard links (exFAT, some network shares)
-            if archive.exists() or archive.is_symlink():
-                raise FileExistsError(errno.EEXIST, "exists", str(archive)) from None
-            os.rename(temporary, archive)
-        else:
-            os.unlink(temporary)
-    _sync_directory(archive.parent)
-
-
-def _sync_directory(directory: Path) -> None:
-    if os.name == "nt":
-        return
-    try:
-        handle = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
-    finally:
-        os.close(handle)
+    rename_without_replacing(temporary, archive)
+    fsync_folder(archive.parent)
 
 
 def _compare_members(members: Sequence[zipfile.ZipInfo], snapshot: FolderSnapshot) -> list[str]:

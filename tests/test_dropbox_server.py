@@ -200,6 +200,47 @@ def test_finish_batch_v2_with_1000_entries(server, dbx):
     assert result.entries[0].get_failure().get_lookup_failed().is_not_closed()
 
 
+def test_append_batch_feeds_many_sessions_in_one_request(server, dbx):
+    ids = dbx.files_upload_session_start_batch(4).session_ids
+    pieces = [b"alpha", b"", data_of(BLOCK + 7, seed=1), b"delta"]
+    entries = [files.UploadSessionAppendBatchArgEntry(cursor(sid, 0), len(piece), close=True)
+               for sid, piece in zip(ids, pieces)]
+    # Entry 3 carries a wrong offset: only that entry fails, and says where the session is.
+    entries[3] = files.UploadSessionAppendBatchArgEntry(cursor(ids[3], 2), len(pieces[3]), close=True)
+    body = b"".join(pieces)
+    result = dbx.files_upload_session_append_batch(body, entries, content_hash=content_hash(body))
+    assert [entry.is_success() for entry in result.entries] == [True, True, True, False]
+    assert result.entries[3].get_failure().get_incorrect_offset().correct_offset == 0
+    assert server.count_calls("files/upload_session/append_batch") == 1
+    commits = [files.UploadSessionFinishArg(cursor(sid, len(piece)), files.CommitInfo("/ab/%d" % i))
+               for i, (sid, piece) in enumerate(zip(ids[:3], pieces[:3]))]
+    finished = dbx.files_upload_session_finish_batch_v2(commits)
+    for entry, piece in zip(finished.entries, pieces):
+        assert entry.get_success().content_hash == content_hash(piece)
+    assert server.read_file("/ab/2") == pieces[2]
+    # Closed sessions take no more data; the whole request is refused when the lengths do not
+    # add up to the body or the body's content hash is wrong, and then nothing is applied.
+    again = dbx.files_upload_session_append_batch(b"x", [files.UploadSessionAppendBatchArgEntry(
+        cursor(ids[3], 0), 1)])
+    assert again.entries[0].is_success()
+    with pytest.raises(ApiError) as err:
+        dbx.files_upload_session_append_batch(b"xyz", [files.UploadSessionAppendBatchArgEntry(
+            cursor(ids[3], 1), 2)])
+    assert err.value.error.is_length_mismatch()
+    with pytest.raises(ApiError) as err:
+        dbx.files_upload_session_append_batch(b"yz", [files.UploadSessionAppendBatchArgEntry(
+            cursor(ids[3], 1), 2)], content_hash=content_hash(b"zz"))
+    assert err.value.error.is_content_hash_mismatch()
+    closed_sid = dbx.files_upload_session_start(b"ab", close=True).session_id
+    late = dbx.files_upload_session_append_batch(b"yzq", [
+        files.UploadSessionAppendBatchArgEntry(cursor(closed_sid, 2), 2),
+        files.UploadSessionAppendBatchArgEntry(cursor(ids[0], 5), 1)])
+    assert late.entries[0].get_failure().is_closed()
+    assert late.entries[1].get_failure().is_not_found()  # committed sessions are gone
+    meta = dbx.files_upload_session_finish(b"yz", cursor(ids[3], 1), files.CommitInfo("/ab/3"))
+    assert meta.content_hash == content_hash(b"xyz")
+
+
 def test_incorrect_offset_recovery_after_lost_response(server, dbx):
     data = data_of(3 * MiB)
     sid = dbx.files_upload_session_start(data[:MiB]).session_id

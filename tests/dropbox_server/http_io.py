@@ -180,3 +180,34 @@ class RequestBody:
             if not n:
                 return total
             total += n
+
+
+class FileSliceBody:
+    """A byte range of a file standing in for a request body, so that each entry of an
+    upload_session/append_batch request goes through the same append rules as its own request."""
+
+    def __init__(self, source: Path, start: int, length: int):
+        self._source, self._start = source, start
+        self.length = length
+        self.received = length
+
+    def consume(self, path: Optional[Path], offset: int, limit: Optional[int] = None) -> BodyResult:
+        if limit is not None and self.length > limit:
+            return BodyResult(self.length, [], too_long=True)
+        hasher = BlockHasher()
+        done = 0
+        with open(self._source, "rb") as source:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644) if path is not None else None
+            try:
+                while done < self.length:
+                    chunk = os.pread(source.fileno(), min(READ_SLICE, self.length - done), self._start + done)
+                    if not chunk:
+                        break
+                    hasher.update(chunk)
+                    if fd is not None:
+                        os.pwrite(fd, chunk, offset + done)
+                    done += len(chunk)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        return BodyResult(done, hasher.finish())

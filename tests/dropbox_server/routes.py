@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 from dropbox import auth, files, team_common, team_policies, users, users_common
 
+from .http_io import FileSliceBody
 from .storage import (BLOCK, BadRequest, CursorReset, LookupFailure, SessionFailure,
                       WriteFailure, file_content_hash)
 
@@ -265,6 +266,46 @@ def upload_session_append_v2(call):
 def upload_session_append_v1(call):
     # v1's argument is the cursor itself; it cannot close the session or carry a hash.
     return _append(call, call.arg, False, None)
+
+
+@handles("files", files.upload_session_append_batch)
+def upload_session_append_batch(call):
+    """Several sessions' pieces in one body: the body is checked as a whole (size, lengths,
+    content hash), then each entry is appended under the rules of a single append, with its
+    own result."""
+    err, entry_err = files.UploadSessionAppendBatchError, files.UploadSessionAppendBatchEntryError
+    _check_payload(call, err)
+    spool = call.tmp_path()
+    spool.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        received = call.body.consume(spool, 0, limit=MAX_REQUEST_BYTES)
+        if received.too_long:
+            raise RouteError(err.payload_too_large)
+        if sum(entry.length for entry in call.arg.entries) != received.nbytes:
+            raise RouteError(err.length_mismatch)
+        if call.arg.content_hash is not None and call.arg.content_hash != received.content_hash:
+            raise RouteError(err.content_hash_mismatch)
+        results, start, whole_body = [], 0, call.body
+        try:
+            for entry in call.arg.entries:
+                call.body = FileSliceBody(spool, start, entry.length)
+                start += entry.length
+                try:
+                    _append(call, entry.cursor, entry.close, None)
+                except RouteError as failure:
+                    tag, value = failure.error._tag, failure.error._value
+                    error = (entry_err.incorrect_offset(value) if tag == "incorrect_offset"
+                             else getattr(entry_err, tag, entry_err.other))
+                    results.append(files.UploadSessionAppendBatchResultEntry.failure(error))
+                else:
+                    results.append(files.UploadSessionAppendBatchResultEntry.success)
+        finally:
+            call.body = whole_body
+        call.rec["entries"] = len(results)
+        call.rec.pop("session_id", None)
+        return files.UploadSessionAppendBatchResult(results)
+    finally:
+        spool.unlink(missing_ok=True)
 
 
 def _concurrent_complete(session) -> Optional[str]:

@@ -108,7 +108,7 @@ def file_content_hash(path: Path) -> str:
     return hash_range(path).content_hash()
 
 
-def bytes_content_hash(data: bytes) -> str:
-    hasher = DropboxContentHasher()
+def bytes_content_hash(data: bytes | memoryview) -> str:
+    hasher = ContentHasher()
     hasher.update(data)
-    return hasher.hexdigest()
+    return hasher.content_hash()

@@ -415,6 +415,31 @@ class DropboxClient:
                             close=close, session_type=session_type, content_hash=content_hash)
         return result.session_id
 
+    def session_start_batch(self, count: int) -> list[str]:
+        """Open `count` (at most 1000) sequential sessions in one request."""
+        result = self._call("upload session start", None, self._dbx.files_upload_session_start_batch, count)
+        return list(result.session_ids)
+
+    def append_batch(self, pieces: Sequence[tuple[str, int, str]], body: bytes,
+                     content_hash: str) -> list[ArchiveError | None]:
+        """Send several sessions' whole contents in one request and close them: `pieces` are
+        (session id, length, Dropbox path) in the order of `body`; one outcome per piece, None
+        when it arrived."""
+        entries = [files.UploadSessionAppendBatchArgEntry(cursor=files.UploadSessionCursor(session_id, 0),
+                                                          length=length, close=True)
+                   for session_id, length, _ in pieces]
+        result = self._call("upload session append", None, self._dbx.files_upload_session_append_batch,
+                            body, entries, content_hash=content_hash)
+        outcomes: list[ArchiveError | None] = []
+        for (_, _, path), entry in zip(pieces, result.entries):
+            if entry.is_success():
+                outcomes.append(None)
+            else:
+                error = ApiError(None, entry.get_failure(), None, None)
+                _last_response.status = 200
+                outcomes.append(_convert(error, "upload session append", path))
+        return outcomes
+
     def session_append(self, session_id: str, offset: int, data: bytes, *, close: bool = False,
                        path: str | None = None, content_hash: str | None = None) -> None:
         cursor = files.UploadSessionCursor(session_id=session_id, offset=offset)

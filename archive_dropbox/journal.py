@@ -259,6 +259,22 @@ class Journal:
                     "updated = ? WHERE id = ?",
                     (session_id, started, offset, item.content_hash, item.sha256, time.time(), item.id))
 
+    def record_closed_sessions(self, sessions: Iterable[tuple[Item, str]], started: float) -> None:
+        """Small files whose whole content sits in a closed session, waiting for their batch
+        commit: recorded in one transaction (they arrive by the thousand)."""
+        now = time.time()
+        with self._mutex:
+            self._db.execute("BEGIN")
+            for item, session_id in sessions:
+                item.session_id, item.session_started, item.confirmed_offset = session_id, started, item.length
+                item.state, item.confirmed_chunks = "uploading", None
+                self._db.execute(
+                    "UPDATE items SET state = 'uploading', session_id = ?, session_started = ?, "
+                    "confirmed_offset = ?, confirmed_chunks = NULL, content_hash = ?, sha256 = ?, error = NULL, "
+                    "updated = ? WHERE id = ?",
+                    (session_id, started, item.length, item.content_hash, item.sha256, now, item.id))
+            self._db.execute("COMMIT")
+
     def confirm_offset(self, item: Item, offset: int) -> None:
         item.confirmed_offset = offset
         self._write("UPDATE items SET confirmed_offset = ?, updated = ? WHERE id = ?",

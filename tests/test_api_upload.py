@@ -19,12 +19,12 @@ import pytest
 
 from archive_dropbox.content_hash import file_content_hash
 from conftest import REPO, make_tree, script_env, write_xlsx
-from tests.dropbox_server import DropboxTestServer, FaultConfig
+from tests.dropbox_server import DropboxTestServer, FailRule, FaultConfig
 
 SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 MIB = 1024 * 1024
 UPLOAD_ROUTES = ("files/upload", "files/upload_session/start", "files/upload_session/append_v2",
-                 "files/upload_session/finish")
+                 "files/upload_session/finish", "files/upload_session/append_batch")
 
 
 @pytest.fixture
@@ -410,9 +410,10 @@ def test_small_files_are_committed_a_thousand_at_a_time_and_failed_entries_repor
         files = {f"s/{i // 100:02d}/f{i:04d}.txt": b"%d" % i for i in range(1200)}
         files["s/refused.txt"] = b"Dropbox says no"
         tree = make_tree(tmp_path / "data", files)
-        # Lock contention on half the batch commits: they are retried, not lost.
-        server.set_faults(FaultConfig(seed=3, p_write_limit=0.5, retry_after_s=0,
-                                      routes={"files/upload_session/finish_batch_v2"}))
+        # Lock contention on the first two batch commits: they are retried, not lost.
+        server.set_faults(FaultConfig(fail_nth=[FailRule("files/upload_session/finish_batch_v2", 1, 429,
+                                                         error="too_many_write_operations", retry_after=0,
+                                                         times=2)]))
         book = sheet(tmp_path, [[str(tree / "s"), "/S", 0]])
         result = run_app(book, tmp_path / "logs", server, env=app_env(server))
         assert result.returncode == 1, result.stdout[-2000:]
@@ -437,3 +438,31 @@ def test_thousands_of_small_files_take_one_commit_per_thousand(tmp_path, server)
     commits = sum(server.count_calls(route) for route in ("files/upload_session/finish_batch_v2",
                                                           "files/upload_session/finish", "files/upload"))
     assert commits <= 4, f"{commits} commit calls for 3000 small files"
+
+
+def test_small_files_share_requests_and_ride_out_a_lost_answer_and_a_refused_batch(tmp_path, server):
+    files = {f"g/{i // 300:02d}/f{i:04d}.dat": bytes([i % 251]) * (i % 3000) for i in range(1200)}
+    files["g/big.bin"] = 5 * MIB + 3  # larger than a group's files may be: its own session
+    tree = make_tree(tmp_path / "data", files)
+    book = sheet(tmp_path, [[str(tree / "g"), "/G", 0]])
+    batch_route = "files/upload_session/append_batch"
+    # The 2nd request is applied but its answer is lost (the retry finds every session full);
+    # the 4th is refused as a whole (its files then go one by one).
+    server.set_faults(FaultConfig(fail_nth=[FailRule(batch_route, 2, "drop_before_response"),
+                                            FailRule(batch_route, 4, 409, error={".tag": "length_mismatch"})]))
+    result = run_app(book, tmp_path / "logs", server, "--chunkSize_MB", "4")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert_landed(server, tree / "g", "/G", split_names=())
+    assert not [name for name in server.files() if "(1)" in name]
+    # 1200 files in groups of at most 500: 3 requests, one retried, one refused.
+    assert server.count_calls(batch_route) == 4
+    assert server.count_calls("files/upload_session/start_batch") == 3
+    alone = server.count_calls("files/upload_session/start") - 1  # big.bin opens one session too
+    assert alone in (200, 500), alone
+    assert "sent one by one" in result.stdout
+    commits = sum(server.count_calls(route) for route in ("files/upload_session/finish_batch_v2",
+                                                          "files/upload_session/finish", "files/upload"))
+    assert commits <= 3, commits  # 2 batch commits + big.bin's own finish
+    before = uploaded_bytes(server)
+    rerun = run_app(book, tmp_path / "logs", server, "--chunkSize_MB", "4")
+    assert rerun.returncode == 0 and uploaded_bytes(server) == before, rerun.stdout[-2000:]

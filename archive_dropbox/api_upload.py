@@ -185,6 +185,7 @@ class ApiUploader:
         self._pending_lock = threading.Lock()
         self._fatal: BaseException | None = None
         self._remote: dict[str, RemoteFile] = {}
+        self._whole_file_sha: dict[str, tuple[int, object]] = {}  # source -> (bytes hashed so far, sha256)
         self.sources_to_delete: set[str] = set()
         # memory_budget covers the connections too (TLS buffers, response objects, thread
         # stacks): what is left is for file data.
@@ -263,6 +264,26 @@ class ApiUploader:
             raise FileProblem("the file changed while it was being uploaded; the inconsistent copy was removed "
                               "from Dropbox and the file is sent again on the next run", paths=[item.source]) from None
 
+    def _hasher_for(self, item: Item, upto: int = 0) -> ContentHasher:
+        """A hasher holding the item's first `upto` bytes (read back from disk). A part also
+        carries its file's whole SHA-256 along when the parts before it were hashed in this run,
+        so that the manifest needs no second read of a file of many terabytes."""
+        tee = None
+        if item.kind == "part":
+            chain = self._whole_file_sha.get(item.source)
+            if chain is not None and chain[0] == item.part_offset:
+                tee = chain[1].copy()
+            elif item.part_offset == 0:
+                tee = hashlib.sha256()
+        if upto:
+            return hash_range(Path(item.source), item.part_offset, upto, with_sha256=item.kind == "part", tee=tee)
+        return ContentHasher(with_sha256=item.kind == "part", tee=tee)
+
+    def _keep_part_hashes(self, item: Item, hasher: ContentHasher) -> None:
+        item.sha256 = hasher.sha256()
+        if hasher.tee is not None and hasher.size == item.length:
+            self._whole_file_sha[item.source] = (item.part_offset + item.length, hasher.tee)
+
     def _verified(self, item: Item, remote: RemoteFile, hasher: ContentHasher | None = None) -> None:
         if remote.content_hash != item.content_hash:
             raise FileProblem(f"Dropbox's content hash of {remote.path_display} does not match the local file "
@@ -270,7 +291,7 @@ class ApiUploader:
                               "not trusted and the original is kept", paths=[item.source])
         item.remote_rev = remote.rev
         if hasher is not None and item.kind == "part":
-            item.sha256 = hasher.sha256()
+            self._keep_part_hashes(item, hasher)
 
     def _log_result(self, item: Item, result: str, seconds: float) -> None:
         self.log.info("%s\t%s\t%.1fs\t%s\t->\t%s", result, human_bytes(item.length), seconds, item.source,
@@ -292,13 +313,13 @@ class ApiUploader:
         self._source_unchanged(item)
         chunk = self.options.chunk_size
         with_sha = item.kind == "part"
-        hasher = ContentHasher(with_sha256=with_sha)
+        hasher = self._hasher_for(item)
         offset = 0
         session_id = item.session_id
         if session_id and item.confirmed_offset and not item.confirmed_chunks:
             # Rebuild the hash of what Dropbox already holds from the local disk, not the network.
             offset = item.confirmed_offset
-            hasher = hash_range(Path(item.source), item.part_offset, offset, with_sha256=with_sha)
+            hasher = self._hasher_for(item, offset)
             self._advance(offset)
             self.log.info("Resuming %s at %s of %s (upload session from an earlier run).", item.destination,
                           human_bytes(offset), human_bytes(item.length))
@@ -313,7 +334,7 @@ class ApiUploader:
                 elif exc.correct_offset != offset:
                     self._advance(exc.correct_offset - offset)
                     offset = exc.correct_offset
-                    hasher = hash_range(Path(item.source), item.part_offset, offset, with_sha256=with_sha)
+                    hasher = self._hasher_for(item, offset)
                     self.journal.confirm_offset(item, offset)
             except SessionGone:
                 # Consumed by a commit whose answer the crash lost, or expired.
@@ -322,7 +343,7 @@ class ApiUploader:
                 self.log.info("The upload session of %s has expired; starting that file again.", item.destination)
                 self.journal.forget_session(item)
                 self._advance(-offset)
-                session_id, offset, hasher = None, 0, ContentHasher(with_sha256=with_sha)
+                session_id, offset, hasher = None, 0, self._hasher_for(item)
         else:
             session_id = None
         ahead: tuple[int, futures.Future] | None = None
@@ -364,7 +385,7 @@ class ApiUploader:
                             if last:
                                 item.content_hash = hasher.content_hash()
                                 if with_sha:
-                                    item.sha256 = hasher.sha256()
+                                    self._keep_part_hashes(item, hasher)
                             self.journal.start_session(item, session_id, time.time(), len(data))
                             self._advance(len(data))
                             offset = len(data)
@@ -401,7 +422,7 @@ class ApiUploader:
                                               paths=[item.source]) from None
                         self._advance(exc.correct_offset - offset)
                         offset = exc.correct_offset
-                        hasher = hash_range(Path(item.source), item.part_offset, offset, with_sha256=with_sha)
+                        hasher = self._hasher_for(item, offset)
                         self.journal.confirm_offset(item, offset)
                         if offset == item.length:
                             # Every byte arrived; only the commit is missing.
@@ -416,7 +437,7 @@ class ApiUploader:
                                       item.destination)
                         self.journal.forget_session(item)
                         self._advance(-offset)
-                        session_id, offset, hasher = None, 0, ContentHasher(with_sha256=with_sha)
+                        session_id, offset, hasher = None, 0, self._hasher_for(item)
                     finally:
                         # Let go of the chunk before refunding it, or the next read-ahead could
                         # fill memory while this chunk still lingers.
@@ -439,9 +460,8 @@ class ApiUploader:
         body = item.length - tail
         pieces = [(start, min(chunk, body - start)) for start in range(0, body, chunk)] + [(body, tail)]
         count = len(pieces)
-        with_sha = item.kind == "part"
         while True:
-            hasher = ContentHasher(with_sha256=with_sha)
+            hasher = self._hasher_for(item)
             confirmed = item.chunk_set() if item.session_id else set()
             session_id = item.session_id if confirmed else None
             if session_id is None:
@@ -546,7 +566,7 @@ class ApiUploader:
         remote = self._retrying("checking", lambda: self.client.metadata(item.destination))
         if not isinstance(remote, RemoteFile) or remote.size != item.length:
             return False
-        local = hash_range(Path(item.source), item.part_offset, item.length, with_sha256=item.kind == "part")
+        local = self._hasher_for(item, item.length)
         if local.content_hash() != remote.content_hash:
             return False
         item.content_hash = local.content_hash()
@@ -563,7 +583,7 @@ class ApiUploader:
         remote = self._retrying("checking", lambda: self.client.metadata(item.destination))
         if isinstance(remote, RemoteFile) and remote.content_hash == expected and remote.size == item.length:
             item.content_hash = expected
-            full = hash_range(Path(item.source), item.part_offset, item.length, with_sha256=item.kind == "part")
+            full = self._hasher_for(item, item.length)
             self._verified(item, remote, full)
             self.journal.mark_done([item])
             self.summary.items_uploaded += 1
@@ -669,11 +689,11 @@ class ApiUploader:
             item.content_hash, item.remote_rev = remote.content_hash, remote.rev
             return "done"
         if remote.size == item.length:
-            local = hash_range(Path(item.source), item.part_offset, item.length, with_sha256=item.kind == "part")
+            local = self._hasher_for(item, item.length)
             if local.content_hash() == remote.content_hash:
                 item.content_hash, item.remote_rev = local.content_hash(), remote.rev
                 if item.kind == "part":
-                    item.sha256 = local.sha256()
+                    self._keep_part_hashes(item, local)
                 return "done"
         return "upload" if self.options.if_exists in ("overwrite", "rename") else "conflict"
 
@@ -758,7 +778,7 @@ class ApiUploader:
             except AuthError as exc:
                 self._fatal = exc
                 return
-            del body
+            body = b""  # sent: let it go before the commits are queued
             arrived: list[tuple[Item, str]] = []
             alone: list[Item] = []
             for item, session_id, outcome in zip(ready, session_ids, outcomes):
@@ -817,7 +837,11 @@ class ApiUploader:
         if any(p.state != "done" for p in parts):
             return
         started = time.monotonic()
-        whole = hash_range(Path(manifest_item.source), with_sha256=True).sha256()
+        carried = self._whole_file_sha.pop(manifest_item.source, None)
+        if carried is not None and carried[0] == manifest_item.source_size:
+            whole = carried[1].hexdigest()
+        else:  # some parts were sent in an earlier run: read the file once more
+            whole = hash_range(Path(manifest_item.source), with_sha256=True).sha256()
         self._source_unchanged(manifest_item)
         name = manifest_item.destination.rsplit("/", 1)[1]
         plan = [split.PartPlan(index, p.part_offset, p.length) for index, p in enumerate(parts, start=1)]

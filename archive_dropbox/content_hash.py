@@ -25,7 +25,10 @@ class ContentHasher:
     of one upload request, which Dropbox checks, then costs no second pass over the bytes.
     """
 
-    def __init__(self, with_sha256: bool = False):
+    def __init__(self, with_sha256: bool = False, tee=None):
+        """`tee`: another hashlib object fed the same bytes (a split file's whole-file SHA-256
+        carried across its parts)."""
+        self.tee = tee
         self._overall = hashlib.sha256()
         self._block = hashlib.sha256()
         self._block_fill = 0
@@ -49,6 +52,8 @@ class ContentHasher:
                 self._block, self._block_fill = hashlib.sha256(), 0
         if self._sha256 is not None:
             self._sha256.update(view)
+        if self.tee is not None:
+            self.tee.update(view)
         self.size += length
 
     def mark(self) -> None:
@@ -85,9 +90,9 @@ class ContentHasher:
 
 
 def hash_range(path: Path, offset: int = 0, length: int | None = None, *, with_sha256: bool = False,
-               progress: Callable[[int], None] | None = None) -> ContentHasher:
+               progress: Callable[[int], None] | None = None, tee=None) -> ContentHasher:
     """Hash `length` bytes of `path` from `offset` (the whole file by default)."""
-    hasher = ContentHasher(with_sha256=with_sha256)
+    hasher = ContentHasher(with_sha256=with_sha256, tee=tee)
     with open(path, "rb") as handle:
         handle.seek(offset)
         remaining = length

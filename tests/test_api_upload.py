@@ -466,3 +466,39 @@ def test_small_files_share_requests_and_ride_out_a_lost_answer_and_a_refused_bat
     before = uploaded_bytes(server)
     rerun = run_app(book, tmp_path / "logs", server, "--chunkSize_MB", "4")
     assert rerun.returncode == 0 and uploaded_bytes(server) == before, rerun.stdout[-2000:]
+
+
+READ_COUNTING_RUNNER = """
+import atexit, os, runpy, sys
+import psutil
+report = sys.argv.pop(1)
+atexit.register(lambda: open(report, "w").write(str(psutil.Process().io_counters().read_chars)))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _bytes_read_by_app(tmp_path: Path, name: str, book: Path, server: DropboxTestServer, *flags: str) -> int:
+    """Run app.py as users do, and count every byte it read (psutil's read_chars)."""
+    report = tmp_path / f"{name}.read_chars"
+    args = app_args(book, tmp_path / f"logs_{name}", server, *flags)
+    result = subprocess.run([sys.executable, "-c", READ_COUNTING_RUNNER, str(report), *args[1:]],
+                            env=script_env(app_env(server)), capture_output=True, text=True, timeout=240,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return int(report.read_text())
+
+
+@pytest.mark.parametrize("part_limit_gb", ["0.012", "0.02"])  # parts of 3 chunks (sequential), 5 (concurrent)
+def test_a_split_file_is_read_once_for_its_parts_and_its_manifest(tmp_path, server, part_limit_gb):
+    size = 48 * MIB + 99
+    tree = make_tree(tmp_path / "data", {"one/huge.bin": size, "tiny/a.txt": b"a"})
+    flags = ("--fileSizeLimit_GB", part_limit_gb, "--chunkSize_MB", "4")
+    baseline = _bytes_read_by_app(tmp_path, "tiny", sheet(tmp_path, [[str(tree / "tiny"), "/T", 0]]), server, *flags)
+    book = write_xlsx(tmp_path / "huge.xlsx", {"dropboxUpload_API": [["inputFile", "outputDir", "deleteAfterUpload"],
+                                                                     [str(tree / "one"), "/H", 0]]})
+    read = _bytes_read_by_app(tmp_path, "huge", book, server, *flags) - baseline
+    assert_landed(server, tree / "one", "/H", split_names=("huge.bin",), part_limit=int(float(part_limit_gb) * 1e9))
+    # Every part's bytes are hashed (part and whole-file SHA-256) as they are sent: the manifest
+    # needs no second pass over the original.
+    assert size <= read < 1.2 * size, f"read {read} bytes for a file of {size}"

@@ -6,13 +6,17 @@ entry land outside its folder. Every step can be rerun after a crash."""
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
 import logging
+import mmap
 import os
 import re
 import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 import zlib
@@ -317,10 +321,12 @@ def _check_free_space(folder: Path, needed: int, what: str) -> None:
                           paths=[folder])
 
 
-def _find_damaged_parts(series: SplitSeries, log: logging.Logger) -> list[str]:
-    log.info("The joined file does not match the manifest: checking each part to find the damaged one")
-    return [part.name for part, info in zip(series.parts, series.manifest.parts)
-            if sha256_file(part) != info.sha256]
+def _find_damaged_parts(series: SplitSeries, differing: list[int], log: logging.Logger) -> list[str]:
+    """Which parts whose copy in the joined file differs from the manifest are damaged on disk
+    themselves (the others were copied wrong)."""
+    log.info("The joined file does not match the manifest: checking the parts concerned")
+    return [series.parts[index].name for index in differing
+            if sha256_file(series.parts[index]) != series.manifest.parts[index].sha256]
 
 
 def _lock(handle) -> bool:
@@ -347,32 +353,216 @@ def _remove_leftover(partial: Path, name: str, log: logging.Logger) -> None:
     partial.unlink()
 
 
+# Direct I/O needs the buffer, the file offset and the length aligned to the disk's block size;
+# 4096 covers every common disk.
+_DIRECT_ALIGNMENT = 4096
+
+
+class _ParallelPartCopier:
+    """Copies every part into its place in the output on several threads, each part hashed on
+    its way, so the manifest's per-part SHA-256s are checked on all cores at once (a SHA-256 of
+    the whole file is one stream that only one core can compute).
+
+    What is hashed is what the output file holds. Where the platform allows (Linux, aligned
+    ranges), a chunk goes from the buffer straight to the disk (O_DIRECT): the disk reads that
+    very buffer, so hashing it hashes what was written, and the data skips the page cache (no
+    copy into it, no write-back queue to drain at the fsync). Any other chunk is written through
+    the page cache and read back from there for hashing, as before."""
+
+    def __init__(self, series: SplitSeries, partial: Path, progress: Progress | None):
+        self.series, self.partial = series, partial
+        self.digests: list[str] = [""] * len(series.parts)
+        self._progress = progress
+        self._lock = threading.Lock()
+        self._errors: list[BaseException] = []
+        offsets, offset = [], 0
+        for size in series.part_sizes:
+            offsets.append(offset)
+            offset += size
+        self._todo = list(zip(range(len(series.parts)), series.parts, series.part_sizes, offsets))
+        self._todo.reverse()  # popped from the end: parts go out in order, written front to back
+        self._direct_fd: int | None = None
+        self._direct_usable = True
+
+    def run(self) -> list[str]:
+        """The SHA-256 of the bytes written for each part, in order."""
+        # Twice the cores: while one thread waits for its write to reach the disk, another hashes.
+        threads = [threading.Thread(target=self._work, name=f"join-copy-{n}", daemon=True)
+                   for n in range(max(1, min(len(self._todo), 2 * (os.cpu_count() or 1), 8)))]
+        try:
+            self._open_direct()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            if self._direct_fd is not None:
+                os.close(self._direct_fd)
+        if self._errors:
+            raise self._errors[0]
+        return self.digests
+
+    def _open_direct(self) -> None:
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag or not self.series.size:
+            return
+        try:
+            self._direct_fd = os.open(self.partial, os.O_WRONLY | flag)
+        except OSError:
+            return  # this file system has no direct I/O (tmpfs, some network shares)
+        try:
+            # Reserve the blocks up front: direct writes into allocated space run in parallel,
+            # where writes that extend the file would be serialised by the file system.
+            os.posix_fallocate(self._direct_fd, 0, self.series.size)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise
+
+    def _next(self) -> tuple[int, Path, int, int] | None:
+        with self._lock:
+            if self._errors or not self._todo:
+                return None
+            return self._todo.pop()
+
+    def _advance(self, done: int) -> None:
+        if self._progress is not None:
+            with self._lock:  # progress bars are not thread-safe
+                self._progress(done)
+
+    def _work(self) -> None:
+        try:
+            staging = mmap.mmap(-1, CHUNK)  # page-aligned, as direct I/O needs
+            check = bytearray(CHUNK)
+            with open(self.partial, "r+b", buffering=0) as output:
+                while (job := self._next()) is not None:
+                    index, part, size, offset = job
+                    self.digests[index] = self._copy_part(part, size, offset, output,
+                                                          memoryview(staging), memoryview(check))
+        except BaseException as exc:
+            with self._lock:
+                self._errors.append(exc)
+
+    def _copy_part(self, part: Path, size: int, offset: int, output, staging: memoryview,
+                   check: memoryview) -> str:
+        hasher = hashlib.sha256()
+        with open(part, "rb", buffering=0) as source:
+            if os.fstat(source.fileno()).st_size != size:
+                raise _size_changed(part, self.series.name)
+            done = 0
+            while done < size:
+                if self._errors:
+                    return ""  # another part failed: the join is abandoned anyway
+                data = staging[:min(CHUNK, size - done)]
+                if _read_into(source, data) < len(data):
+                    raise _became_shorter(part, self.series.name)
+                at = offset + done
+                direct = self._write_direct(data, at)
+                hasher.update(data[:direct])
+                if direct < len(data):
+                    rest = data[direct:]
+                    _write_at(output, rest, at + direct)
+                    hasher.update(_read_back(output, check[:len(rest)], at + direct))
+                done += len(data)
+                self._advance(len(data))
+        return hasher.hexdigest()
+
+    def _write_direct(self, data: memoryview, at: int) -> int:
+        """Write what can go straight to the disk from the start of `data`; how many bytes."""
+        fd = self._direct_fd
+        if fd is None or not self._direct_usable or at % _DIRECT_ALIGNMENT or len(data) % _DIRECT_ALIGNMENT:
+            return 0
+        written = 0
+        while written < len(data):
+            try:
+                got = os.pwrite(fd, data[written:], at + written)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # The file system refuses direct writes after all. The descriptor stays open until
+                # every thread is done: closing it now could let another file reuse its number.
+                self._direct_usable = False
+                return written
+            if got <= 0 or got % _DIRECT_ALIGNMENT:
+                return written + max(got, 0)  # the rest, if any, goes through the page cache
+            written += got
+        return written
+
+
+def _read_into(handle, view: memoryview) -> int:
+    filled = 0
+    while filled < len(view):
+        got = handle.readinto(view[filled:])
+        if not got:
+            break
+        filled += got
+    return filled
+
+
+def _write_at(handle, data: memoryview, at: int) -> None:
+    handle.seek(at)
+    written = 0
+    while written < len(data):
+        written += handle.write(data[written:])
+
+
+def _read_back(handle, view: memoryview, at: int) -> memoryview:
+    handle.seek(at)
+    if _read_into(handle, view) < len(view):
+        raise OSError(errno.EIO, "the joined file ended while reading back what was written")
+    return view
+
+
+def _size_changed(part: Path, name: str) -> JoinProblem:
+    return JoinProblem(f"part {part.name} changed size while {name} was being joined: wait until nothing "
+                       "writes to it and run again.", paths=[part])
+
+
+def _became_shorter(part: Path, name: str) -> JoinProblem:
+    return JoinProblem(f"part {part.name} became shorter while {name} was being joined: wait until nothing "
+                       "writes to it and run again.", paths=[part])
+
+
+def _copy_hashing_the_whole(series: SplitSeries, partial: Path, target, progress: Progress | None
+                            ) -> tuple[str, list[str]]:
+    """Parts without a manifest: one stream, so that the whole file's SHA-256 (reported, and
+    written into a new manifest before the parts are deleted) comes out of the same pass."""
+    with Digester(whole=True, pieces=True) as digester:
+        copier = RangeCopier(digester, progress)
+        for index, (part, size) in enumerate(zip(series.parts, series.part_sizes), start=1):
+            with open(part, "rb", buffering=0) as source:
+                if os.fstat(source.fileno()).st_size != size:
+                    raise _size_changed(part, series.name)
+                try:
+                    copier.copy(source, 0, size, target, partial, index)
+                except SourceEnded:
+                    raise _became_shorter(part, series.name) from None
+        whole, pieces = digester.finish()
+    return whole, [digester.piece_digest(pieces, i) for i in range(1, len(series.parts) + 1)]
+
+
 def _join(series: SplitSeries, log: logging.Logger, progress: Progress | None) -> Hashes:
     """Join the parts into `.~<name>.partial`, verify it, and rename it to the original name."""
     partial, output = series.partial, series.output
     _remove_leftover(partial, series.name, log)
     _check_free_space(series.folder, series.size, f"join {series.name}")
-    current = series.parts[0] if series.parts else None
+    whole, pieces = None, None
     try:
-        with open(partial, "xb", buffering=0) as target, \
-                Digester(whole=True, pieces=series.manifest is None) as digester:
+        with open(partial, "xb", buffering=0) as target:
             _lock(target)
-            copier = RangeCopier(digester, progress)
-            for index, (part, size) in enumerate(zip(series.parts, series.part_sizes), start=1):
-                current = part
-                with open(part, "rb", buffering=0) as source:
-                    if os.fstat(source.fileno()).st_size != size:
-                        raise JoinProblem(f"part {part.name} changed size while {series.name} was being "
-                                          "joined: wait until nothing writes to it and run again.", paths=[part])
-                    copier.copy(source, 0, size, target, partial, index)
-            whole, pieces = digester.finish()
-            os.fsync(target.fileno())
+            if series.manifest is None:
+                whole, pieces = _copy_hashing_the_whole(series, partial, target, progress)
+            else:
+                written = _ParallelPartCopier(series, partial, progress).run()
+            os.fsync(target.fileno())  # the parts may be deleted next: the join must be on disk first
         joined_size = partial.stat().st_size
         if joined_size != series.size:
             raise JoinProblem(f"{series.name} came out with {joined_size:,} bytes instead of {series.size:,}; "
                               "nothing was kept. Run again.", paths=[output])
-        if series.manifest is not None and whole != series.manifest.sha256:
-            damaged = _find_damaged_parts(series, log)
+        if series.manifest is not None:
+            differing = [index for index, (digest, listed) in enumerate(zip(written, series.manifest.parts))
+                         if digest != listed.sha256]
+        if series.manifest is not None and differing:
+            damaged = _find_damaged_parts(series, differing, log)
             if damaged:
                 raise JoinProblem(f"{series.name} was not joined: part {damaged[0]}"
                                   + (f" (and {', '.join(damaged[1:])})" if len(damaged) > 1 else "")
@@ -390,16 +580,13 @@ def _join(series: SplitSeries, log: logging.Logger, progress: Progress | None) -
             raise JoinProblem(f"{output} appeared while {series.name} was being joined; it was not replaced. "
                               "Move or rename it and run again.", paths=[output]) from None
         fsync_folder(series.folder)
-    except SourceEnded:
-        raise JoinProblem(f"part {current.name} became shorter while {series.name} was being joined: wait "
-                          "until nothing writes to it and run again.", paths=[current]) from None
     except OSError as exc:
         raise _os_problem(exc, f"{series.name} could not be joined (nothing was deleted)") from None
     finally:
         partial.unlink(missing_ok=True)
     if series.manifest is None:
-        return Hashes(whole, [digester.piece_digest(pieces, i) for i in range(1, len(series.parts) + 1)])
-    return Hashes(whole, None)
+        return Hashes(whole, pieces)
+    return Hashes(series.manifest.sha256, None)
 
 
 def _delete_parts(series: SplitSeries, hashes: Hashes | None, log: logging.Logger) -> int:

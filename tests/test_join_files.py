@@ -201,6 +201,80 @@ def test_part_with_one_flipped_byte_is_named_and_nothing_is_deleted(tmp_path, lo
         [p.name for p in parts] + ["big.bin_split_manifest.json"])
 
 
+# Parts of 64 KiB are whole disk blocks, so the join writes them straight to the disk where the
+# file system allows it; parts of 100,000 bytes go through the page cache and are read back.
+ALIGNED, UNALIGNED = 64 * 1024, 100_000
+
+
+def quiet_log():
+    import logging
+
+    log = logging.getLogger("test_join_files")
+    log.propagate = False
+    return log
+
+
+@pytest.mark.parametrize("limit", [ALIGNED, UNALIGNED])
+def test_part_altered_after_the_manifest_is_refused_by_name(tmp_path, limit):
+    data = os.urandom(5 * limit + 17)
+    parts = make_parts(tmp_path / "d", "big.bin", data, limit)
+    altered = bytearray(parts[3].read_bytes())
+    altered[-1] ^= 0x80  # same size: only the content tells
+    parts[3].write_bytes(bytes(altered))
+    with pytest.raises(joining.JoinProblem, match="part big.bin_split_0004 is damaged"):
+        joining.join_split_file(parts[0], delete_parts=True, log=quiet_log())
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == sorted(
+        [p.name for p in parts] + ["big.bin_split_manifest.json"])
+
+
+@pytest.mark.parametrize("limit", [ALIGNED, UNALIGNED])
+def test_parallel_join_puts_every_part_in_its_place(tmp_path, limit):
+    data = os.urandom(11 * limit + 4096 + 3)  # more parts than threads, and a short last part
+    parts = make_parts(tmp_path / "d", "big.bin", data, limit)
+    outcome = joining.join_split_file(parts[0], delete_parts=True, log=quiet_log())
+    assert outcome.verified and (tmp_path / "d" / "big.bin").read_bytes() == data
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["big.bin"]
+
+
+def test_bytes_corrupted_on_their_way_into_the_joined_file_are_caught(tmp_path, monkeypatch):
+    """The check covers what the joined file received, not a separate reading of the parts:
+    a read that hands over wrong bytes (straight-to-disk path) is caught."""
+    data = os.urandom(4 * ALIGNED)
+    parts = make_parts(tmp_path / "d", "big.bin", data, ALIGNED)
+    real_read_into = joining._read_into
+
+    def flaky_read(handle, view):
+        got = real_read_into(handle, view)
+        if str(handle.name).endswith("_split_0002"):
+            view[7] ^= 0x01
+        return got
+
+    monkeypatch.setattr(joining, "_read_into", flaky_read)
+    with pytest.raises(joining.JoinProblem, match="every part matches the manifest but the joined copy does not"):
+        joining.join_split_file(parts[0], delete_parts=True, log=quiet_log())
+    assert not (tmp_path / "d" / "big.bin").exists() and not list((tmp_path / "d").glob(".~*"))
+    assert all(p.exists() for p in parts)
+
+
+def test_a_write_that_lands_wrong_bytes_is_caught_by_reading_back(tmp_path, monkeypatch):
+    """Chunks written through the page cache are read back before hashing: a write that stores
+    something else than it was given is caught."""
+    data = os.urandom(4 * UNALIGNED)
+    parts = make_parts(tmp_path / "d", "big.bin", data, UNALIGNED)
+    real_write_at = joining._write_at
+
+    def bad_write(handle, chunk, at):
+        stored = bytearray(chunk)
+        if at <= 2 * UNALIGNED + 5 < at + len(stored):
+            stored[2 * UNALIGNED + 5 - at] ^= 0x01
+        real_write_at(handle, memoryview(stored), at)
+
+    monkeypatch.setattr(joining, "_write_at", bad_write)
+    with pytest.raises(joining.JoinProblem, match="every part matches the manifest but the joined copy does not"):
+        joining.join_split_file(parts[0], delete_parts=True, log=quiet_log())
+    assert not (tmp_path / "d" / "big.bin").exists() and all(p.exists() for p in parts)
+
+
 def test_extra_part_beyond_the_manifest_is_refused(tmp_path, logs_root):
     parts = make_parts(tmp_path / "d", "big.bin", os.urandom(30_000), 10_000)
     (tmp_path / "d" / "big.bin_split_0004").write_bytes(b"stray")

@@ -31,6 +31,7 @@ from .dropbox_client import (CommitRequest, ContentHashMismatch, DropboxClient,
                              mtime_to_client_modified)
 from .errors import ArchiveError, AuthError, FileProblem
 from .journal import Item, Journal
+from .localfs import read_into
 from .prepare import Plan, case_key
 from .units import MIB, human_bytes
 
@@ -125,19 +126,6 @@ def read_at(handle, position: int, size: int) -> bytes:
 
 
 _WINDOWS_READ_LOCK = threading.Lock()
-
-
-def read_into(path: str, position: int, target: memoryview) -> int:
-    """Fill `target` from the file at `position`; the count is short only at the file's end."""
-    filled = 0
-    with open(path, "rb", buffering=0) as handle:
-        handle.seek(position)
-        while filled < len(target):
-            count = handle.readinto(target[filled:])
-            if not count:
-                break
-            filled += count
-    return filled
 
 
 class Pauser:
@@ -745,7 +733,10 @@ class ApiUploader:
                     if self._already_there(item):
                         continue
                     self._source_unchanged(item)
-                    if read_into(item.source, item.part_offset, piece) != item.length:
+                    with open(item.source, "rb", buffering=0) as handle:
+                        handle.seek(item.part_offset)
+                        got = read_into(handle, piece)
+                    if got != item.length:
                         raise FileProblem("the file became shorter while it was being uploaded; it is sent "
                                           "again on the next run", paths=[item.source])
                 except FileProblem as exc:

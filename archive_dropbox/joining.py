@@ -32,6 +32,7 @@ except ImportError:  # Windows
     fcntl = None
 
 from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED, ArchiveError, FileProblem, SheetError
+from .localfs import read_into as _read_into  # a module name of its own: tests replace it to corrupt a read
 from .localfs import rename_without_replacing
 from .settings import Setting
 from .split import (CHUNK, TEMP_PREFIX, Digester, Manifest, PartPlan, RangeCopier, SourceEnded,
@@ -486,16 +487,6 @@ class _ParallelPartCopier:
                 return written + max(got, 0)  # the rest, if any, goes through the page cache
             written += got
         return written
-
-
-def _read_into(handle, view: memoryview) -> int:
-    filled = 0
-    while filled < len(view):
-        got = handle.readinto(view[filled:])
-        if not got:
-            break
-        filled += got
-    return filled
 
 
 def _write_at(handle, data: memoryview, at: int) -> None:

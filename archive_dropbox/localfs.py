@@ -1,5 +1,6 @@
-"""Local file operations that must survive a crash at any moment: durable renames, and renames
-that never replace a file that appeared meanwhile."""
+"""Local file operations the stages share: durable renames, renames that never replace a file
+that appeared meanwhile (both must survive a crash at any moment), and filling a buffer from a
+file."""
 
 from __future__ import annotations
 
@@ -37,3 +38,14 @@ def rename_without_replacing(source: Path, target: Path) -> None:
         os.rename(source, target)
         return
     os.unlink(source)
+
+
+def read_into(handle, view: memoryview) -> int:
+    """Fill `view` from `handle`'s current position; the count is short only at the file's end."""
+    filled = 0
+    while filled < len(view):
+        count = handle.readinto(view[filled:])
+        if not count:
+            break
+        filled += count
+    return filled

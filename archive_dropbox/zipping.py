@@ -7,12 +7,18 @@ How one row goes, and why it is safe to stop at any moment:
 2. Write the archive under a name that does not look finished, `.~<name>.zip.partial`, with
    7-Zip (`a -tzip`, the snapshot's entries fed as a list file, symlinks stored as links and never
    followed) or with Python's `zipfile` (ZIP64, files streamed) when 7-Zip is not installed.
-3. Test it (`7z t`, or reading every member's CRC with `zipfile`), compare its member list and
-   sizes with the snapshot, and check that no file changed while it was being zipped.
+3. Test it (`verify_archive`: every member inflated, its size and CRC-32 checked against the
+   central directory), compare its member list and sizes with the snapshot, and check that no
+   file changed while it was being zipped.
 4. Stamp the archive comment `archive-big-data-dropbox: verified ...` (the mark that this tool
    made and verified it; it travels with the file), fsync, and rename it to `<name>.zip` without
    ever replacing an existing file.
 5. deleteFlag=1: delete the snapshot's files that are unchanged, then the emptied folders.
+
+Steps 3-5 of a row run in a thread while the next row's folder is zipped (step 2 keeps both
+cores busy; the test and the fsync then cost little wall time). Each row's own steps stay in
+order, its log line waits for the rows before it, and when free space is short the previous
+row's originals are deleted before the next folder is zipped.
 
 A rerun skips rows whose archive carries the mark; a leftover `.partial` is removed and the row
 redone; a `<name>.zip` without the mark is never touched. If a run stopped while deleting, the
@@ -61,8 +67,6 @@ _MARK_PATTERN = re.compile(
 _EOCD_SIGNATURE = b"PK\x05\x06"
 _EOCD_SIZE = 22
 _COPY_CHUNK = 1 << 20
-# Below this much compressed data one `7z t` is quick enough; above, one per thread.
-PARALLEL_TEST_BYTES = 32 << 20
 
 WINDOWS_SEVEN_ZIP = (
     Path("C:/Program Files/7-Zip/7z.exe"),
@@ -291,6 +295,159 @@ def write_mark(archive: Path, mark: ArchiveMark) -> None:
         os.fsync(handle.fileno())
 
 
+# --------------------------------------------------------------------------- the archive test
+
+try:
+    # ISA-L's inflate reads the same Deflate streams with a third of zlib's CPU time (and of
+    # `7z t`'s; bench/bench_zip.py); the standard library's zlib is the fallback.
+    from isal import isal_zlib as _isal_zlib
+except ImportError:  # pragma: no cover - depends on what is installed
+    _isal_zlib = None
+
+INFLATE = _isal_zlib or zlib  # what verify_archive decodes with unless told otherwise
+_LOCAL_HEADER = struct.Struct("<4sHHHHHLLLHH")  # PKWARE APPNOTE 4.3.7, 30 bytes
+_LOCAL_SIGNATURE = b"PK\x03\x04"
+_MAX_INFLATED_PER_CALL = 4 << 20  # bounds memory whatever a member claims to hold
+_TESTABLE_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # the two that both engines write
+
+
+class TestStopped(Exception):
+    """The archive test was asked to stop (Ctrl-C) before it finished."""
+
+
+class _BadMember(Exception):
+    def __init__(self, member: zipfile.ZipInfo, problem: str):
+        super().__init__(f"{member.filename}: {problem}")
+
+
+def verify_archive(archive: Path, *, threads: int = 1, library=None,
+                   stop: threading.Event | None = None) -> list[zipfile.ZipInfo]:
+    """The archive test; returns the archive's members (its central directory).
+
+    Every member's data is read to its end: Deflate members are inflated, stored ones read,
+    and each one's size and CRC-32 must equal those in the central directory. Each local
+    header must carry the central directory's name and method, and no member's data may run
+    into the next member or the directory. Raises FileProblem naming the first bad member.
+    `library` is a module with zlib's decompressobj/crc32/error (default: INFLATE)."""
+    library = library or INFLATE
+    try:
+        with zipfile.ZipFile(archive) as book:
+            members = book.infolist()
+            directory_start = getattr(book, "start_dir", None)
+    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise _test_failed(archive, f"its table of contents cannot be read ({exc})") from None
+    if directory_start is None:
+        directory_start = archive.stat().st_size
+    ordered = sorted(members, key=lambda m: m.header_offset)
+    limits = [m.header_offset for m in ordered[1:]] + [directory_start]
+    work = list(zip(ordered, limits))
+    groups = _balanced(work, max(1, min(threads, len(work))))
+    failures: list[BaseException] = []
+
+    def check_group(group: list[tuple[zipfile.ZipInfo, int]]) -> None:
+        try:
+            buffer = bytearray(_COPY_CHUNK)
+            with open(archive, "rb", buffering=0) as handle:
+                for member, limit in group:
+                    _check_member(handle, member, limit, buffer, library, stop)
+        except BaseException as exc:  # handed to the caller below
+            failures.append(exc)
+
+    if len(groups) == 1:
+        check_group(groups[0])
+    else:
+        workers = [threading.Thread(target=check_group, args=(g,), daemon=True) for g in groups]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    for failure in failures:
+        if isinstance(failure, _BadMember):
+            raise _test_failed(archive, str(failure)) from None
+    if failures:
+        raise failures[0]
+    return members
+
+
+def _test_failed(archive: Path, detail: str) -> FileProblem:
+    return FileProblem(f"the archive failed its test: {detail}", paths=[archive],
+                       title="Archive test failed")
+
+
+def _balanced(work: list[tuple[zipfile.ZipInfo, int]], count: int) -> list[list[tuple[zipfile.ZipInfo, int]]]:
+    """Split the members into `count` groups of about equal compressed bytes."""
+    groups: list[list[tuple[zipfile.ZipInfo, int]]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for item in sorted(work, key=lambda item: item[0].compress_size, reverse=True):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(item)
+        loads[lightest] += item[0].compress_size + 1
+    for group in groups:
+        group.sort(key=lambda item: item[0].header_offset)  # read each file front to back
+    return [group for group in groups if group]
+
+
+def _check_member(handle, member: zipfile.ZipInfo, limit: int, buffer: bytearray, library,
+                  stop: threading.Event | None) -> None:
+    if member.flag_bits & 0x1:
+        raise _BadMember(member, "it is encrypted")
+    if member.compress_type not in _TESTABLE_METHODS:
+        raise _BadMember(member, f"compression method {member.compress_type} is not one this tool makes")
+    handle.seek(member.header_offset)
+    header = handle.read(_LOCAL_HEADER.size)
+    if len(header) < _LOCAL_HEADER.size or header[:4] != _LOCAL_SIGNATURE:
+        raise _BadMember(member, "its local header is missing or damaged")
+    fields = _LOCAL_HEADER.unpack(header)
+    method, name_length, extra_length = fields[3], fields[9], fields[10]
+    raw_name = handle.read(name_length)
+    encoding = "utf-8" if member.flag_bits & 0x800 else "cp437"
+    if raw_name.decode(encoding, "replace") != member.orig_filename or method != member.compress_type:
+        raise _BadMember(member, "its local header does not match the table of contents")
+    start = member.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+    if start + member.compress_size > limit:
+        raise _BadMember(member, "its data runs past the next member or the end of the archive")
+    handle.seek(start)
+    view = memoryview(buffer)
+    left = member.compress_size
+    crc = size = 0
+    inflater = library.decompressobj(-zlib.MAX_WBITS) if member.compress_type == zipfile.ZIP_DEFLATED else None
+    try:
+        while left:
+            if stop is not None and stop.is_set():
+                raise TestStopped()
+            got = handle.readinto(view[:min(len(buffer), left)])
+            if not got:
+                raise _BadMember(member, "the archive ends inside its data (truncated)")
+            left -= got
+            chunk = view[:got]
+            if inflater is None:
+                crc = library.crc32(chunk, crc)
+                size += got
+                continue
+            if inflater.eof:
+                raise _BadMember(member, "it holds bytes after the end of its compressed data")
+            while chunk:
+                piece = inflater.decompress(chunk, _MAX_INFLATED_PER_CALL)
+                crc = library.crc32(piece, crc)
+                size += len(piece)
+                if size > member.file_size:
+                    raise _BadMember(member, f"it inflates to more than its {member.file_size:,} bytes")
+                chunk = inflater.unconsumed_tail
+        if inflater is not None:
+            # Output held back by the per-call bound (at most one match, not a bomb).
+            rest = inflater.flush()
+            crc = library.crc32(rest, crc)
+            size += len(rest)
+            if not inflater.eof or inflater.unused_data:
+                raise _BadMember(member, "its compressed data is cut short or followed by other bytes")
+    except library.error as exc:
+        raise _BadMember(member, f"its compressed data is damaged ({exc})") from None
+    if size != member.file_size:
+        raise _BadMember(member, f"it holds {size:,} bytes, not the {member.file_size:,} recorded")
+    if crc != member.CRC:
+        raise _BadMember(member, f"bad CRC-32: {crc:08x} read, {member.CRC:08x} recorded")
+
+
 # --------------------------------------------------------------------------- engines
 
 
@@ -379,18 +536,6 @@ class PythonZip:
                         done += len(chunk)
                         progress(done)
 
-    def test(self, archive: Path) -> None:
-        """Read every member to the end: zipfile checks each one's CRC there."""
-        try:
-            with zipfile.ZipFile(archive) as book:
-                for info in book.infolist():
-                    with book.open(info) as member:
-                        while member.read(_COPY_CHUNK):
-                            pass
-        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
-            raise FileProblem(f"the new archive failed its test: {exc}", paths=[archive],
-                              title="Archive test failed") from None
-
 
 def _open_output(path: Path):
     """Create the archive file; 'x' so that an existing file is never overwritten."""
@@ -469,73 +614,6 @@ class SevenZip:
             except OSError:
                 pass
 
-    def test(self, archive: Path) -> None:
-        """`7z t`. One 7-Zip test uses one core, so a large archive is tested by one 7-Zip per
-        thread, each on its share of the members; the counts they report must add up."""
-        with zipfile.ZipFile(archive) as book:
-            members = book.infolist()
-            for folder_entry in (m for m in members if m.is_dir()):
-                book.open(folder_entry).close()  # folders have no data: check their headers here
-        files = [m for m in members if not m.is_dir()]
-        groups = self._test_groups(files)
-        if groups is not None and self._test_in_parallel(archive, groups) == len(files):
-            return
-        self._run([str(self.executable), "t", "-tzip", "-bso0", "-bse2", "-bsp0", "-y", str(archive)],
-                  cwd=archive.parent, what="testing the archive")
-
-    def _test_groups(self, files: list[zipfile.ZipInfo]) -> list[list[str]] | None:
-        if (self.threads < 2 or len(files) < 4 * self.threads
-                or sum(m.compress_size for m in files) < PARALLEL_TEST_BYTES
-                or not all(_list_file_safe(m.filename) for m in files)):
-            return None
-        groups: list[list[str]] = [[] for _ in range(self.threads)]
-        loads = [0] * self.threads
-        for member in sorted(files, key=lambda m: m.compress_size, reverse=True):
-            lightest = loads.index(min(loads))
-            groups[lightest].append(member.filename)
-            loads[lightest] += member.compress_size + 1
-        return groups
-
-    def _test_in_parallel(self, archive: Path, groups: list[list[str]]) -> int | None:
-        """Members tested, as 7-Zip counted them; None when a count could not be read."""
-        counts: list[int | None] = [None] * len(groups)
-        failures: list[BaseException] = []
-        list_paths = []
-        try:
-            for group in groups:
-                handle, list_path = tempfile.mkstemp(prefix="zipDir_test_", suffix=".txt")
-                list_paths.append(list_path)
-                with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as listing:
-                    listing.write("".join(name + "\n" for name in group))
-
-            def test_group(index: int) -> None:
-                try:
-                    output = self._run([str(self.executable), "t", "-tzip", "-spd", "-scsUTF-8",
-                                        "-bso1", "-bse2", "-bsp0", "-y", str(archive),
-                                        f"@{list_paths[index]}"],
-                                       cwd=archive.parent, what="testing the archive")
-                    counts[index] = _tested_files(output)
-                except BaseException as exc:  # handed to the caller below
-                    failures.append(exc)
-
-            workers = [threading.Thread(target=test_group, args=(i,), daemon=True)
-                       for i in range(len(groups))]
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-        finally:
-            for list_path in list_paths:
-                try:
-                    os.unlink(list_path)
-                except OSError:
-                    pass
-        if failures:
-            raise failures[0]
-        if any(count is None for count in counts):
-            return None
-        return sum(counts)  # type: ignore[arg-type]
-
     def _run(self, command: list[str], *, cwd: Path, what: str,
              on_percent: Callable[[int], None] | None = None) -> bytes:
         try:
@@ -578,11 +656,6 @@ class SevenZip:
 def _list_file_safe(name: str) -> bool:
     """7-Zip's list files trim blanks around each line and hold one name per line."""
     return name == name.strip() and "\n" not in name and "\r" not in name
-
-
-def _tested_files(output: bytes) -> int | None:
-    found = re.findall(rb"^Files: (\d+)\s*$", output, flags=re.MULTILINE)
-    return int(found[-1]) if found else None
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -830,33 +903,115 @@ def _delete_verified_against_archive(folder: Path, archive: Path, members: Seque
 
 def zip_folder(folder: Path, *, engine, delete_originals: bool, log,
                progress_factory: Callable[[int, str], "tqdm"] | None = None) -> RowOutcome:
-    """Zip one folder (or finish it, or skip it when done). Per-row problems come back as a
-    failed outcome; nothing is deleted unless the archive was verified."""
-    started = time.monotonic()
+    """Zip one folder (or finish it, or skip it when done) and wait for its test. Per-row
+    problems come back as a failed outcome; nothing is deleted unless the archive was verified."""
+    job = start_row(folder, engine=engine, delete_originals=delete_originals, log=log,
+                    progress_factory=progress_factory)
+    job.start_test()
+    return job.wait()
+
+
+@dataclass
+class _BuiltArchive:
+    """A folder zipped into its temporary file, not yet tested."""
+
+    snapshot: FolderSnapshot
+    temporary: Path
+    archive: Path
+    delete_originals: bool
+
+
+class RowJob:
+    """One row. Zipping happens in `start_row`; the rest (test, checks, mark, rename, deletion)
+    runs in a thread of its own, so that the next folder can be zipped meanwhile. Whatever
+    stops it, the archive is renamed only after its test, and originals deleted only after that."""
+
+    def __init__(self, folder: Path, log):
+        self.folder = folder
+        self.log = log
+        self.outcome = RowOutcome(folder=folder, ok=False, result="")
+        self.started = time.monotonic()
+        self.built: _BuiltArchive | None = None
+        self.test_threads = 1
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bug: BaseException | None = None
+
+    @property
+    def deletes_originals_later(self) -> bool:
+        return self.built is not None and self.built.delete_originals
+
+    def start_test(self) -> None:
+        if self.built is None or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._finish, name=f"test {self.folder.name}",
+                                        daemon=True)  # a daemon dies with the process, as with kill -9
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the test to stop (Ctrl-C): the unfinished archive is then removed, nothing deleted."""
+        self._stop.set()
+
+    def discard(self) -> None:
+        """Remove the archive of a row whose test never started (the run is stopping)."""
+        if self.built is not None and self._thread is None:
+            _remove_unfinished(self.built.temporary, self.log)
+
+    def wait(self) -> RowOutcome:
+        if self._thread is not None:
+            self._thread.join()
+        if self._bug is not None:
+            raise self._bug
+        return self.outcome
+
+    def _finish(self) -> None:
+        try:
+            _test_and_publish(self.built, self.outcome, self.log, self.test_threads, self._stop)
+        except (FileProblem, OSError, TestStopped) as exc:
+            _record_failure(self.outcome, self.folder, exc)
+        except BaseException as exc:  # a bug: raised again in the main thread by wait()
+            self._bug = exc
+        self.outcome.seconds = time.monotonic() - self.started
+
+
+def start_row(folder: Path, *, engine, delete_originals: bool, log,
+              progress_factory: Callable[[int, str], "tqdm"] | None = None,
+              before_build: Callable[[FolderSnapshot], None] | None = None) -> RowJob:
+    """Zip one folder into its temporary file (or finish or skip a row done earlier); the
+    returned job's `start_test` does the rest. `before_build` sees the scan before zipping."""
+    job = RowJob(folder, log)
     archive = archive_path(folder)
-    outcome = RowOutcome(folder=folder, ok=False, result="")
     try:
         _remove_partial(folder, log)
         if archive.exists() or archive.is_symlink():
-            _finish_existing(folder, archive, engine, delete_originals, log, outcome)
+            _finish_existing(folder, archive, engine, delete_originals, log, job.outcome)
         elif not folder.is_dir():
             raise FileProblem(f"{folder} no longer exists (and there is no {archive.name} beside it)",
                               paths=[folder], title="Folder missing")
         else:
-            _zip_new(folder, archive, engine, delete_originals, log, outcome, progress_factory)
-    except FileProblem as exc:
-        outcome.ok, outcome.result = False, exc.message
+            job.built = _zip_new(folder, archive, engine, delete_originals, log, job.outcome,
+                                 progress_factory, before_build)
+            job.test_threads = getattr(engine, "threads", 1)
+    except (FileProblem, OSError) as exc:
+        _record_failure(job.outcome, folder, exc)
+    job.outcome.seconds = time.monotonic() - job.started
+    return job
+
+
+def _record_failure(outcome: RowOutcome, folder: Path, exc: BaseException) -> None:
+    outcome.ok = False
+    if isinstance(exc, TestStopped):
+        outcome.result = ("stopped before its archive was tested; the unfinished archive was "
+                          "removed and nothing was deleted")
+    elif isinstance(exc, FileProblem):
+        outcome.result = exc.message
         if any(sign in exc.message for sign in _DISK_FULL_SIGNS):
             outcome.result = _disk_full(folder, exc.message)
-    except OSError as exc:
-        outcome.ok = False
-        if exc.errno == errno.ENOSPC:
-            outcome.result = _disk_full(folder, exc.strerror or str(exc))
-        else:
-            where = f" ({exc.filename})" if exc.filename else ""
-            outcome.result = f"{exc.strerror or exc}{where}"
-    outcome.seconds = time.monotonic() - started
-    return outcome
+    elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        outcome.result = _disk_full(folder, exc.strerror or str(exc))
+    else:
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        outcome.result = f"{getattr(exc, 'strerror', None) or exc}{where}"
 
 
 # How 7-Zip reports a full disk on Linux/macOS and on Windows.
@@ -888,7 +1043,7 @@ def _finish_existing(folder: Path, archive: Path, engine, delete_originals: bool
         return
     log.info("%s exists and is marked verified; testing it again before deleting originals in %s.",
              archive, folder)
-    engine.test(archive)
+    verify_archive(archive, threads=getattr(engine, "threads", 1))
     deletion = _delete_verified_against_archive(folder, archive, members, log)
     outcome.ok = True
     outcome.result = "archive verified earlier and tested again; " + deletion.summary()
@@ -897,7 +1052,7 @@ def _finish_existing(folder: Path, archive: Path, engine, delete_originals: bool
 
 
 def _zip_new(folder: Path, archive: Path, engine, delete_originals: bool, log, outcome: RowOutcome,
-             progress_factory) -> None:
+             progress_factory, before_build) -> _BuiltArchive:
     snapshot = scan_folder(folder)
     outcome.subdirectories = len(snapshot.directories)
     outcome.files = len(snapshot.files) + len(snapshot.links)
@@ -913,6 +1068,8 @@ def _zip_new(folder: Path, archive: Path, engine, delete_originals: bool, log, o
     if snapshot.skipped:
         log.warning("%d special entries in %s (pipes, sockets, devices, junctions) are not archived "
                     "and stay in place, e.g. %s", len(snapshot.skipped), folder, snapshot.skipped[0])
+    if before_build is not None:
+        before_build(snapshot)
     free = shutil.disk_usage(folder.parent).free
     if free < snapshot.total_bytes:
         log.warning("Only %s free beside %s for an archive of up to %s; it may not fit.",
@@ -934,12 +1091,23 @@ def _zip_new(folder: Path, archive: Path, engine, delete_originals: bool, log, o
             bar.update(total_done - done[0])
             done[0] = total_done
 
-    published = False
     try:
         engine.build(snapshot, temporary, advance)
-        engine.test(temporary)
-        with zipfile.ZipFile(temporary) as book:
-            members = book.infolist()
+    except BaseException:
+        _remove_unfinished(temporary, log)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return _BuiltArchive(snapshot, temporary, archive, delete_originals)
+
+
+def _test_and_publish(built: _BuiltArchive, outcome: RowOutcome, log, threads: int,
+                      stop: threading.Event) -> None:
+    snapshot, temporary, archive, folder = built.snapshot, built.temporary, built.archive, built.snapshot.root
+    published = False
+    try:
+        members = verify_archive(temporary, threads=threads, stop=stop)
         differences = _compare_members(members, snapshot)
         if differences:
             raise FileProblem("the archive does not match the folder: " + "; ".join(differences)
@@ -959,24 +1127,26 @@ def _zip_new(folder: Path, archive: Path, engine, delete_originals: bool, log, o
                               "untouched and nothing was deleted.", paths=[archive]) from None
         published = True
     finally:
-        if bar is not None:
-            bar.close()
         if not published:
-            try:
-                temporary.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning("Could not remove the unfinished %s (%s); the next run removes it.",
-                            temporary, exc.strerror or exc)
+            _remove_unfinished(temporary, log)
     outcome.archive_size = archive.stat().st_size
     outcome.ok = True
     outcome.result = "zipped and verified"
-    if delete_originals:
+    if built.delete_originals:
         deletion = _delete_snapshot_files(snapshot, log)
         outcome.result += "; " + deletion.summary()
         if folder.exists():
             outcome.result += f"; folder kept: {_left_over(folder)}"
+
+
+def _remove_unfinished(temporary: Path, log) -> None:
+    try:
+        temporary.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("Could not remove the unfinished %s (%s); the next run removes it.",
+                    temporary, exc.strerror or exc)
 
 
 # --------------------------------------------------------------------------- the sheet
@@ -1077,14 +1247,50 @@ def run_zip_dir(context) -> int:
                     leave=False, disable=None, dynamic_ncols=True)
 
     outcomes: list[RowOutcome] = []
-    for index, row in enumerate(rows, start=1):
-        folder: Path = row["inputDir"]
-        log.info("Row %d (%d of %d): %s", row.row, index, len(rows), folder)
-        outcome = zip_folder(folder, engine=engine, delete_originals=bool(row["deleteFlag"]), log=log,
-                             progress_factory=progress_factory)
-        outcome.row = row.row
+    in_test: RowJob | None = None  # the row whose archive is tested while the next one is zipped
+
+    def settle() -> None:
+        """Wait for the row in test and log its line: lines come in row order."""
+        nonlocal in_test
+        if in_test is None:
+            return
+        outcome = in_test.wait()
+        in_test = None
         (log.info if outcome.ok else log.error)("%s", outcome.line())
         outcomes.append(outcome)
+
+    def make_room(snapshot: FolderSnapshot) -> None:
+        # Two archives on the disk at once is the price of testing one while zipping the next.
+        # Zipping one folder after another, the previous row's originals would already be
+        # deleted; so when that matters for space, do that first.
+        if (in_test is not None and in_test.deletes_originals_later
+                and shutil.disk_usage(snapshot.root.parent).free < snapshot.total_bytes):
+            log.info("Little free space beside %s: first finishing the previous row (its test and "
+                     "the deletion of its originals).", snapshot.root)
+            settle()
+
+    job: RowJob | None = None
+    try:
+        for index, row in enumerate(rows, start=1):
+            folder: Path = row["inputDir"]
+            log.info("Row %d (%d of %d): %s", row.row, index, len(rows), folder)
+            job = start_row(folder, engine=engine, delete_originals=bool(row["deleteFlag"]), log=log,
+                            progress_factory=progress_factory, before_build=make_room)
+            job.outcome.row = row.row
+            settle()
+            job.start_test()
+            in_test = job
+        settle()
+    except BaseException:  # Ctrl-C, or a bug: stop the test under way and report that row
+        if in_test is not None:
+            in_test.stop()
+            try:
+                settle()
+            except BaseException:  # noqa: BLE001 - the first error is the one to report
+                pass
+        if job is not None:
+            job.discard()
+        raise
     failed = [o for o in outcomes if not o.ok]
     log.info("Summary: %d row(s): %d done, %d failed.", len(outcomes), len(outcomes) - len(failed),
              len(failed))

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import logging
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,7 @@ from hypothesis import HealthCheck, given, settings as hypothesis_settings, stra
 
 from conftest import REPO, log_files, make_tree, run_script, write_xlsx
 
-from archive_dropbox import cli, zipping
+from archive_dropbox import cli, errors, zipping
 
 SCRIPT = REPO / "preProcess" / "2_zipDir.py"
 SEVEN_ZIP = zipping.find_seven_zip()
@@ -537,23 +540,316 @@ def test_any_names_round_trip_identically_through_both_engines(tmp_path_factory,
 # --------------------------------------------------------------------------- the archive test
 
 
-@pytest.mark.parametrize("engine", ["7-Zip in parallel", "7-Zip", "python"])
-def test_a_damaged_archive_fails_its_test(tmp_path, monkeypatch, engine):
-    if engine != "python" and SEVEN_ZIP is None:
-        pytest.skip("7-Zip is not installed")
+LIBRARIES = [pytest.param(zlib, id="zlib")] + (
+    [pytest.param(zipping._isal_zlib, id="isal")] if zipping._isal_zlib is not None else [])
+COMPRESSIBLE = b"".join(b"%06d,frame_%05d.tif,OK\n" % (i, i % 977) for i in range(20_000))
+
+
+def sample_archive(tmp_path: Path, made_by: str) -> Path:
+    """An archive with deflated members (text) and, from zipfile, a stored one."""
+    folder = make_tree(tmp_path / "001", {"a.csv": COMPRESSIBLE, "sub/b.csv": COMPRESSIBLE[::-1],
+                                          "c.bin": 50_000})
+    archive = tmp_path / "001.zip"
+    if made_by == "7-Zip":
+        zipping.SevenZip(SEVEN_ZIP, 1, 2).build(zipping.scan_folder(folder), archive, lambda done: None)
+    else:
+        with zipfile.ZipFile(archive, "w") as book:
+            for name in ("a.csv", "sub/b.csv"):
+                book.write(folder / name, f"001/{name}", compress_type=zipfile.ZIP_DEFLATED)
+            book.write(folder / "c.bin", "001/c.bin", compress_type=zipfile.ZIP_STORED)
+    return archive
+
+
+def data_offset(data: bytes, info: zipfile.ZipInfo) -> int:
+    name_length, extra_length = struct.unpack_from("<HH", data, info.header_offset + 26)
+    return info.header_offset + 30 + name_length + extra_length
+
+
+def central_record(data: bytes, name: str) -> int:
+    """Where the central directory record of `name` starts."""
+    with zipfile.ZipFile(io.BytesIO(data)) as book:
+        position, names = book.start_dir, [i.filename for i in book.infolist()]
+    for candidate in names:
+        assert data[position:position + 4] == b"PK\x01\x02"
+        if candidate == name:
+            return position
+        lengths = struct.unpack_from("<HHH", data, position + 28)
+        position += 46 + sum(lengths)
+    raise KeyError(name)
+
+
+def damage(data: bytes, how: str) -> bytes:
+    with zipfile.ZipFile(io.BytesIO(data)) as book:
+        infos = {i.filename: i for i in book.infolist()}
+    deflated = infos["001/a.csv"]
+    assert deflated.compress_type == zipfile.ZIP_DEFLATED
+    damaged = bytearray(data)
+    if how == "byte flipped in deflated data":
+        damaged[data_offset(data, deflated) + deflated.compress_size // 2] ^= 0xFF
+    elif how == "byte flipped in stored data":
+        stored = infos["001/c.bin"]
+        assert stored.compress_type == zipfile.ZIP_STORED
+        damaged[data_offset(data, stored) + stored.compress_size // 2] ^= 0xFF
+    elif how == "archive truncated":
+        del damaged[len(data) * 2 // 3:]
+    elif how == "wrong CRC in the central directory":
+        record = central_record(data, deflated.filename)
+        struct.pack_into("<L", damaged, record + 16, deflated.CRC ^ 0x1)
+    elif how == "wrong size in the central directory":
+        record = central_record(data, deflated.filename)
+        struct.pack_into("<L", damaged, record + 24, deflated.file_size - 1)
+    elif how == "compressed size cut in the central directory":
+        record = central_record(data, deflated.filename)
+        struct.pack_into("<L", damaged, record + 20, deflated.compress_size - 100)
+    elif how == "compressed size runs into the next member":
+        record = central_record(data, deflated.filename)
+        struct.pack_into("<L", damaged, record + 20, deflated.compress_size + 100)
+    elif how == "local name differs":
+        damaged[deflated.header_offset + 30 + 4] ^= 0x01  # '001/a.csv' -> '001/`.csv'
+    else:
+        raise ValueError(how)
+    assert bytes(damaged) != data
+    return bytes(damaged)
+
+
+DAMAGES = ["byte flipped in deflated data", "archive truncated", "wrong CRC in the central directory",
+           "wrong size in the central directory", "compressed size cut in the central directory",
+           "compressed size runs into the next member", "local name differs"]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("how", DAMAGES + ["byte flipped in stored data"])
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_the_archive_test_refuses_damaged_archives(tmp_path, library, how, threads):
+    archive = sample_archive(tmp_path, "zipfile")
+    members = zipping.verify_archive(archive, threads=threads, library=library)  # intact: passes
+    assert sorted(m.filename for m in members) == ["001/a.csv", "001/c.bin", "001/sub/b.csv"]
+    archive.write_bytes(damage(archive.read_bytes(), how))
+    with pytest.raises(zipping.FileProblem, match="the archive failed its test"):
+        zipping.verify_archive(archive, threads=threads, library=library)
+
+
+@needs_seven_zip
+@pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_the_archive_test_reads_seven_zip_archives_and_refuses_them_damaged(tmp_path, library, how):
+    archive = sample_archive(tmp_path, "7-Zip")
+    zipping.verify_archive(archive, threads=2, library=library)
+    archive.write_bytes(damage(archive.read_bytes(), how))
+    with pytest.raises(zipping.FileProblem, match="the archive failed its test"):
+        zipping.verify_archive(archive, threads=2, library=library)
+    if how != "local name differs":  # `7z t` does not compare the two copies of a name
+        assert seven_zip_test(archive).returncode != 0  # 7-Zip agrees: it is damaged
+
+
+def test_a_flipped_byte_is_reported_as_a_bad_crc(tmp_path):
     folder = make_tree(tmp_path / "001", {f"f{i:02d}.bin": 20_000 for i in range(12)})
     archive = tmp_path / "001.zip"
     zipping.PythonZip(0).build(zipping.scan_folder(folder), archive, lambda done: None)
-    tester = zipping.PythonZip(0) if engine == "python" else zipping.SevenZip(SEVEN_ZIP, 0, 2)
-    if engine == "7-Zip in parallel":
-        monkeypatch.setattr(zipping, "PARALLEL_TEST_BYTES", 0)  # small archive, parallel test
-        with zipfile.ZipFile(archive) as book:
-            files = book.infolist()
-        groups = tester._test_groups(files)
-        assert groups is not None and sorted(sum(groups, [])) == sorted(m.filename for m in files)
-    tester.test(archive)  # intact: passes
     data = bytearray(archive.read_bytes())
     data[len(data) // 2] ^= 0xFF
     archive.write_bytes(bytes(data))
     with pytest.raises(zipping.FileProblem, match="CRC"):
-        tester.test(archive)
+        zipping.verify_archive(archive, threads=2)
+
+
+def test_the_archive_test_stops_when_asked(tmp_path):
+    archive = sample_archive(tmp_path, "zipfile")
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(zipping.TestStopped):
+        zipping.verify_archive(archive, stop=stop)
+
+
+# --------------------------------------------------------------------------- test while zipping the next
+
+
+def test_originals_wait_for_their_own_test_while_the_next_folder_is_zipped(tmp_path, monkeypatch):
+    first = build_tree(tmp_path / "001")
+    second = build_tree(tmp_path / "002")
+    before = contents(first)
+    release = threading.Event()
+    real_verify = zipping.verify_archive
+
+    def slow_verify(archive, **options):
+        if archive.name.startswith(".~001"):
+            assert release.wait(60)
+        return real_verify(archive, **options)
+
+    monkeypatch.setattr(zipping, "verify_archive", slow_verify)
+    log = logging.getLogger("test")
+    job = zipping.start_row(first, engine=zipping.PythonZip(1), delete_originals=True, log=log)
+    job.start_test()
+    # While row 001 is in its test, 002 is zipped; 001 is neither renamed nor deleted.
+    other = zipping.zip_folder(second, engine=zipping.PythonZip(1), delete_originals=True, log=log)
+    assert other.ok, other.result
+    assert zipping.partial_path(first).exists() and not zipping.archive_path(first).exists()
+    assert contents(first) == before
+    release.set()
+    outcome = job.wait()
+    assert outcome.ok and "original files deleted" in outcome.result, outcome.result
+    assert not first.exists()
+    assert contents(extract(zipping.archive_path(first), tmp_path / "out") / "001") == before
+
+
+def test_a_failed_test_deletes_nothing_and_the_next_rows_go_on(tmp_path, logs_root, monkeypatch):
+    folders = [build_tree(tmp_path / name) for name in ("001", "002", "003")]
+    before = [contents(folder) for folder in folders]
+    real_build = zipping.PythonZip.build
+
+    def build_damaged_002(self, snapshot, temporary, progress):
+        real_build(self, snapshot, temporary, progress)
+        if snapshot.root.name == "002":
+            temporary.write_bytes(damage_first_member(temporary.read_bytes()))
+
+    monkeypatch.setattr(zipping.PythonZip, "build", build_damaged_002)
+    book = workbook(tmp_path / "wb.xlsx", [[str(f), 1] for f in folders])
+    code = run_in_process("--excelName", str(book), "--logs", str(logs_root), "--useSevenZip", "False")
+    assert code == 1
+    log = last_log(logs_root)
+    assert "failed its test" in row_line(log, 3) and "FAILED" in row_line(log, 3)
+    assert contents(folders[1]) == before[1]
+    assert_no_leftovers(folders[1])
+    assert not folders[0].exists() and not folders[2].exists()
+    rows = [line for line in log.splitlines() if "] " in line and " | " in line and "[row " in line]
+    assert [line.split("[row ")[1][0] for line in rows] == ["2", "3", "4"]  # lines in row order
+
+
+def damage_first_member(data: bytes) -> bytes:
+    with zipfile.ZipFile(io.BytesIO(data)) as book:
+        info = max(book.infolist(), key=lambda i: i.compress_size)
+    damaged = bytearray(data)
+    damaged[data_offset(data, info) + info.compress_size // 2] ^= 0xFF
+    return bytes(damaged)
+
+
+def test_little_free_space_finishes_the_previous_row_before_zipping_the_next(tmp_path, logs_root,
+                                                                              monkeypatch):
+    first = build_tree(tmp_path / "001")
+    second = build_tree(tmp_path / "002")
+    seen_when_zipping_002 = []
+    real_build = zipping.PythonZip.build
+
+    def build(self, snapshot, temporary, progress):
+        if snapshot.root.name == "002":
+            seen_when_zipping_002.append(first.exists())
+        real_build(self, snapshot, temporary, progress)
+
+    Usage = type(shutil.disk_usage(tmp_path))
+    monkeypatch.setattr(zipping.PythonZip, "build", build)
+    monkeypatch.setattr(zipping.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 10, 10))
+    book = workbook(tmp_path / "wb.xlsx", [[str(first), 1], [str(second), 1]])
+    code = run_in_process("--excelName", str(book), "--logs", str(logs_root), "--useSevenZip", "False")
+    assert code == 0
+    assert seen_when_zipping_002 == [False]  # 001 was tested and its originals deleted first
+    assert "first finishing the previous row" in last_log(logs_root)
+
+
+def test_ctrl_c_while_the_previous_row_is_in_its_test_loses_nothing(tmp_path, logs_root, monkeypatch):
+    first = build_tree(tmp_path / "001")
+    second = build_tree(tmp_path / "002")
+    before = {first: contents(first), second: contents(second)}
+    in_test = threading.Event()
+
+    def test_until_stopped(archive, *, threads=1, library=None, stop=None):
+        in_test.set()
+        while not stop.wait(0.01):
+            pass
+        raise zipping.TestStopped()
+
+    real_build = zipping.PythonZip.build
+
+    def build(self, snapshot, temporary, progress):
+        real_build(self, snapshot, temporary, progress)
+        if snapshot.root.name == "002":
+            assert in_test.wait(30)
+            raise KeyboardInterrupt  # Ctrl-C while 002 is zipped and 001 is in its test
+
+    with monkeypatch.context() as patch:
+        patch.setattr(zipping, "verify_archive", test_until_stopped)
+        patch.setattr(zipping.PythonZip, "build", build)
+        book = workbook(tmp_path / "wb.xlsx", [[str(first), 1], [str(second), 1]])
+        code = run_in_process("--excelName", str(book), "--logs", str(logs_root), "--useSevenZip", "False")
+    assert code == errors.EXIT_INTERRUPTED
+    assert "stopped before its archive was tested" in row_line(last_log(logs_root), 2)
+    for folder, original in before.items():
+        assert contents(folder) == original
+        assert_no_leftovers(folder)
+    rerun = run_in_process("--excelName", str(book), "--logs", str(logs_root), "--useSevenZip", "False")
+    assert rerun == 0
+    assert not first.exists() and not second.exists()
+    for folder, original in before.items():
+        assert contents(extract(zipping.archive_path(folder), tmp_path / f"out{folder.name}") / folder.name) == original
+
+
+def test_ctrl_c_while_waiting_for_the_previous_test_leaves_no_archive_behind(tmp_path, logs_root,
+                                                                             monkeypatch):
+    first = build_tree(tmp_path / "001")
+    second = build_tree(tmp_path / "002")
+    before = {first: contents(first), second: contents(second)}
+    real_wait = zipping.RowJob.wait
+    interrupted = []
+
+    def wait(self):
+        if not interrupted and self.folder == first:  # 002 is zipped; 001 not yet settled
+            interrupted.append(True)
+            assert zipping.partial_path(second).exists()
+            raise KeyboardInterrupt
+        return real_wait(self)
+
+    real_verify = zipping.verify_archive
+
+    def test_until_stopped(archive, *, threads=1, library=None, stop=None):
+        while not stop.wait(0.01):
+            pass
+        return real_verify(archive, threads=threads, library=library, stop=stop)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(zipping.RowJob, "wait", wait)
+        patch.setattr(zipping, "verify_archive", test_until_stopped)
+        book = workbook(tmp_path / "wb.xlsx", [[str(first), 1], [str(second), 1]])
+        code = run_in_process("--excelName", str(book), "--logs", str(logs_root), "--useSevenZip", "False")
+    assert code == errors.EXIT_INTERRUPTED
+    assert "stopped before its archive was tested" in row_line(last_log(logs_root), 2)
+    for folder, original in before.items():
+        assert contents(folder) == original
+        assert_no_leftovers(folder)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc")
+def test_kill_9_while_the_next_folder_is_zipped_then_rerun(tmp_path, logs_root):
+    folders = [make_tree(tmp_path / name, {f"frame_{i:04d}.tif": 400_000 for i in range(16)})
+               for name in ("001", "002")]
+    before = {folder: contents(folder) for folder in folders}
+    book = workbook(tmp_path / "wb.xlsx", [[str(folder), 1] for folder in folders])
+    engine_flags = ["--useSevenZip", "False"] if SEVEN_ZIP is None else ["--sevenZipPath", str(SEVEN_ZIP)]
+    second_partial = zipping.partial_path(folders[1])
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--excelName", str(book), "--logs", str(logs_root),
+         "--compressionLevel", "9", *engine_flags],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "ARCHIVE_DROPBOX_NO_PAUSE": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if second_partial.exists() and second_partial.stat().st_size > 0:
+                break  # 002 is being zipped; 001 is in its test, renamed, or deleting
+            time.sleep(0.005)
+        assert process.poll() is None, "the run finished before it could be interrupted"
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    for _ in range(500):
+        if not _writer_alive(second_partial):
+            break
+        time.sleep(0.01)
+    assert not zipping.archive_path(folders[1]).exists()
+    assert contents(folders[1]) == before[folders[1]]
+    if not zipping.archive_path(folders[0]).exists():
+        assert contents(folders[0]) == before[folders[0]]  # not yet verified: nothing deleted
+
+    rerun = zip_dir(book, logs_root, "--compressionLevel", "0", *engine_flags)
+    assert rerun.returncode == 0, rerun.stdout
+    for folder, original in before.items():
+        assert not folder.exists() and not zipping.partial_path(folder).exists()
+        assert contents(extract(zipping.archive_path(folder), tmp_path / f"out{folder.name}") / folder.name) == original

@@ -12,9 +12,11 @@ pausing on a full account, and verification.
 from __future__ import annotations
 
 import concurrent.futures as futures
+import ctypes
 import hashlib
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from .units import MIB, human_bytes
 BATCH_LIMIT = 1000  # finish_batch_v2 takes at most 1000 entries
 APPEND_BATCH_LIMIT = 500  # and append_batch at most 500
 BLOCK = 4 * MIB  # concurrent-session appends are multiples of this, except the closing one
+MIN_APPEND = 16 * MIB  # at 20 MiB/s per connection, 50 ms of latency costs 6 % of such an append
 CONNECTION_MEMORY = 256 * 1024  # measured: 8 connections in flight add about 1.3 MiB beyond the data
 
 
@@ -128,6 +131,19 @@ def read_at(handle, position: int, size: int) -> bytes:
 _WINDOWS_READ_LOCK = threading.Lock()
 
 
+def _return_freed_buffers_at_once() -> None:
+    """glibc raises its mmap threshold (up to 32 MiB) whenever a large buffer is freed, after
+    which buffers of that size come from the heap, where freed ones stay in RSS. A fixed
+    threshold keeps every chunk in a mapping of its own that goes back to the system the moment
+    the chunk is sent, so the process's memory follows the byte budget."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):
+        pass  # not glibc (musl returns large buffers to the system by itself)
+
+
 class Pauser:
     """Holds every worker while Dropbox is full or the data-transport limit is reached, and
     re-checks every `sleep_seconds` until it is safe to go on."""
@@ -178,11 +194,17 @@ class ApiUploader:
         # memory_budget covers the connections too (TLS buffers, response objects, thread
         # stacks): what is left is for file data.
         connections = options.workers * (options.appends_per_file + 1) + options.small_file_workers
+        _return_freed_buffers_at_once()
         self.budget = ByteBudget(max(options.memory_budget - connections * CONNECTION_MEMORY, 2 * options.chunk_size))
         # Small files travel together in append_batch requests of this many bytes; a quarter of
         # the budget at most, since a request's bytes are held twice while its body is built.
         self._group_bytes = min(options.small_group_bytes, self.budget.capacity // 4)
         self._group_file_limit = min(BLOCK, self._group_bytes)
+        # Memory, not the link, limits how many appends of a concurrent session are in flight:
+        # pieces small enough that every file in flight can keep all its connections busy
+        # within the budget, but not so small that request latency starts to count.
+        per_append = self.budget.capacity // max(1, options.workers * options.appends_per_file)
+        self._append_size = max(min(MIN_APPEND, options.chunk_size), min(options.chunk_size, per_append // BLOCK * BLOCK))
         self._readahead = futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="read")
         self._appends = futures.ThreadPoolExecutor(max_workers=max(1, options.appends_per_file * 2),
                                                    thread_name_prefix="append")
@@ -441,7 +463,9 @@ class ApiUploader:
         The closing append goes last, after every other chunk is confirmed, as Dropbox requires."""
         started = time.monotonic()
         self._source_unchanged(item)
-        chunk = self.options.chunk_size  # a multiple of 4 MiB, as concurrent appends must be
+        # A session resumed from the journal keeps the pieces it was cut into. All are multiples
+        # of 4 MiB, as concurrent appends must be.
+        chunk = (item.chunk_piece_size() or self.options.chunk_size) if item.confirmed_chunks else self._append_size
         # The closing append must wait until every other append succeeded, so it carries only
         # the last (at most 4 MiB) block: a whole last chunk would cross the link alone.
         tail = item.length - ((item.length - 1) // BLOCK) * BLOCK if item.length else 0
@@ -479,7 +503,7 @@ class ApiUploader:
                     self._advance(len(data))
                     with lock:
                         confirmed.add(index)
-                        self.journal.confirm_chunks(item, set(confirmed))
+                        self.journal.confirm_chunks(item, set(confirmed), chunk)
                 finally:
                     held, data = len(data), None
                     self.budget.give(held)

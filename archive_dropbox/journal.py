@@ -82,10 +82,18 @@ class Item:
     remote_rev: str | None = None
     error: str | None = None
     source_deleted: int = 0
-    confirmed_chunks: str | None = None  # "0,1,5": chunks of a concurrent session already in Dropbox
+    # "@<piece size>;0,1,5": pieces of a concurrent session already in Dropbox ("0,1,5" in
+    # journals written before the piece size was recorded: pieces were then chunkSize_MB).
+    confirmed_chunks: str | None = None
 
     def chunk_set(self) -> set[int]:
-        return {int(x) for x in self.confirmed_chunks.split(",")} if self.confirmed_chunks else set()
+        listed = (self.confirmed_chunks or "").rpartition(";")[2]
+        return {int(x) for x in listed.split(",")} if listed else set()
+
+    def chunk_piece_size(self) -> int | None:
+        """The piece size the confirmed pieces were cut with, when the journal recorded it."""
+        text = self.confirmed_chunks or ""
+        return int(text[1:text.index(";")]) if text.startswith("@") and ";" in text else None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -286,9 +294,9 @@ class Journal:
         self._write("UPDATE items SET session_id = NULL, session_started = NULL, confirmed_offset = 0, "
                     "confirmed_chunks = NULL, updated = ? WHERE id = ?", (time.time(), item.id))
 
-    def confirm_chunks(self, item: Item, chunks: set[int]) -> None:
-        """Concurrent sessions: these chunks are in Dropbox (appends arrive in any order)."""
-        item.confirmed_chunks = ",".join(str(c) for c in sorted(chunks))
+    def confirm_chunks(self, item: Item, chunks: set[int], piece_size: int) -> None:
+        """Concurrent sessions: these pieces are in Dropbox (appends arrive in any order)."""
+        item.confirmed_chunks = f"@{piece_size};" + ",".join(str(c) for c in sorted(chunks))
         self._write("UPDATE items SET confirmed_chunks = ?, updated = ? WHERE id = ?",
                     (item.confirmed_chunks, time.time(), item.id))
 

@@ -502,3 +502,23 @@ def test_a_split_file_is_read_once_for_its_parts_and_its_manifest(tmp_path, serv
     # Every part's bytes are hashed (part and whole-file SHA-256) as they are sent: the manifest
     # needs no second pass over the original.
     assert size <= read < 1.2 * size, f"read {read} bytes for a file of {size}"
+
+
+def test_a_resumed_concurrent_session_keeps_its_pieces_when_the_settings_change(tmp_path, server):
+    """The pieces of a concurrent session are journaled with their size: a rerun with another
+    chunk size continues the same session instead of misreading which pieces arrived."""
+    tree = make_tree(tmp_path / "data", {"r/huge.bin": 140 * MIB + 12345})
+    book = sheet(tmp_path, [[str(tree / "r"), "/R", 0]])
+    server.set_faults(FaultConfig(bandwidth_bps=12 * MIB))
+    first = ["--chunkSize_MB", "32", "--connectionsPerFile", "2", "--workers", "1"]
+    process = subprocess.Popen(app_args(book, tmp_path / "logs", server, *first), env=script_env(app_env(server)),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    appends = lambda: [c for c in server.calls("files/upload_session/append_v2") if c["status"] == 200]  # noqa: E731
+    _kill_when(process, lambda: len(appends()) >= 2)
+    assert {c["bytes_in"] for c in appends()} == {32 * MIB}
+    server.set_faults(FaultConfig())
+    result = run_app(book, tmp_path / "logs", server, "--chunkSize_MB", "16", "--connectionsPerFile", "2")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "Resuming /R/huge.bin" in result.stdout
+    assert server.content_hash("/R/huge.bin") == file_content_hash(tree / "r" / "huge.bin")
+    assert uploaded_bytes(server) - tree_bytes(tree / "r") <= 2 * 32 * MIB  # at most the pieces in flight

@@ -497,11 +497,13 @@ def case_huge(bench: Bench) -> list[dict]:
                          "--workers", str(WORKERS), "--chunkSize_MB", str(sizes.chunk_mb))
         ok = bench.original_ok and _landed(server, {"/Bench/huge/one.bin": data.files["huge/one.bin"]})
         appends = server.count_calls("files/upload_session/append_v2")
+        largest = max((c["bytes_in"] for c in server.calls("files/upload_session/append_v2")), default=0)
     finally:
         _close(server)
     rate = _mib(sizes.huge_size) / ours.seconds
     return [_row(f"2. one {_size(sizes.huge_size)} file, concurrent session ({appends} appends of up to "
-                 f"{sizes.chunk_mb} MiB; {bench.link}; incl. start-up; peak RSS {_mib(ours.peak_memory):.0f} MiB)",
+                 f"{_mib(largest):.0f} MiB, cut to fit memoryLimit_MB; chunkSize_MB {sizes.chunk_mb}; {bench.link}; "
+                 f"incl. start-up; peak RSS {_mib(ours.peak_memory):.0f} MiB)",
                  rate, "MiB/s",
                  "single connection: the original method's rate (as in 1.)", bench.original_rate,
                  f">= {TARGET_CONCURRENT:g}", bench.meets(ok, rate / bench.original_rate >= TARGET_CONCURRENT))]

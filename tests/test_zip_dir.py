@@ -237,6 +237,15 @@ def _writer_alive(path: Path) -> bool:
     return False
 
 
+def start_slow_zip(book: Path, logs_root: Path, engine_flags: list[str]) -> subprocess.Popen:
+    """2_zipDir.py at the slowest level, in the background, to be killed part-way."""
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--excelName", str(book), "--logs", str(logs_root),
+         "--compressionLevel", "9", *engine_flags],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "ARCHIVE_DROPBOX_NO_PAUSE": "1"})
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc")
 @pytest.mark.parametrize("engine", ["7-Zip", "python"])
 def test_kill_9_while_zipping_then_rerun(tmp_path, logs_root, engine):
@@ -247,11 +256,7 @@ def test_kill_9_while_zipping_then_rerun(tmp_path, logs_root, engine):
     book = workbook(tmp_path / "wb.xlsx", [[str(folder), 1]])
     engine_flags = ["--useSevenZip", "False"] if engine == "python" else ["--sevenZipPath", str(SEVEN_ZIP)]
     temporary = zipping.partial_path(folder)
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--excelName", str(book), "--logs", str(logs_root),
-         "--compressionLevel", "9", *engine_flags],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "ARCHIVE_DROPBOX_NO_PAUSE": "1"})
+    process = start_slow_zip(book, logs_root, engine_flags)
     try:
         seen = 0
         deadline = time.monotonic() + 120
@@ -745,6 +750,15 @@ def test_little_free_space_finishes_the_previous_row_before_zipping_the_next(tmp
     assert "first finishing the previous row" in last_log(logs_root)
 
 
+def assert_stopped_and_untouched(code: int, logs_root: Path, before: dict) -> None:
+    """Ctrl-C while row 1 was in its test: row 2 says so, every folder is as it was, no leftovers."""
+    assert code == errors.EXIT_INTERRUPTED
+    assert "stopped before its archive was tested" in row_line(last_log(logs_root), 2)
+    for folder, original in before.items():
+        assert contents(folder) == original
+        assert_no_leftovers(folder)
+
+
 def test_ctrl_c_while_the_previous_row_is_in_its_test_loses_nothing(tmp_path, logs_root, monkeypatch):
     first = build_tree(tmp_path / "001")
     second = build_tree(tmp_path / "002")
@@ -770,11 +784,7 @@ def test_ctrl_c_while_the_previous_row_is_in_its_test_loses_nothing(tmp_path, lo
         patch.setattr(zipping.PythonZip, "build", build)
         book = workbook(tmp_path / "wb.xlsx", [[str(first), 1], [str(second), 1]])
         code = run_in_process("--excelName", str(book), "--logs", str(logs_root), "--useSevenZip", "False")
-    assert code == errors.EXIT_INTERRUPTED
-    assert "stopped before its archive was tested" in row_line(last_log(logs_root), 2)
-    for folder, original in before.items():
-        assert contents(folder) == original
-        assert_no_leftovers(folder)
+    assert_stopped_and_untouched(code, logs_root, before)
     rerun = run_in_process("--excelName", str(book), "--logs", str(logs_root), "--useSevenZip", "False")
     assert rerun == 0
     assert not first.exists() and not second.exists()
@@ -809,11 +819,7 @@ def test_ctrl_c_while_waiting_for_the_previous_test_leaves_no_archive_behind(tmp
         patch.setattr(zipping, "verify_archive", test_until_stopped)
         book = workbook(tmp_path / "wb.xlsx", [[str(first), 1], [str(second), 1]])
         code = run_in_process("--excelName", str(book), "--logs", str(logs_root), "--useSevenZip", "False")
-    assert code == errors.EXIT_INTERRUPTED
-    assert "stopped before its archive was tested" in row_line(last_log(logs_root), 2)
-    for folder, original in before.items():
-        assert contents(folder) == original
-        assert_no_leftovers(folder)
+    assert_stopped_and_untouched(code, logs_root, before)
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc")
@@ -824,11 +830,7 @@ def test_kill_9_while_the_next_folder_is_zipped_then_rerun(tmp_path, logs_root):
     book = workbook(tmp_path / "wb.xlsx", [[str(folder), 1] for folder in folders])
     engine_flags = ["--useSevenZip", "False"] if SEVEN_ZIP is None else ["--sevenZipPath", str(SEVEN_ZIP)]
     second_partial = zipping.partial_path(folders[1])
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--excelName", str(book), "--logs", str(logs_root),
-         "--compressionLevel", "9", *engine_flags],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "ARCHIVE_DROPBOX_NO_PAUSE": "1"})
+    process = start_slow_zip(book, logs_root, engine_flags)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:

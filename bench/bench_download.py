@@ -15,7 +15,6 @@ Times of app.py include its Python start-up (about 1.5 s), as a user sees them.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import hashlib
 import os
@@ -148,10 +147,7 @@ def run(quick: bool, workdir: Path) -> list[dict]:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_table import markdown
+    from bench_table import bench_parser, markdown
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small data, correctness only")
-    parser.add_argument("--workdir", default=str(REPO / "bench" / "work" / "download"))
-    options = parser.parse_args()
-    print(markdown(run(options.quick, Path(options.workdir))))
+    options = bench_parser(__doc__, REPO / "bench" / "work" / "download", "small data, correctness only").parse_args()
+    print(markdown(run(options.quick, options.workdir)))

@@ -11,7 +11,6 @@ machines are noisy.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -192,11 +191,8 @@ def run(quick: bool, workdir: Path) -> list[dict]:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_table import markdown
+    from bench_table import bench_parser, markdown
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="64 MiB instead of 4 GiB (smoke test)")
-    parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / "work",
-                        help="scratch folder (needs about 3x the file size free)")
-    arguments = parser.parse_args()
+    arguments = bench_parser(__doc__, Path(__file__).resolve().parent / "work", "64 MiB instead of 4 GiB (smoke test)",
+                             "scratch folder (needs about 3x the file size free)").parse_args()
     print(markdown(run(arguments.quick, arguments.workdir)))

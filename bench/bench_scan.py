@@ -15,7 +15,6 @@ Targets: walk <= 1.5x find; script minus its fixed start-up <= 1.5x find; peak R
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import re
@@ -180,12 +179,10 @@ def run(quick: bool, workdir: Path) -> list[dict]:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_table import markdown
+    from bench_table import bench_parser, markdown
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="20,000 files in 2,000 folders (smoke test)")
-    parser.add_argument("--workdir", default=str(REPO / "bench" / "work"), help="cache for the test tree")
-    options = parser.parse_args()
-    results = run(options.quick, Path(options.workdir))
+    options = bench_parser(__doc__, REPO / "bench" / "work", "20,000 files in 2,000 folders (smoke test)",
+                           "cache for the test tree").parse_args()
+    results = run(options.quick, options.workdir)
     print(markdown(results))
     sys.exit(0 if all(row["passed"] for row in results) else 1)

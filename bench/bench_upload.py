@@ -29,7 +29,6 @@ file contents read on a rerun) decide `passed`.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import hashlib
 import json
@@ -614,14 +613,12 @@ def run(quick: bool, workdir: Path, cases: tuple[str, ...] = CASES, log=None) ->
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_table import markdown
+    from bench_table import bench_parser, markdown
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small data, correctness only (CI smoke)")
-    parser.add_argument("--workdir", default=str(REPO / "bench" / "work" / "upload"))
+    parser = bench_parser(__doc__, REPO / "bench" / "work" / "upload", "small data, correctness only (CI smoke)")
     parser.add_argument("--only", nargs="+", choices=CASES, default=list(CASES),
                         help="run only these cases (the one-file run always runs: others need it)")
     options = parser.parse_args()
-    table = run(options.quick, Path(options.workdir), tuple(options.only))
+    table = run(options.quick, options.workdir, tuple(options.only))
     print(markdown(table))
     sys.exit(0 if all(row["passed"] for row in table) else 1)

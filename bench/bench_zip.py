@@ -11,7 +11,6 @@ electron-counting frames and text metadata. Every figure is a ratio measured in 
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -272,10 +271,7 @@ def run(quick: bool, workdir: Path) -> list[dict]:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_table import markdown
+    from bench_table import bench_parser, markdown
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small data, correctness only")
-    parser.add_argument("--workdir", default=str(REPO / "bench" / "work" / "zip"))
-    options = parser.parse_args()
-    print(markdown(run(options.quick, Path(options.workdir))))
+    options = bench_parser(__doc__, REPO / "bench" / "work" / "zip", "small data, correctness only").parse_args()
+    print(markdown(run(options.quick, options.workdir)))

@@ -759,12 +759,16 @@ def _checked_members(archive: zipfile.ZipFile, zip_path: Path, target: Path) -> 
             if seen.get(member.parts[:depth]) is False:
                 unsafe.append(f"'{'/'.join(member.parts[:depth])}' is both a file and a folder")
     if unsafe:
-        shown = "\n".join(f"  - {u}" for u in unsafe[:10])
-        more = f"\n  - ... and {len(unsafe) - 10} more" if len(unsafe) > 10 else ""
         raise JoinProblem(f"{zip_path.name} was not unzipped: {len(unsafe)} entr{'y is' if len(unsafe) == 1 else 'ies are'} "
-                          f"unsafe, so nothing was extracted and the zip was kept:\n{shown}{more}",
+                          f"unsafe, so nothing was extracted and the zip was kept:\n{_first_ten(unsafe)}",
                           paths=[zip_path])
     return members
+
+
+def _first_ten(reasons: list[str]) -> str:
+    """A message's list of reasons: the first ten, and how many more."""
+    more = f"\n  - ... and {len(reasons) - 10} more" if len(reasons) > 10 else ""
+    return "\n".join(f"  - {reason}" for reason in reasons[:10]) + more
 
 
 def _crc32_file(path: Path) -> int:
@@ -806,10 +810,8 @@ def _sort_against_disk(members: list[_Member], target: Path, zip_path: Path) -> 
             else:
                 todo.append(member)
     if conflicts:
-        shown = "\n".join(f"  - {c}" for c in conflicts[:10])
-        more = f"\n  - ... and {len(conflicts) - 10} more" if len(conflicts) > 10 else ""
         raise JoinProblem(f"{zip_path.name} was not unzipped because files are in the way (nothing was "
-                          f"extracted, the zip was kept; move them away and run again):\n{shown}{more}",
+                          f"extracted, the zip was kept; move them away and run again):\n{_first_ten(conflicts)}",
                           paths=[zip_path])
     return todo
 

@@ -19,7 +19,7 @@ from dropbox import auth, files, team_common, team_policies, users, users_common
 
 from .http_io import FileSliceBody
 from .storage import (BLOCK, BadRequest, CursorReset, LookupFailure, SessionFailure,
-                      WriteFailure, file_content_hash)
+                      WriteFailure, file_content_hash, root_info)
 
 MAX_REQUEST_BYTES = 150 * 1024 * 1024   # Dropbox's per-request upload limit (150 MiB)
 
@@ -569,14 +569,6 @@ def _team_info(store):
 @handles("users", users.get_current_account)
 def get_current_account(call):
     store = call.store
-    from dropbox import common
-    if store.team:
-        root_info = common.TeamRootInfo(root_namespace_id=store.root_namespace_id,
-                                        home_namespace_id=store.home_namespace_id,
-                                        home_path=store.home_root().display)
-    else:
-        root_info = common.UserRootInfo(root_namespace_id=store.root_namespace_id,
-                                        home_namespace_id=store.home_namespace_id)
     name = call.settings.display_name
     given, _, surname = name.partition(" ")
     return users.FullAccount(
@@ -587,7 +579,7 @@ def get_current_account(call):
         referral_link="https://example.invalid/referrals/test-server", is_paired=False,
         account_type=(users_common.AccountType.business if store.team
                       else users_common.AccountType.pro),
-        root_info=root_info,
+        root_info=root_info(store),
         team=_team_info(store) if store.team else None,
         team_member_id=store.kv.get("team_member_id") if store.team else None)
 

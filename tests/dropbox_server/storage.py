@@ -731,13 +731,17 @@ def file_content_hash(path: Path) -> str:
     return hasher.hexdigest()
 
 
-def path_root_error(store: Store):
-    """The PathRootError Dropbox returns (HTTP 422) when a path root names the wrong root."""
+def root_info(store: Store):
+    """The account's RootInfo: a team space, or a user's own root."""
     if store.team:
-        info = common.TeamRootInfo(root_namespace_id=store.root_namespace_id,
+        return common.TeamRootInfo(root_namespace_id=store.root_namespace_id,
                                    home_namespace_id=store.home_namespace_id,
                                    home_path=store.home_root().display)
-    else:
-        info = common.UserRootInfo(root_namespace_id=store.root_namespace_id,
-                                   home_namespace_id=store.home_namespace_id)
+    return common.UserRootInfo(root_namespace_id=store.root_namespace_id,
+                               home_namespace_id=store.home_namespace_id)
+
+
+def path_root_error(store: Store):
+    """The PathRootError Dropbox returns (HTTP 422) when a path root names the wrong root."""
+    info = root_info(store)
     return common.PathRootError.invalid_root(info), info

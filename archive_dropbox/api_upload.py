@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 
 from tqdm import tqdm
 
-from . import split
+from . import deletion, split
 from .content_hash import ContentHasher, bytes_content_hash, hash_range
 from .dropbox_client import (CommitRequest, ContentHashMismatch, DropboxClient,
                              IncorrectOffset, InsufficientSpace, NetworkProblem, RateLimited,
@@ -299,7 +299,7 @@ class ApiUploader:
             raise FileProblem(f"Dropbox's content hash of {remote.path_display} does not match the local file "
                               f"(Dropbox {remote.content_hash}, local {item.content_hash}): the copy in Dropbox is "
                               "not trusted and the original is kept", paths=[item.source])
-        item.remote_rev = remote.rev
+        item.remote_rev, item.remote_path, item.hash_local = remote.rev, remote.path_display, 1
         if hasher is not None and item.kind == "part":
             self._keep_part_hashes(item, hasher)
 
@@ -667,7 +667,7 @@ class ApiUploader:
         crash (the file is there, identical) or it expired; in that case send the file again."""
         remote = self._retrying("checking", lambda: self.client.metadata(item.destination))
         if isinstance(remote, RemoteFile) and remote.content_hash == item.content_hash:
-            item.remote_rev = remote.rev
+            item.remote_rev, item.remote_path, item.hash_local = remote.rev, remote.path_display, 1
             self.journal.mark_done([item])
             self.summary.items_uploaded += 1
             self._log_result(item, "UPLOADED", time.monotonic() - started)
@@ -698,12 +698,15 @@ class ApiUploader:
         # both are hashed locally even when the quick check matches.
         must_hash = self.options.checksum or item.kind == "part" or item.source in self.sources_to_delete
         if quick_match and not must_hash:
-            item.content_hash, item.remote_rev = remote.content_hash, remote.rev
+            # Dropbox's hash, not the local bytes': the deletion gate hashes the file before trusting it.
+            item.content_hash, item.remote_rev, item.remote_path = remote.content_hash, remote.rev, remote.path_display
+            item.hash_local = 0
             return "done"
         if remote.size == item.length:
             local = self._hasher_for(item, item.length)
             if local.content_hash() == remote.content_hash:
                 item.content_hash, item.remote_rev = local.content_hash(), remote.rev
+                item.remote_path, item.hash_local = remote.path_display, 1
                 if item.kind == "part":
                     self._keep_part_hashes(item, local)
                 return "done"
@@ -885,6 +888,34 @@ class ApiUploader:
                 self.log.error("FAILED\tfolder %s: %s", folder, exc.message)
         return failures
 
+    def _reconcile(self, job_items: list[Item]) -> None:
+        """Items the journal calls done that Dropbox no longer holds as sent (deleted, moved or
+        replaced by someone, or another account) are sent again - never called verified. A
+        replaced file is left alone with ifExists = 'report' (both kept, and said so)."""
+        reopen: list[Item] = []
+        for item in job_items:
+            if item.state != "done":
+                continue
+            remote = self._remote.get(case_key(item.remote_key_path))
+            if isinstance(remote, RemoteFile) and remote.content_hash == item.content_hash:
+                continue
+            if remote is None:
+                self.log.warning("NOT IN DROPBOX\t%s: uploaded earlier, but Dropbox does not hold it now (deleted "
+                                 "or moved by someone, or another account); it is sent again.", item.remote_key_path)
+                reopen.append(item)
+            elif self.options.if_exists == "report":
+                self._fail(item, RemoteConflict(
+                    f"Dropbox now holds different bytes at {item.remote_key_path} than were uploaded from "
+                    f"{item.source} (replaced by someone). Both are kept (ifExists = 'report'): the original is not "
+                    "deleted. Set ifExists = 'overwrite' to upload it again over that file, or 'rename' to keep "
+                    "both in Dropbox", paths=[item.source]))
+            else:
+                self.log.warning("REPLACED IN DROPBOX\t%s: Dropbox holds different bytes now; it is sent again "
+                                 "(ifExists = '%s').", item.remote_key_path, self.options.if_exists)
+                reopen.append(item)
+        if reopen:
+            self.journal.reopen(reopen)
+
     def run(self, job_items: list[Item], remote_folders: Iterable[str]) -> Summary:
         """Send every item not yet done; `remote_folders` are listed once to find what is there."""
         started = time.monotonic()
@@ -892,20 +923,25 @@ class ApiUploader:
         for item in job_items:
             by_source.setdefault(item.source, []).append(item)
         self.summary.files_total = len(by_source)
+        if job_items:
+            # The journal says what was sent, not what Dropbox holds now: look, then decide.
+            for folder in _topmost(list(remote_folders)):
+                self._remote.update({case_key(k): v for k, v in self.client.list_files(folder).items()})
+            self._reconcile(job_items)
         todo = {source: items for source, items in by_source.items() if any(i.state != "done" for i in items)}
         self.summary.items_done_before = sum(1 for i in job_items if i.state == "done")
         total_bytes = sum(i.length for i in job_items)
         remaining_bytes = sum(i.length for items in todo.values() for i in items if i.state != "done")
         if todo:
-            self.log.info("%d of %d files still to send (%s); %d items were finished in earlier runs.",
-                          len(todo), len(by_source), human_bytes(remaining_bytes), self.summary.items_done_before)
+            self.log.info("%d of %d files still to send (%s); %d items were finished in earlier runs and are in "
+                          "Dropbox now.", len(todo), len(by_source), human_bytes(remaining_bytes),
+                          self.summary.items_done_before)
             usage = self.client.space_usage()
             if usage.free is not None and usage.free < remaining_bytes:
                 self.pauser.wait_for_space(remaining_bytes, "not enough space in Dropbox for this job")
-            for folder in _topmost(list(remote_folders)):
-                self._remote.update({case_key(k): v for k, v in self.client.list_files(folder).items()})
         else:
-            self.log.info("Every file of this sheet is already in Dropbox (journal); nothing to send.")
+            self.log.info("Every file of this sheet is in Dropbox now, identical (checked by content hash); "
+                          "nothing to send.")
         self._progress = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="Uploading",
                               disable=None, initial=total_bytes - remaining_bytes, dynamic_ncols=True)
         pool = futures.ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="upload")
@@ -982,39 +1018,27 @@ def _topmost(folders: list[str]) -> list[str]:
     return result
 
 
-def delete_verified_sources(plan: Plan, journal: Journal, log: logging.Logger) -> tuple[int, list[tuple[str, str]]]:
-    """Delete originals whose every item is verified in Dropbox and that did not change since."""
-    done = journal.sources_done()
-    by_source = {str(s.source): s for s in plan.sources}
-    deleted = 0
-    failures: list[tuple[str, str]] = []
-    folders: set[Path] = set()
-    for path, source in by_source.items():
-        if not source.delete_after or not done.get(path):
-            continue
-        try:
-            info = os.stat(path)
-            if info.st_size != source.size or info.st_mtime_ns != source.mtime_ns:
-                failures.append((path, "changed after its upload; kept, and sent again on the next run"))
-                continue
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            failures.append((path, f"could not be deleted ({exc.strerror})"))
-            continue
-        journal.mark_source_deleted(path)
-        deleted += 1
-        log.info("DELETED\t%s (verified in Dropbox)", path)
-        root = source.row["inputFile"]
-        if isinstance(root, Path) and root.is_dir():
-            parent = Path(path).parent
-            while parent != root and root in parent.parents:
-                folders.add(parent)
-                parent = parent.parent
-    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
-        try:
-            folder.rmdir()  # only succeeds when empty: files that were not sent stay
-        except OSError:
-            pass
-    return deleted, failures
+def delete_verified_sources(client: DropboxClient, plan: Plan, journal: Journal,
+                            log: logging.Logger) -> tuple[int, list[tuple[str, str]]]:
+    """Delete the originals asked to go whose every item is done, each only once the deletion
+    gate has seen Dropbox hold identical bytes now and the file unchanged. Returns (deleted,
+    [(path, why kept)])."""
+    wanted = {str(s.source): s for s in plan.sources if s.delete_after}
+    if not wanted:
+        return 0, []
+    by_source: dict[str, list[Item]] = {}
+    for item in journal.items():
+        if item.source in wanted:
+            by_source.setdefault(item.source, []).append(item)
+    originals = []
+    for path, items in by_source.items():
+        if all(i.state == "done" for i in items):
+            root = wanted[path].row["inputFile"]
+            originals.append(deletion.uploaded_original(items, root if isinstance(root, Path) and root.is_dir()
+                                                        else None))
+    report = deletion.delete_uploaded_originals(client, originals, journal=journal, log=log)
+    if originals:
+        log.info("Deletion proof: %d original(s) checked against Dropbox with %d lookup(s) in %.2f s, then on "
+                 "disk and deleted in %.2f s; %d deleted.", len(originals), report.remote_calls, report.remote_seconds,
+                 report.local_seconds, len(report.deleted))
+    return len(report.deleted), [(str(path), reason) for path, reason in report.kept]

@@ -59,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run this tab instead of the sheetName setting")
     parser.add_argument("--dry-run", action="store_true",
                         help="only prepare: list, check and plan everything, send nothing")
+    parser.add_argument("--verify", action="store_true",
+                        help="API upload tab: compare every original with Dropbox now, by content hash (split "
+                             "files through their parts and manifest); report identical / missing / different / "
+                             "only in Dropbox on screen, in the log and in a CSV beside the log. Sends and deletes "
+                             "nothing; exit status 0 only when every original is in Dropbox, identical")
 
 
 def token_file(context: RunContext) -> Path:
@@ -111,6 +116,13 @@ def run(context: RunContext) -> int:
     if context.args.login:
         return login(context)
     sheet = context.args.sheet or context.settings.sheetName
+    if getattr(context.args, "verify", False):
+        if sheet != "dropboxUpload_API":
+            raise SettingsError(f"--verify compares an API upload tab with Dropbox; sheetName is '{sheet}'. Run "
+                                "`python app.py --verify --sheet dropboxUpload_API`.", paths=[context.script])
+        from .audit import run_verify
+
+        return run_verify(context, sheet, prepare_rows=prepare_rows, open_client=open_client)
     if sheet == "dropboxUpload_API":
         return run_api_upload(context, sheet)
     if sheet == "dropboxUpload_APP":
@@ -133,14 +145,21 @@ def prepare_rows(context: RunContext, sheet: str, *, destination_of_row, part_li
                  row_check: sheets.RowCheck | None = None, describe_plan=None) -> prepare.Plan:
     """Stage 1 with its own log in logs/dataPrep: read the tab, expand, check and plan.
 
-    `row_check(row)` adds mode-specific sheet problems; `describe_plan(plan, logger)` adds
+    Rows holding the tool itself (app.py's folder, the logs, the workbook) are refused in every
+    mode; `row_check(row)` adds mode-specific sheet problems; `describe_plan(plan, logger)` adds
     mode-specific lines (e.g. the desktop-app batches) to both logs."""
     prep_log, prep_path = start_log(context.logs_root / "dataPrep", "", console=False)
     try:
         prep_log.info("Data preparation for tab '%s' of %s", sheet, context.settings.excelName)
         context.log.info("Stage 1, data preparation (log: %s)", prep_path)
+        protect = sheets.tool_files_check("inputFile", tool_folder=context.script.parent, script=context.script,
+                                          logs_folder=context.logs_root)
+
+        def check(row: sheets.SheetRow) -> list:
+            return [*protect(row), *(row_check(row) if row_check is not None else ())]
+
         try:
-            rows = sheets.read_tab(context.settings.excelName, sheet, UPLOAD_COLUMNS[sheet], row_check=row_check)
+            rows = sheets.read_tab(context.settings.excelName, sheet, UPLOAD_COLUMNS[sheet], row_check=check)
             plan = prepare.build_plan(rows, input_column="inputFile", output_column="outputDir",
                                       delete_column="deleteAfterUpload", destination_of_row=destination_of_row,
                                       part_limit=part_limit, log=prep_log, already_done_sources=already_done)
@@ -166,13 +185,15 @@ def run_api_upload(context: RunContext, sheet: str) -> int:
         context.log.info("chunkSize_MB %d is used as %d (a multiple of 4 MiB).", settings.chunkSize_MB, chunk // MIB)
     part_limit = int(min(settings.fileSizeLimit_GB * units.GB, prepare.DROPBOX_API_MAX_FILE))
     with Journal(context.logs_root / "journal.sqlite3", sheet) as journal:
+        settle_interrupted_deletions(journal, context.log)
         plan = prepare_rows(context, sheet, destination_of_row=lambda row: row["outputDir"], part_limit=part_limit,
                             already_done=journal.deleted_sources(), mode="API", bytes_per_second=50e6)
         if context.args.dry_run:
             context.log.info("Dry run: nothing was sent.")
             return EXIT_OK
-        items = journal.sync_plan(prepare.iter_items(plan, sheet))
         client = open_client(context, workers=settings.workers * (settings.connectionsPerFile + 1))
+        bind_account(journal, client, context.log)
+        items = journal.sync_plan(prepare.iter_items(plan, sheet))
         options = UploadOptions(chunk_size=chunk, workers=settings.workers, if_exists=settings.ifExists,
                                 checksum=settings.checksum, sleep_seconds=settings.sleepTime_min * 60,
                                 appends_per_file=settings.connectionsPerFile,
@@ -184,13 +205,30 @@ def run_api_upload(context: RunContext, sheet: str) -> int:
                          settings.workers, chunk // MIB)
         summary = uploader.run(items, {row["outputDir"] for row in plan_rows(plan)})
         summary.failures.extend(uploader.create_empty_folders(plan.empty_folders))
-        deleted, delete_failures = delete_verified_sources(plan, journal, context.log)
+        deleted, delete_failures = delete_verified_sources(client, plan, journal, context.log)
         summary.deleted_sources = deleted
         for path, message in delete_failures:
             summary.failures.append((path, message))
             context.log.error("NOT DELETED\t%s: %s", path, message)
         _log_summary(context, summary)
         return EXIT_OK if summary.ok else EXIT_SOME_FAILED
+
+
+def settle_interrupted_deletions(journal, log) -> None:
+    """A run stopped between deleting an original and recording it: finish the bookkeeping."""
+    for source, gone in journal.finish_interrupted_deletions():
+        log.info("%s\t%s (its deletion was interrupted in an earlier run)", "DELETED" if gone else "KEPT", source)
+
+
+def bind_account(journal, client, log) -> None:
+    """The journal's "done" is true of one Dropbox account and root namespace only."""
+    account = client.account
+    previous = journal.bind_account(account.account_id, account.root_namespace)
+    if previous is not None:
+        log.warning("This journal was written for another Dropbox account or root (account %s, namespace %s); "
+                    "now %s (%s). Nothing it records counts as uploaded here: every file is looked up in this "
+                    "Dropbox and sent when missing, and originals are deleted only once this Dropbox holds them.",
+                    previous[0], previous[1], account.account_id, account.email)
 
 
 def plan_rows(plan: prepare.Plan):

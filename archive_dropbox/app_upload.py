@@ -31,13 +31,14 @@ from typing import Callable, Iterable, Sequence
 import psutil
 from tqdm import tqdm
 
-from . import prepare, split
+from . import deletion, prepare, split
 from .cli import RunContext
 from .content_hash import ContentHasher, bytes_content_hash
 from .dropbox_client import NetworkProblem, RateLimited, RemoteFile, RemoteFolder
 from .errors import (EXIT_OK, EXIT_SOME_FAILED, ArchiveError, EnvironmentProblem, FileProblem, SettingsError,
                      SheetProblem)
 from .journal import Item, Journal
+from .localfs import legacy_temporary, temporary_sibling
 from .prepare import Plan, case_key
 from .units import GB, human_bytes, human_duration
 from .sheets import SheetRow
@@ -51,7 +52,6 @@ LOOKUP_WORKERS = 8
 # A wrong arrival must be seen on this many consecutive checks before it counts as a failure
 # (the app may still be replacing it).
 MISMATCH_CHECKS = 2
-TEMP_PREFIX = split.TEMP_PREFIX  # ".~": names the desktop app does not sync
 # Estimate for the plan: the desktop app moves about 1.5-2 TB a day (the original README).
 APP_BYTES_PER_SECOND = 20e6
 
@@ -577,13 +577,15 @@ class AppUploader:
         """Put one item into the Dropbox folder (or recognise it is already there)."""
         started = time.monotonic()
         destination = self.folder.local_path(item.destination)
-        temporary = destination.with_name(TEMP_PREFIX + destination.name)
+        # A `.~` name: the desktop app does not sync the copy before it is complete.
+        temporary = temporary_sibling(destination, "partial")
         manifest = self._manifest_bytes(item) if item.kind == "manifest" else None
         if manifest is None:
             self._source_signature_ok(item)
-        if temporary.exists():
-            self.log.info("Removing %s, left half-written by an interrupted run.", temporary)
-            temporary.unlink()
+        for leftover in (temporary, legacy_temporary(destination)):
+            if leftover is not None and leftover.exists():
+                self.log.info("Removing %s, left half-written by an interrupted run.", leftover)
+                deletion.discard_temporary(leftover)
         if destination.exists() or destination.is_symlink():
             if not self._existing_copy_matches(item, destination, manifest):
                 item.content_hash = item.sha256 = None
@@ -614,7 +616,7 @@ class AppUploader:
                 self._source_signature_ok(item)
             self._publish(temporary, destination, item.source_mtime_ns)
         except BaseException:
-            temporary.unlink(missing_ok=True)
+            deletion.discard_temporary_quietly(temporary)
             raise
         self.journal.mark_copied(item)
         self._copied_at[item.id] = time.monotonic()
@@ -634,6 +636,7 @@ class AppUploader:
                 local_hash, sha = hasher.content_hash(), hasher.sha256() if item.kind == "part" else None
             if _same_content(remote, local_hash, len(manifest) if manifest is not None else item.length):
                 item.content_hash, item.sha256, item.remote_rev = local_hash, sha, remote.rev
+                item.remote_path, item.hash_local = remote.path_display, 1
                 self.journal.mark_done([item])
                 self.summary.items_already_there += 1
                 progress.update(item.length)
@@ -717,7 +720,7 @@ class AppUploader:
                         mismatches.pop(item.id, None)
                     elif isinstance(found, RemoteFile) and _same_content(found, item.content_hash,
                                                                          _expected_length(item)):
-                        item.remote_rev = found.rev
+                        item.remote_rev, item.remote_path, item.hash_local = found.rev, found.path_display, 1
                         arrived.append(item)
                     else:
                         mismatches[item.id] = mismatches.get(item.id, 0) + 1
@@ -754,53 +757,61 @@ class AppUploader:
     # -- deleting originals ------------------------------------------------------------------
 
     def delete_originals(self, batch: Batch) -> None:
-        """Delete the originals of this verified batch that were asked to go: only when every
-        item of that original is verified and it did not change since it was copied."""
-        emptied: set[tuple[Path, Path]] = set()
+        """Delete the originals of this batch that were asked to go, through the deletion gate:
+        only when Dropbox holds every item of the original now (content hash, asked now through
+        the API) and the original did not change since it was copied."""
+        originals = []
         for source_path in dict.fromkeys(item.source for item in batch.items):
             source = self._sources.get(source_path)
             if source is None or not source.delete_after:
                 continue
-            if any(item.state != "done" for item in self._items_of[source_path]):
+            items = self._items_of[source_path]
+            if any(item.state != "done" for item in items):
                 continue  # e.g. a split file whose last parts are in a later batch
-            if self.folder.contains(source.source):
-                continue  # never delete inside the Dropbox folder (the sheet check refuses it too)
-            try:
-                info = os.stat(source_path)
-                if (info.st_size, info.st_mtime_ns) != (source.size, source.mtime_ns):
-                    self.summary.failures.append((source_path, "changed after it was copied; kept"))
-                    self.log.error("NOT DELETED\t%s: it changed after it was copied; it is sent again on the "
-                                   "next run", source_path)
-                    continue
-                os.remove(source_path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                self.summary.failures.append((source_path, f"could not be deleted ({exc.strerror})"))
-                self.log.error("NOT DELETED\t%s: %s", source_path, exc.strerror)
-                continue
-            self.journal.mark_source_deleted(source_path)
-            self.summary.deleted_sources += 1
-            self.log.info("DELETED\t%s (verified in Dropbox)", source_path)
             root = source.row["inputFile"]
-            if isinstance(root, Path) and root.is_dir():
-                emptied.add((Path(source_path).parent, root))
-        folders: set[Path] = set()
-        for parent, root in emptied:
-            while parent != root and root in parent.parents:
-                folders.add(parent)
-                parent = parent.parent
-        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
-            try:
-                folder.rmdir()  # only empty folders: files that were not sent stay
-            except OSError:
-                pass
+            originals.append(deletion.uploaded_original(items, root if isinstance(root, Path) and root.is_dir()
+                                                        else None))
+        if not originals:
+            return
+        report = deletion.delete_uploaded_originals(self.client, originals, journal=self.journal, log=self.log,
+                                                    protected=self.folder.contains)
+        self.summary.deleted_sources += len(report.deleted)
+        for path, reason in report.kept:
+            self.summary.failures.append((str(path), f"not deleted: {reason}"))
+            self.log.error("NOT DELETED\t%s: %s", path, reason)
+        if report.missing:
+            missing = {str(path) for path in report.missing}
+            self.journal.reopen([item for item in batch.items if item.source in missing])
+
+    def reconcile_done(self, items: Sequence[Item]) -> None:
+        """Items the journal calls done, whose originals are still here: Dropbox is asked now.
+        Missing ones (deleted on dropbox.com, moved) are copied again; ones Dropbox holds with
+        other bytes fail and keep their originals. The journal is never taken as proof."""
+        done = [item for item in items if item.state == "done" and not item.source_deleted
+                and os.path.lexists(item.source)]
+        if not done:
+            return
+        remote = self._lookup_patiently(done)
+        missing = []
+        for item in done:
+            found = remote.get(case_key(item.destination))
+            if found is None:
+                self.log.warning("NOT IN DROPBOX\t%s: verified earlier, but Dropbox does not hold it now (deleted "
+                                 "on dropbox.com or moved); it is copied again.", item.destination)
+                missing.append(item)
+            elif not (isinstance(found, RemoteFile) and _same_content(found, item.content_hash,
+                                                                        _expected_length(item))):
+                self._fail(item, _corrupt_arrival(item, found))
+        for item in missing:
+            self.journal.mark_pending(item)
 
     # -- the whole job -----------------------------------------------------------------------
 
     def prepare_batches(self, items: Sequence[Item]) -> None:
         """Recover items left by earlier runs: failed or copied items whose copy is gone are
-        copied again; failed copies whose verification failed are checked again."""
+        copied again; failed copies whose verification failed are checked again; done items
+        are looked up in Dropbox again."""
+        self.reconcile_done(items)
         for item in items:
             self._items_of.setdefault(item.source, []).append(item)
             if item.state == "failed":
@@ -909,7 +920,7 @@ def _topmost(folders: Iterable[str]) -> list[str]:
 
 def run(context: RunContext, sheet: str) -> int:
     """app.py with sheetName = 'dropboxUpload_APP'."""
-    from .app_runner import open_client, prepare_rows
+    from .app_runner import bind_account, open_client, prepare_rows, settle_interrupted_deletions
 
     settings = context.settings
     log = context.log
@@ -928,6 +939,7 @@ def run(context: RunContext, sheet: str) -> int:
 
     log.info("Local Dropbox folder: %s", folder.root)
     with Journal(context.logs_root / "journal.sqlite3", sheet) as journal:
+        settle_interrupted_deletions(journal, log)
         plan = prepare_rows(context, sheet, destination_of_row=lambda row: folder.dropbox_path(row["outputDir"]),
                             part_limit=part_limit, already_done=journal.deleted_sources(), mode="desktop app",
                             bytes_per_second=APP_BYTES_PER_SECOND, row_check=row_checker(folder),
@@ -935,10 +947,11 @@ def run(context: RunContext, sheet: str) -> int:
         if context.args.dry_run:
             log.info("Dry run: nothing was copied.")
             return EXIT_OK
+        client = open_client(context)
+        bind_account(journal, client, log)
         items = journal.sync_plan(prepare.iter_items(plan, sheet))
         batches, new = assign_batches(items, batch_bytes, journal.item_batches())
         journal.record_item_batches(new)
-        client = open_client(context)
         team = bool(client.account and client.account.team_root and settings.teamSpace)
         log.info("The top of %s is taken to be the top of %s (teamSpace = %s).", folder.root,
                  "the team space (/Team Folder/...)" if team else "your own Dropbox", settings.teamSpace)

@@ -12,9 +12,10 @@ Where things land (columns dropboxPath, localDir, joinFlag):
     `big.mrc_split_0001`, ... and `big.mrc_split_manifest.json`): its parts and manifest are
     downloaded into localDir.
 
-Every file is written to `.~<name>.partial` next to its final place and renamed only once its
-content hash equals the one Dropbox reports; its modification time is set from Dropbox's
-`client_modified` (the original file's time, to the second). A rerun continues a partial file
+Every file is written to `.~<hash of name>.partial` next to its final place (a short name, so
+that names near the file system's limit fit too) and renamed only once its content hash equals
+the one Dropbox reports; its modification time is set from Dropbox's `client_modified` (the
+original file's time, to the second). A rerun continues a partial file
 from its current size with a ranged request, re-hashing the bytes already on disk instead of
 downloading them again. A file that fails verification is downloaded once more from scratch,
 then reported. An existing local file is never overwritten: an identical one (same size and
@@ -46,13 +47,13 @@ from typing import Callable, Iterable, TypeVar
 import psutil
 from tqdm import tqdm
 
-from . import joining, sheets, split
+from . import deletion, joining, sheets, split
 from .cli import RunContext
 from .content_hash import ContentHasher, file_content_hash, hash_range
 from .dropbox_client import (DropboxClient, DropboxProblem, NetworkProblem, RangeNotSatisfiable, RateLimited, RemoteFile,
                              RemoteFolder)
 from .errors import EXIT_OK, EXIT_SOME_FAILED, AuthError, FileProblem, SheetError, SheetProblem
-from .localfs import rename_without_replacing
+from .localfs import legacy_temporary, rename_without_replacing, temporary_sibling
 from .journal import Item, Journal
 from .prepare import human_bytes
 
@@ -60,8 +61,7 @@ COLUMNS = [sheets.Column("dropboxPath", sheets.DROPBOX_PATH),
            sheets.Column("localDir", sheets.LOCAL_DIR),
            sheets.Column("joinFlag", sheets.FLAG)]
 
-TEMP_PREFIX = ".~"
-PARTIAL_SUFFIX = ".partial"
+PARTIAL_TAG = "partial"
 READ_CHUNK = 4 * 1024 * 1024
 # Room kept free on the target disk so a download never fills it to the last byte.
 SPACE_MARGIN = 64 * 1024 * 1024
@@ -96,7 +96,7 @@ class Task:
 
     @property
     def partial(self) -> Path:
-        return self.target.with_name(f"{TEMP_PREFIX}{self.target.name}{PARTIAL_SUFFIX}")
+        return temporary_sibling(self.target, PARTIAL_TAG)
 
     @property
     def source(self) -> str:
@@ -522,6 +522,9 @@ class Downloader:
     def _resume_point(self, task: Task) -> tuple[int, ContentHasher]:
         """Continue a partial file left by an earlier run when it can belong to this version."""
         partial, remote, item = task.partial, task.remote, task.item
+        legacy = legacy_temporary(task.target, "." + PARTIAL_TAG)
+        if legacy is not None and not partial.exists():
+            os.rename(legacy, partial)  # left by a version that named it `.~<name>.partial`
         try:
             size = os.lstat(partial).st_size
         except FileNotFoundError:
@@ -529,7 +532,7 @@ class Downloader:
         stale = item is not None and item.remote_rev and item.remote_rev != remote.rev
         if size > remote.size or stale or not partial.is_file():
             self.log.info("Discarding %s: it belongs to an older version of %s.", partial.name, task.source)
-            partial.unlink()
+            deletion.discard_temporary(partial)
             return 0, ContentHasher()
         if size:
             self.log.info("Resuming %s at %s of %s (partial download from an earlier run).", task.source,
@@ -632,7 +635,7 @@ class Downloader:
             local_hash = hasher.content_hash()
             if size == remote.size and (remote.content_hash is None or local_hash == remote.content_hash):
                 break
-            task.partial.unlink(missing_ok=True)
+            deletion.discard_temporary(task.partial)
             self._advance(-size)
             if attempt == 1:
                 self.log.warning("%s: the downloaded bytes do not match Dropbox's content hash (corrupted on the "
@@ -646,7 +649,7 @@ class Downloader:
         try:
             rename_without_replacing(task.partial, task.target)
         except FileExistsError:
-            task.partial.unlink(missing_ok=True)
+            deletion.discard_temporary_quietly(task.partial)
             self._advance(-remote.size)
             raise FileProblem(f"{task.target} appeared while it was being downloaded; it was not replaced. "
                               "Move or rename it and run again.", paths=[task.target]) from None
@@ -673,7 +676,7 @@ class Downloader:
                 if task.item is not None:
                     task.item.content_hash, task.item.remote_rev = task.remote.content_hash, task.remote.rev
                     self.journal.mark_done([task.item])
-                task.partial.unlink(missing_ok=True)
+                deletion.discard_temporary(task.partial)
                 self._count("already_here")
                 self._advance(task.remote.size)
                 self._log_result(task, "ALREADY HERE", time.monotonic() - started)

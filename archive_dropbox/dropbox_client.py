@@ -64,6 +64,8 @@ class Account:
     email: str
     team_root: str | None  # root namespace id when the account has a team space
     home_namespace: str | None
+    account_id: str = ""
+    root_namespace: str = ""  # the namespace paths are relative to in this client (team space or home)
 
 
 @dataclass(frozen=True)
@@ -326,9 +328,11 @@ class DropboxClient:
         if isinstance(root_info, common.TeamRootInfo) or (
                 getattr(root_info, "root_namespace_id", None) != getattr(root_info, "home_namespace_id", None)):
             team_root = root_info.root_namespace_id
-        self.account = Account(info.name.display_name, info.email, team_root,
-                               getattr(root_info, "home_namespace_id", None))
-        if team_root and self._use_team_space:
+        home = getattr(root_info, "home_namespace_id", None)
+        use_team = bool(team_root and self._use_team_space)
+        self.account = Account(info.name.display_name, info.email, team_root, home, account_id=info.account_id,
+                               root_namespace=str(team_root if use_team else home or ""))
+        if use_team:
             self._dbx = self._dbx.with_path_root(common.PathRoot.root(team_root))
         return self.account
 
@@ -364,23 +368,27 @@ class DropboxClient:
 
     def list_files(self, folder: str) -> dict[str, RemoteFile]:
         """Every file below `folder` (recursive), by lower-case path; empty when it is missing."""
-        found: dict[str, RemoteFile] = {}
+        return {remote.path_lower: remote for remote in self.iter_entries_or_empty(folder)
+                if isinstance(remote, RemoteFile)}
+
+    def iter_entries_or_empty(self, folder: str) -> Iterator[RemoteFile | RemoteFolder]:
+        """iter_entries, but a folder that is missing (or is a file) lists as empty."""
         try:
             page = self._dbx.files_list_folder("" if folder == "/" else folder, recursive=True, limit=2000)
         except ApiError as exc:
             tags, _ = _tags(exc.error)
             if "not_found" in tags or "not_folder" in tags:
-                return found
+                return
             raise _convert(exc, "listing a Dropbox folder", folder) from None
         except Exception as exc:  # noqa: BLE001
             raise _convert(exc, "listing a Dropbox folder", folder) from None
         while True:
             for entry in page.entries:
                 remote = _to_remote(entry)
-                if isinstance(remote, RemoteFile):
-                    found[remote.path_lower] = remote
+                if remote is not None:
+                    yield remote
             if not page.has_more:
-                return found
+                return
             page = self._call("listing a Dropbox folder", folder, self._dbx.files_list_folder_continue,
                               page.cursor)
 

@@ -31,13 +31,13 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
+from . import deletion
 from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED, ArchiveError, FileProblem, SheetError
 from .localfs import read_into as _read_into  # a module name of its own: tests replace it to corrupt a read
-from .localfs import rename_without_replacing
+from .localfs import TEMP_PREFIX, legacy_temporary, rename_without_replacing, temporary_sibling
 from .settings import Setting
-from .split import (CHUNK, TEMP_PREFIX, Digester, Manifest, PartPlan, RangeCopier, SourceEnded,
-                    build_manifest, manifest_name, parse_manifest_name, parse_part_name,
-                    read_manifest, sha256_file, write_manifest, fsync_folder)
+from .split import (CHUNK, Digester, Manifest, RangeCopier, SourceEnded, manifest_name, parse_manifest_name,
+                    parse_part_name, read_manifest, sha256_file, fsync_folder)
 
 if TYPE_CHECKING:
     from .sheets import SheetRow
@@ -100,7 +100,7 @@ class SplitSeries:
 
     @property
     def partial(self) -> Path:
-        return self.folder / f"{TEMP_PREFIX}{self.name}.partial"
+        return temporary_sibling(self.output, "partial")
 
     @property
     def manifest_path(self) -> Path:
@@ -351,7 +351,7 @@ def _remove_leftover(partial: Path, name: str, log: logging.Logger) -> None:
                 raise JoinProblem(f"another run is joining {name} right now ({partial.name} is in use): "
                                   "let it finish, or stop it, then run again.", paths=[partial])
     log.warning("Removing %s, left by an interrupted run; joining %s again", partial.name, name)
-    partial.unlink()
+    deletion.discard_temporary(partial)
 
 
 # Direct I/O needs the buffer, the file offset and the length aligned to the disk's block size;
@@ -532,9 +532,11 @@ def _copy_hashing_the_whole(series: SplitSeries, partial: Path, target, progress
 
 
 def _join(series: SplitSeries, log: logging.Logger, progress: Progress | None) -> Hashes:
-    """Join the parts into `.~<name>.partial`, verify it, and rename it to the original name."""
+    """Join the parts into `.~<hash of name>.partial`, verify it, and rename it to the original name."""
     partial, output = series.partial, series.output
-    _remove_leftover(partial, series.name, log)
+    for leftover in (partial, legacy_temporary(output, ".partial")):
+        if leftover is not None:
+            _remove_leftover(leftover, series.name, log)
     _check_free_space(series.folder, series.size, f"join {series.name}")
     whole, pieces = None, None
     try:
@@ -574,38 +576,28 @@ def _join(series: SplitSeries, log: logging.Logger, progress: Progress | None) -
     except OSError as exc:
         raise _os_problem(exc, f"{series.name} could not be joined (nothing was deleted)") from None
     finally:
-        partial.unlink(missing_ok=True)
+        deletion.discard_temporary_quietly(partial)
     if series.manifest is None:
         return Hashes(whole, pieces)
     return Hashes(series.manifest.sha256, None)
 
 
-def _delete_parts(series: SplitSeries, hashes: Hashes | None, log: logging.Logger) -> int:
-    """Delete the parts, then the manifest, of a verified join."""
-    manifest_path = series.manifest_path
-    if series.manifest is None and series.parts and hashes is not None and hashes.parts is not None:
-        # Parts made by the original tool have no manifest. Write one first, so that a run stopped
-        # half-way through the deletion can still prove the joined file is complete.
-        plan, offset = [], 0
-        for index, size in enumerate(series.part_sizes, start=1):
-            plan.append(PartPlan(index, offset, size, series.parts[index - 1].name))
-            offset += size
-        try:
-            manifest = build_manifest(series.name, offset, hashes.whole, series.output.stat().st_mtime,
-                                      plan, hashes.parts)
-            write_manifest(manifest_path, manifest)
-        except ValueError:
-            pass  # names that do not follow the numbering scheme: delete without a record
-    freed = 0
+def _part_identities(series: SplitSeries) -> list[tuple[Path, deletion.LocalIdentity]]:
+    """The parts as they are before the join reads them: a part that changes afterwards is kept."""
+    return [(part, deletion.LocalIdentity.of(part)) for part in series.parts]
+
+
+def _delete_parts(series: SplitSeries, identities: list[tuple[Path, deletion.LocalIdentity]],
+                  log: logging.Logger) -> int:
+    """Delete the parts, then the manifest, of a join verified in this run against its manifest
+    (through the deletion gate). Raises JoinProblem when there is no manifest: parts are then
+    never deleted, since a missing last part would go unnoticed."""
     try:
-        for part, size in zip(series.parts, series.part_sizes):
-            part.unlink(missing_ok=True)
-            freed += size
-        manifest_path.unlink(missing_ok=True)
-    except OSError as exc:
-        raise JoinProblem(f"{series.name} was joined and verified, but {exc.filename} could not be "
-                          f"deleted ({exc.strerror}). Delete the remaining parts by hand.",
-                          paths=[series.folder]) from None
+        freed = deletion.delete_joined_parts(identities, series.manifest_path if series.manifest else None,
+                                             joined=series.output, joined_size=series.size,
+                                             manifest_verified=series.manifest is not None, log=log)
+    except deletion.NotProven as exc:
+        raise JoinProblem(f"{series.name} was joined, but {exc.message}", paths=exc.paths) from None
     log.info("Deleted the %d part(s) of %s (%s freed)", len(series.parts), series.name, human_size(freed))
     return freed
 
@@ -636,6 +628,7 @@ def _process(series: SplitSeries, delete_parts: bool, unzip: bool, log: logging.
     started = time.monotonic()
     outcome = JoinOutcome(series.output, "skipped", series.size)
     hashes = None
+    identities = _part_identities(series) if delete_parts and series.state != DONE_BEFORE else []
     if series.state == DONE_BEFORE:
         outcome.notes.append(series.note)
         if not (unzip and series.name.lower().endswith(".zip") and series.output.is_file()):
@@ -656,7 +649,7 @@ def _process(series: SplitSeries, delete_parts: bool, unzip: bool, log: logging.
     outcome.verified = series.manifest is not None
     deleted = False
     if delete_parts and series.state != DONE_BEFORE and (series.parts or series.manifest_path.exists()):
-        _delete_parts(series, hashes, log)
+        _delete_parts(series, identities, log)
         deleted = True
     if unzip:
         if series.name.lower().endswith(".zip"):
@@ -875,9 +868,9 @@ def extract_zip(zip_path: Path | str, log: logging.Logger, progress: Progress | 
 
     Every entry is checked first: one that would land outside the folder (absolute path, '..',
     drive letter, symbolic link) stops the unzip before anything is written. Entries go to a
-    `.~<zip>.extracting` folder and are moved into place when all of them are out and checked;
-    the zip is deleted only when every member is in place with the right size. Rerunning after a
-    crash keeps the files already in place (same size and CRC) and extracts the rest.
+    `.~<hash of zip name>.extracting` folder and are moved into place when all of them are out and
+    checked; the zip is deleted only when every member is in place with the right size. Rerunning
+    after a crash keeps the files already in place (same size and CRC) and extracts the rest.
     """
     zip_path = Path(zip_path)
     try:
@@ -886,14 +879,22 @@ def extract_zip(zip_path: Path | str, log: logging.Logger, progress: Progress | 
         raise _os_problem(exc, f"{zip_path.name} could not be unzipped (the zip was kept)") from None
 
 
+def _remove_staging_leftover(staging: Path, log: logging.Logger) -> None:
+    """Remove a staging folder (or a file in its place) that an interrupted unzip left."""
+    if staging.is_dir() and not staging.is_symlink():
+        log.warning("Removing %s, left by an interrupted run", staging.name)
+    deletion.discard_temporary(staging)
+
+
 def _extract(zip_path: Path, log: logging.Logger, progress: Progress | None) -> ExtractSummary:
     target = zip_path.parent
+    identity = deletion.LocalIdentity.of(zip_path)  # the zip must still be this one when it is deleted
     try:
         archive = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise JoinProblem(f"{zip_path.name} cannot be opened as a zip archive ({exc}); it was kept.",
                           paths=[zip_path]) from None
-    staging = target / f"{TEMP_PREFIX}{zip_path.name}.extracting"
+    staging = temporary_sibling(zip_path, "extracting")
     with archive:
         members = _checked_members(archive, zip_path, target)
         todo = _sort_against_disk(members, target, zip_path)
@@ -901,25 +902,23 @@ def _extract(zip_path: Path, log: logging.Logger, progress: Progress | None) -> 
         total = sum(m.info.file_size for m in files)
         _check_free_space(target, sum(m.info.file_size for m in todo if not m.is_dir), f"unzip {zip_path.name}")
         log.info("Unzipping %s: %d file(s), %s, into %s", zip_path.name, len(files), human_size(total), target)
-        if staging.is_symlink() or staging.is_file():
-            staging.unlink()
-        elif staging.exists():
-            log.warning("Removing %s, left by an interrupted run", staging.name)
-            shutil.rmtree(staging)
+        for leftover in (staging, legacy_temporary(zip_path, ".extracting")):
+            if leftover is not None:
+                _remove_staging_leftover(leftover, log)
         staging.mkdir()
         flush_each = not hasattr(os, "sync")
         try:
             try:
                 _extract_into(archive, todo, staging, zip_path, progress, flush_each)
             except NotImplementedError:
-                shutil.rmtree(staging)
+                deletion.discard_temporary(staging)
                 staging.mkdir()
                 _extract_with_seven_zip(zip_path, staging)
                 wanted = {m.parts for m in todo}
                 for member in members:  # keep only what the earlier run did not already put in place
                     staged = staging.joinpath(*member.parts)
                     if member.parts not in wanted and not member.is_dir and staged.is_file():
-                        staged.unlink()
+                        deletion.discard_temporary(staged)
             for member in todo:
                 staged = staging.joinpath(*member.parts)
                 if member.is_dir:
@@ -953,8 +952,11 @@ def _extract(zip_path: Path, log: logging.Logger, progress: Progress | None) -> 
                           "was kept.", paths=[zip_path])
     if hasattr(os, "sync"):
         os.sync()  # everything on disk before the only other copy, the zip, goes
-    shutil.rmtree(staging, ignore_errors=True)
-    zip_path.unlink()
+    deletion.discard_temporary_quietly(staging)
+    try:
+        deletion.delete_extracted_archive(zip_path, identity, all_in_place=not missing)
+    except deletion.NotProven as exc:
+        raise JoinProblem(exc.message, paths=exc.paths) from None
     fsync_folder(target)
     return ExtractSummary(len(files), len(members) - len(files), total)
 

@@ -38,9 +38,12 @@ CREATE TABLE IF NOT EXISTS items (
     sha256 TEXT,                     -- SHA-256 of the item's bytes (split parts)
     remote_rev TEXT,
     error TEXT,
-    source_deleted INTEGER NOT NULL DEFAULT 0,
+    source_deleted INTEGER NOT NULL DEFAULT 0,  -- 0 kept | 2 deleting (written ahead) | 1 deleted
     updated REAL NOT NULL,
     confirmed_chunks TEXT,           -- concurrent sessions: indexes of the chunks Dropbox confirmed
+    source_id TEXT,                  -- "st_dev:st_ino" of the source when planned (NULL: unknown)
+    hash_local INTEGER NOT NULL DEFAULT 0,  -- 1: content_hash was computed from the local bytes
+    remote_path TEXT,                -- where Dropbox put it (differs from destination after autorename)
     UNIQUE (job, source, destination)
 );
 CREATE INDEX IF NOT EXISTS items_job_state ON items (job, state);
@@ -52,11 +55,21 @@ CREATE TABLE IF NOT EXISTS batches (
     updated REAL NOT NULL,
     PRIMARY KEY (job, number)
 );
+CREATE TABLE IF NOT EXISTS accounts (
+    job TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,        -- the Dropbox account whose files the job's "done" describes
+    root_namespace TEXT NOT NULL,    -- the root namespace its paths were relative to
+    updated REAL NOT NULL
+);
 """
+# Columns added after the first journals were written: (name, definition).
+ADDED_COLUMNS = (("confirmed_chunks", "TEXT"), ("source_id", "TEXT"),
+                 ("hash_local", "INTEGER NOT NULL DEFAULT 0"), ("remote_path", "TEXT"))
 
 ITEM_COLUMNS = ("id", "job", "source", "destination", "kind", "part_offset", "length", "source_size",
                 "source_mtime_ns", "state", "session_id", "session_started", "confirmed_offset",
-                "content_hash", "sha256", "remote_rev", "error", "source_deleted", "confirmed_chunks")
+                "content_hash", "sha256", "remote_rev", "error", "source_deleted", "confirmed_chunks", "source_id",
+                "hash_local", "remote_path")
 
 
 @dataclass
@@ -85,6 +98,14 @@ class Item:
     # "@<piece size>;0,1,5": pieces of a concurrent session already in Dropbox ("0,1,5" in
     # journals written before the piece size was recorded: pieces were then chunkSize_MB).
     confirmed_chunks: str | None = None
+    source_id: str | None = None   # "st_dev:st_ino" when planned; compared when known
+    hash_local: int = 0            # content_hash came from the local bytes (not from Dropbox)
+    remote_path: str | None = None  # the path Dropbox answered with (autorename may change it)
+
+    @property
+    def remote_key_path(self) -> str:
+        """Where Dropbox holds (or should hold) this item."""
+        return self.remote_path or self.destination
 
     def chunk_set(self) -> set[int]:
         listed = (self.confirmed_chunks or "").rpartition(";")[2]
@@ -152,8 +173,9 @@ class Journal:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(items)")}
-            if "confirmed_chunks" not in columns:  # journals written before concurrent sessions
-                self._db.execute("ALTER TABLE items ADD COLUMN confirmed_chunks TEXT")
+            for name, definition in ADDED_COLUMNS:  # journals written by earlier versions
+                if name not in columns:
+                    self._db.execute(f"ALTER TABLE items ADD COLUMN {name} {definition}")
         except sqlite3.DatabaseError as exc:
             self._lock_file.release()
             raise JournalError(f"the journal {self.path} cannot be opened ({exc}). If the disk "
@@ -205,7 +227,7 @@ class Journal:
 
     def deleted_sources(self) -> set[str]:
         with self._mutex:
-            rows = self._db.execute("SELECT DISTINCT source FROM items WHERE job = ? AND source_deleted = 1",
+            rows = self._db.execute("SELECT DISTINCT source FROM items WHERE job = ? AND source_deleted != 0",
                                     (self.job,)).fetchall()
         return {row[0] for row in rows}
 
@@ -218,17 +240,22 @@ class Journal:
         result: list[Item] = []
         inserts: list[Item] = []
         resets: list[Item] = []
+        ids: list[Item] = []  # items from journals that did not record the file id yet
         for item in planned:
             old = known.get(item.key)
             if old is None:
                 inserts.append(item)
                 result.append(item)
             elif (old.source_size, old.source_mtime_ns, old.part_offset, old.length, old.kind) != (
-                    item.source_size, item.source_mtime_ns, item.part_offset, item.length, item.kind):
+                    item.source_size, item.source_mtime_ns, item.part_offset, item.length, item.kind) or (
+                    old.source_id and item.source_id and old.source_id != item.source_id):
                 item.id = old.id
                 resets.append(item)
                 result.append(item)
             else:
+                if item.source_id and not old.source_id:
+                    old.source_id = item.source_id
+                    ids.append(old)
                 result.append(old)
         now = time.time()
         with self._mutex:
@@ -237,18 +264,21 @@ class Journal:
                 for item in inserts:
                     cursor = self._db.execute(
                         "INSERT INTO items (job, source, destination, kind, part_offset, length, source_size, "
-                        "source_mtime_ns, state, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                        "source_mtime_ns, state, updated, source_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
                         (self.job, item.source, item.destination, item.kind, item.part_offset, item.length,
-                         item.source_size, item.source_mtime_ns, now))
+                         item.source_size, item.source_mtime_ns, now, item.source_id))
                     item.id = cursor.lastrowid
                 for item in resets:
                     self._db.execute(
                         "UPDATE items SET kind = ?, part_offset = ?, length = ?, source_size = ?, "
                         "source_mtime_ns = ?, state = 'pending', session_id = NULL, session_started = NULL, "
                         "confirmed_offset = 0, content_hash = NULL, sha256 = NULL, remote_rev = NULL, "
-                        "error = NULL, source_deleted = 0, confirmed_chunks = NULL, updated = ? WHERE id = ?",
+                        "error = NULL, source_deleted = 0, confirmed_chunks = NULL, source_id = ?, hash_local = 0, "
+                        "remote_path = NULL, updated = ? WHERE id = ?",
                         (item.kind, item.part_offset, item.length, item.source_size, item.source_mtime_ns,
-                         now, item.id))
+                         item.source_id, now, item.id))
+                for item in ids:
+                    self._db.execute("UPDATE items SET source_id = ? WHERE id = ?", (item.source_id, item.id))
                 self._db.execute("COMMIT")
             except sqlite3.OperationalError as exc:
                 self._db.execute("ROLLBACK")
@@ -310,8 +340,9 @@ class Journal:
                 item.state, item.error = "done", None
                 self._db.execute(
                     "UPDATE items SET state = 'done', content_hash = ?, sha256 = ?, remote_rev = ?, "
-                    "error = NULL, session_id = NULL, updated = ? WHERE id = ?",
-                    (item.content_hash, item.sha256, item.remote_rev, now, item.id))
+                    "error = NULL, session_id = NULL, hash_local = ?, remote_path = ?, updated = ? WHERE id = ?",
+                    (item.content_hash, item.sha256, item.remote_rev, item.hash_local, item.remote_path, now,
+                     item.id))
             self._db.execute("COMMIT")
 
     def mark_failed(self, item: Item, error: str) -> None:
@@ -323,9 +354,72 @@ class Journal:
         self._write("UPDATE items SET content_hash = ?, sha256 = ?, updated = ? WHERE id = ?",
                     (item.content_hash, item.sha256, time.time(), item.id))
 
+    def mark_source_deleting(self, source: str) -> None:
+        """Written ahead of the unlink: a rerun after a crash between the unlink and
+        mark_source_deleted finds the mark and finishes the bookkeeping."""
+        self._write("UPDATE items SET source_deleted = 2, updated = ? WHERE job = ? AND source = ?",
+                    (time.time(), self.job, source))
+
     def mark_source_deleted(self, source: str) -> None:
         self._write("UPDATE items SET source_deleted = 1, updated = ? WHERE job = ? AND source = ?",
                     (time.time(), self.job, source))
+
+    def clear_source_deleting(self, source: str) -> None:
+        self._write("UPDATE items SET source_deleted = 0, updated = ? WHERE job = ? AND source = ? "
+                    "AND source_deleted = 2", (time.time(), self.job, source))
+
+    def finish_interrupted_deletions(self) -> list[tuple[str, bool]]:
+        """Settle the 'deleting' marks an interrupted run left: gone -> deleted, still there ->
+        kept (its deletion is proven again). Returns (source, was deleted) pairs."""
+        with self._mutex:
+            rows = self._db.execute("SELECT DISTINCT source FROM items WHERE job = ? AND source_deleted = 2",
+                                    (self.job,)).fetchall()
+        settled = []
+        for (source,) in rows:
+            gone = not os.path.lexists(source)
+            if gone:
+                self.mark_source_deleted(source)
+            else:
+                self.clear_source_deleting(source)
+            settled.append((source, gone))
+        return settled
+
+    def reopen(self, items: Iterable[Item]) -> None:
+        """Items the journal called done that Dropbox no longer holds: to be sent again (their
+        local hashes stay; sessions and Dropbox facts are forgotten)."""
+        items = list(items)
+        now = time.time()
+        with self._mutex:
+            self._db.execute("BEGIN")
+            for item in items:
+                item.state, item.session_id, item.session_started = "pending", None, None
+                item.confirmed_offset, item.confirmed_chunks, item.remote_rev, item.remote_path = 0, None, None, None
+                self._db.execute("UPDATE items SET state = 'pending', session_id = NULL, session_started = NULL, "
+                                 "confirmed_offset = 0, confirmed_chunks = NULL, remote_rev = NULL, "
+                                 "remote_path = NULL, updated = ? WHERE id = ?", (now, item.id))
+            self._db.execute("COMMIT")
+
+    # -- whose Dropbox -----------------------------------------------------------------------
+
+    def bind_account(self, account_id: str, root_namespace: str) -> tuple[str, str] | None:
+        """Record the account and root namespace this job now works in. Returns the earlier
+        (account_id, root_namespace) when it was another one: everything the journal calls done
+        or in flight then describes another Dropbox, and is forgotten here (local hashes stay),
+        so the run looks in this Dropbox and sends what is missing."""
+        with self._mutex:
+            row = self._db.execute("SELECT account_id, root_namespace FROM accounts WHERE job = ?",
+                                   (self.job,)).fetchone()
+        previous = tuple(row) if row else None
+        if previous is not None and previous != (account_id, root_namespace):
+            self._write("UPDATE items SET state = 'pending', session_id = NULL, session_started = NULL, "
+                        "confirmed_offset = 0, confirmed_chunks = NULL, remote_rev = NULL, remote_path = NULL, "
+                        "updated = ? WHERE job = ? AND state != 'pending'", (time.time(), self.job))
+        if previous != (account_id, root_namespace):
+            self._write("INSERT INTO accounts (job, account_id, root_namespace, updated) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT (job) DO UPDATE SET account_id = excluded.account_id, "
+                        "root_namespace = excluded.root_namespace, updated = excluded.updated",
+                        (self.job, account_id, root_namespace, time.time()))
+        return previous if previous is not None and previous != (account_id, root_namespace) else None
 
     # -- batches (desktop-app mode) ----------------------------------------------------------
 

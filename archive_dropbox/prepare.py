@@ -15,6 +15,7 @@ from typing import Iterable, Iterator, Sequence
 from . import split
 from .errors import SheetError, SheetProblem
 from .journal import Item
+from .localfs import TEMP_PREFIX
 from .units import GB, human_bytes, human_duration
 from .sheets import SheetRow
 
@@ -24,7 +25,7 @@ DROPBOX_API_MAX_FILE = 350 * GB
 # Names the Dropbox desktop app never syncs; sending them through the API would differ from
 # what a synced folder holds.
 IGNORED_NAMES = {"desktop.ini", "thumbs.db", ".ds_store", "._.ds_store", ".dropbox", ".dropbox.attr", "icon\r"}
-TEMPORARY_PREFIX = ".~"  # this tool's own temporary files (zip, split and copy in progress)
+TEMPORARY_PREFIX = TEMP_PREFIX  # this tool's own temporary files (zip, split and copy in progress)
 MAX_NAME_CHARS = 255
 LONG_PATH_CHARS = 260
 
@@ -40,6 +41,7 @@ class PlannedSource:
     destination: str  # Dropbox path (for a split file: the original name; parts are siblings)
     delete_after: bool
     parts: list[split.PartPlan] | None = None
+    file_id: str | None = None  # "st_dev:st_ino" when listed (None on Windows, where scandir has no inode)
 
     @property
     def destination_folder(self) -> str:
@@ -58,7 +60,7 @@ class PlannedSource:
     def items(self, job: str) -> list[Item]:
         """The journal items that together put this file into Dropbox."""
         common = dict(id=None, job=job, source=str(self.source), source_size=self.size,
-                      source_mtime_ns=self.mtime_ns)
+                      source_mtime_ns=self.mtime_ns, source_id=self.file_id)
         if not self.parts:
             return [Item(destination=self.destination, kind="file", part_offset=0, length=self.size, **common)]
         items = [Item(destination=self.part_destination(part), kind="part", part_offset=part.offset,
@@ -217,7 +219,7 @@ def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: st
                 plan.warnings.append(f"{destination} is {len(destination)} characters long; the Dropbox "
                                      "desktop app on Windows may not sync paths over 260 characters")
             source = PlannedSource(row, path, info.st_size, info.st_mtime_ns, destination,
-                                   bool(row[delete_column]))
+                                   bool(row[delete_column]), file_id=f"{info.st_dev}:{info.st_ino}" if info.st_ino else None)
             if info.st_size > part_limit:
                 source.parts = split.plan_split(info.st_size, part_limit)
             plan.sources.append(source)

@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from . import errors
+from .deletion import discard_temporary_quietly
+from .localfs import temporary_sibling
 from .settings import Setting
 from .sheets import EXISTING_DIR, Column, SheetRow, read_tab, write_workbook
 from .units import GB
@@ -656,7 +658,7 @@ def write_outputs(output_dir: Path, trees: Sequence[DirectoryTree], candidates: 
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     targets = [output_dir / SIZE_LIST, output_dir / ZIP_LIST]
-    temporaries = [t.with_name(f".~{t.name}") for t in targets]
+    temporaries = [temporary_sibling(t, "partial") for t in targets]
     left_out: list[str] = []
     try:
         _write_text(temporaries[0], (line for tree in trees for line in _size_lines(tree)))
@@ -680,12 +682,7 @@ def write_outputs(output_dir: Path, trees: Sequence[DirectoryTree], candidates: 
         ) from None
     finally:
         for temporary in temporaries:
-            try:
-                temporary.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError:
-                pass
+            discard_temporary_quietly(temporary)
     return [*targets, output_dir / ZIP_WORKBOOK], left_out
 
 

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import math
 import os
+import posixpath
 import re
+import sys
 import warnings
+import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
+from openpyxl.utils.cell import coordinate_to_tuple, get_column_letter
 
 from .errors import SheetError, SheetProblem
+from .localfs import temporary_sibling
 
 # Column kinds understood by `read_tab`.
 EXISTING_PATH = "existing_path"  # a file or a folder that exists
@@ -53,6 +58,42 @@ class SheetRow:
 RowCheck = Callable[[SheetRow], Iterable[SheetProblem]]
 
 
+def contains_path(outer: Path, inner: Path) -> bool:
+    """True when `inner` is `outer` or lies inside it, comparing whole components with links
+    resolved, and ignoring case where the file system usually does (Windows, macOS)."""
+    def parts(path: Path) -> tuple[str, ...]:
+        text = os.path.normcase(os.path.realpath(path))
+        return Path(text.casefold() if sys.platform == "darwin" else text).parts
+
+    inside, around = parts(inner), parts(outer)
+    return inside[:len(around)] == around
+
+
+def tool_files_check(column: str, *, tool_folder: Path, script: Path, logs_folder: Path) -> RowCheck:
+    """Refuse rows that would send, zip or delete this tool while it runs: its folder, the running
+    script, its logs and journal (uploading a live journal is wrong too), or the workbook being
+    read. A data folder inside the tool's folder (such as the demo's sample data) is fine."""
+
+    def check(row: SheetRow) -> list[SheetProblem]:
+        path: Path | None = row[column]
+        if path is None:
+            return []
+        fix = "give a data file or folder that does not hold this tool, or remove the row"
+        for what, protected in (("this tool's own folder", tool_folder),
+                                ("the running script", script),
+                                ("this tool's logs and journal folder", logs_folder),
+                                ("the workbook being read", row.workbook)):
+            if contains_path(path, protected):
+                return [row.problem(f"{column} {path} is or contains {what} {protected}, which must stay "
+                                    f"untouched while the tool runs: {fix}", column)]
+        if contains_path(logs_folder, path):
+            return [row.problem(f"{column} {path} is inside this tool's logs and journal folder {logs_folder}, "
+                                f"which changes while the tool runs: {fix}", column)]
+        return []
+
+    return check
+
+
 def _engine(workbook: Path) -> str:
     return "xlrd" if workbook.suffix.lower() == ".xls" else "openpyxl"
 
@@ -65,7 +106,8 @@ def _blank(value: Any) -> bool:
     return isinstance(value, str) and value.strip() == ""
 
 
-def _load(workbook: Path, tab: str) -> pd.DataFrame:
+def _load(workbook: Path, tab: str) -> tuple[pd.DataFrame, str]:
+    """The tab's cells, and the tab's name as the workbook spells it."""
     problem = lambda message, tab_name=None: SheetError([SheetProblem(workbook, tab_name, None, None, message)])  # noqa: E731
     if not workbook.exists():
         raise problem("the workbook does not exist: check the excelName setting or the path")
@@ -90,7 +132,98 @@ def _load(workbook: Path, tab: str) -> pd.DataFrame:
                 raise problem(f"there is no tab named '{tab}' (tabs found: "
                               f"{', '.join(map(str, book.sheet_names))}): add or rename the tab", tab)
             tab = matches[0]
-        return pd.read_excel(book, sheet_name=tab, header=None, dtype=object)
+        return pd.read_excel(book, sheet_name=tab, header=None, dtype=object), tab
+
+
+# A formula's result is stored in the file only by programs that calculate (Excel, LibreOffice).
+# One written by a script (openpyxl and the like) has none, and pandas reads it as an empty cell:
+# a row of such formulas would silently drop out of the run. They are found in the tab's XML:
+# first a quick byte search for a formula followed by an empty value or by the end of its cell
+# (calculated empty texts match it too), then, only if found, a parse.
+_NO_VALUE = re.compile(rb"(?:</(?:\w+:)?f>|<(?:\w+:)?f\b[^>]*/>)\s*"
+                       rb"(?:<(?:\w+:)?v\s*/>|<(?:\w+:)?v>\s*</(?:\w+:)?v>|</(?:\w+:)?c>)")
+
+
+def _local_name(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _relationships(archive: zipfile.ZipFile, part: str) -> dict[str, tuple[str, str]]:
+    """Id -> (type, part name) of the relationships of one part ("" for the package)."""
+    folder, name = posixpath.split(part)
+    found = {}
+    for element in ET.fromstring(archive.read(posixpath.join(folder, "_rels", name + ".rels"))).iter():
+        if _local_name(element.tag) == "Relationship":
+            target = element.get("Target", "")
+            target = target[1:] if target.startswith("/") else posixpath.normpath(posixpath.join(folder, target))
+            found[element.get("Id", "")] = (element.get("Type", ""), target)
+    return found
+
+
+def _sheet_part(archive: zipfile.ZipFile, tab: str) -> str | None:
+    book = next((target for kind, target in _relationships(archive, "").values()
+                 if kind.endswith("/officeDocument")), None)
+    if book is None:
+        return None
+    for element in ET.fromstring(archive.read(book)).iter():
+        if _local_name(element.tag) == "sheet" and element.get("name") == tab:
+            rel_id = next((value for key, value in element.attrib.items() if _local_name(key) == "id"), "")
+            return _relationships(archive, book).get(rel_id, ("", None))[1]
+    return None
+
+
+def _may_have_uncalculated(archive: zipfile.ZipFile, part: str) -> bool:
+    """A byte search, so that the usual tab (no formulas, or calculated ones) is not parsed twice."""
+    tail = b""
+    with archive.open(part) as stream:
+        while chunk := stream.read(1 << 20):
+            if _NO_VALUE.search(tail + chunk):
+                return True
+            tail = chunk[-1024:]
+    return False
+
+
+def _scan_uncalculated(stream) -> dict[tuple[int, int], str]:
+    found: dict[tuple[int, int], str] = {}
+    number = 0
+    for _, element in ET.iterparse(stream):
+        if _local_name(element.tag) != "row":
+            continue
+        # A row or cell without its number "r" follows the previous one.
+        number, reference, offset = int(element.get("r") or number + 1), None, -1
+        for cell in element:
+            reference, offset = (cell.get("r"), 0) if cell.get("r") else (reference, offset + 1)
+            parts = {_local_name(child.tag): child for child in cell}
+            # t="str" with no text is a formula calculated as "", as Excel and LibreOffice store it.
+            if "f" in parts and not (parts["v"].text if "v" in parts else None) and cell.get("t") != "str":
+                column = (coordinate_to_tuple(reference)[1] - 1 if reference else 0) + offset
+                found[(number, column)] = parts["f"].text or ""
+        element.clear()  # keeps memory small on big tabs
+    return found
+
+
+def _uncalculated_formulas(workbook: Path, tab: str) -> dict[tuple[int, int], str]:
+    """{(row number, column index from 0): formula} of the tab's formulas without a stored result."""
+    if _engine(workbook) != "openpyxl":
+        return {}  # .xls files always hold the results
+    try:
+        with zipfile.ZipFile(workbook) as archive:
+            part = _sheet_part(archive, tab)
+            if part is None or not _may_have_uncalculated(archive, part):
+                return {}
+            with archive.open(part) as stream:
+                return _scan_uncalculated(stream)
+    except (zipfile.BadZipFile, KeyError, OSError, ValueError, ET.ParseError):
+        return {}  # pandas read the tab: this extra look must not make a readable workbook unusable
+
+
+def _never_calculated(workbook: Path, tab: str, row: int, column: int, formula: str,
+                      name: str | None) -> SheetProblem:
+    shown = formula if len(formula) <= 80 else formula[:77] + "..."
+    what = f"a formula (={shown})" if shown else "a formula"
+    return SheetProblem(workbook, tab, row, name, (
+        f"cell {get_column_letter(column + 1)}{row} holds {what} that was never calculated, so it has no "
+        "value: open the workbook in Excel or LibreOffice and save it, so its formulas are calculated"))
 
 
 def _path_value(value: Any, workbook: Path) -> Path:
@@ -162,18 +295,32 @@ def _convert(row: SheetRow, column: Column, raw: Any, problems: list[SheetProble
     return path
 
 
+def _formulas_anywhere(workbook: Path, tab: str, uncalculated: dict[tuple[int, int], str],
+                       limit: int = 10) -> list[SheetProblem]:
+    """When the header row is not found, formulas without values anywhere may be the reason."""
+    cells = sorted(uncalculated.items())
+    problems = [_never_calculated(workbook, tab, row, column, formula, None)
+                for (row, column), formula in cells[:limit]]
+    if len(cells) > limit:
+        problems.append(SheetProblem(workbook, tab, None, None, f"... and {len(cells) - limit} more cells "
+                                     "with formulas that were never calculated"))
+    return problems
+
+
 def read_tab(workbook: Path | str, tab: str, columns: Sequence[Column],
              row_check: RowCheck | None = None) -> list[SheetRow]:
     """Read and validate every row of one tab. Raises SheetError listing every problem."""
     workbook = Path(workbook).resolve()
-    frame = _load(workbook, tab)
+    frame, sheet_name = _load(workbook, tab)
+    uncalculated = _uncalculated_formulas(workbook, sheet_name)
     problems: list[SheetProblem] = []
     cells = frame.values.tolist()
     header_index = next((i for i, line in enumerate(cells) if not all(_blank(v) for v in line)), None)
     if header_index is None:
         raise SheetError([SheetProblem(workbook, tab, None, None,
                                        "the tab is empty: the first row must hold the column names "
-                                       + ", ".join(c.name for c in columns) + ", then one row per item")])
+                                       + ", ".join(c.name for c in columns) + ", then one row per item"),
+                          *_formulas_anywhere(workbook, tab, uncalculated)])
     header = ["" if _blank(v) else str(v).strip() for v in cells[header_index]]
     positions: dict[str, int] = {}
     for column in columns:
@@ -186,19 +333,27 @@ def read_tab(workbook: Path | str, tab: str, columns: Sequence[Column],
         else:
             positions[column.name] = found[0]
     if problems:
-        raise SheetError(problems)
+        raise SheetError(problems + _formulas_anywhere(workbook, tab, uncalculated))
 
     rows: list[SheetRow] = []
     clean: list[SheetRow] = []  # rows whose every cell converted: safe to check further
-    for index in range(header_index + 1, len(cells)):
-        line = cells[index]
+    # Rows holding only formulas without values are missing from `cells`: go on to the last of them.
+    for index in range(header_index + 1, max([len(cells), *(number for number, _ in uncalculated)])):
+        line = cells[index] if index < len(cells) else []
         raw = {name: (line[pos] if pos < len(line) else None) for name, pos in positions.items()}
-        if all(_blank(v) for v in raw.values()):
+        formulas = {name: uncalculated[(index + 1, pos)] for name, pos in positions.items()
+                    if (index + 1, pos) in uncalculated}
+        if not formulas and all(_blank(v) for v in raw.values()):
             continue
         row = SheetRow(workbook, tab, index + 1, {})
         before = len(problems)
         for column in columns:
-            row.values[column.name] = _convert(row, column, raw[column.name], problems)
+            if column.name in formulas:
+                problems.append(_never_calculated(workbook, tab, row.row, positions[column.name],
+                                                  formulas[column.name], column.name))
+                row.values[column.name] = None
+            else:
+                row.values[column.name] = _convert(row, column, raw[column.name], problems)
         rows.append(row)
         if len(problems) == before:
             clean.append(row)
@@ -216,7 +371,7 @@ def read_tab(workbook: Path | str, tab: str, columns: Sequence[Column],
 def write_workbook(path: Path | str, tabs: dict[str, tuple[Sequence[str], Iterable[Sequence[Any]]]]) -> Path:
     """Write a fresh .xlsx with the given tabs (header + rows), atomically."""
     path = Path(path)
-    temporary = path.with_name(f".~{path.name}")
+    temporary = temporary_sibling(path, "partial")
     with pd.ExcelWriter(temporary, engine="openpyxl") as writer:
         for tab, (header, rows) in tabs.items():
             frame = pd.DataFrame([list(r) for r in rows], columns=list(header))

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 from .errors import FileProblem
-from .localfs import fsync_folder
+from . import deletion
+from .localfs import fsync_folder, legacy_temporary, temporary_sibling
 
 MiB = 1024 * 1024
 # Dropbox hashes files in 4 MiB blocks and concurrent upload sessions append 4 MiB multiples,
@@ -36,8 +37,6 @@ SPLIT_TAG = "_split_"
 MANIFEST_SUFFIX = "_split_manifest.json"
 MANIFEST_FORMAT = "archive-big-data-dropbox split manifest"
 MANIFEST_VERSION = 1
-# The desktop app does not sync names starting with ".~", so half-written files stay local.
-TEMP_PREFIX = ".~"
 
 _PART_NAME = re.compile(r"^(?P<base>.+)_split_(?P<number>[0-9]{4,})$", re.DOTALL)
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -290,10 +289,19 @@ def read_manifest(path: Path | str) -> Manifest:
     return parse_manifest(content, str(path))
 
 
+def _discard_legacy_temporary(final: Path) -> None:
+    """Earlier versions wrote `final` as `.~<name>`; a rerun overwrote that leftover, which the
+    new temporary name no longer does, so it is removed here."""
+    legacy = legacy_temporary(final)
+    if legacy is not None:
+        deletion.discard_temporary_quietly(legacy)
+
+
 def write_manifest(path: Path | str, manifest: Manifest) -> Path:
     """Write atomically: a temporary `.~` name, flushed to disk, then renamed over the old one."""
     path = Path(path)
-    temporary = path.with_name(TEMP_PREFIX + path.name)
+    temporary = temporary_sibling(path, "partial")
+    _discard_legacy_temporary(path)
     with open(temporary, "wb") as handle:
         handle.write(manifest.to_bytes())
         handle.flush()
@@ -751,18 +759,19 @@ def write_parts(src: Path | str, dest_dir: Path | str, plan: Sequence[PartPlan],
             Digester(whole=expected is None, pieces=True) as digester:
         copier = RangeCopier(digester, progress)
         for part in to_write:
-            temporary = dest_dir / (TEMP_PREFIX + part.name)
+            temporary = temporary_sibling(dest_dir / part.name, "partial")
+            _discard_legacy_temporary(dest_dir / part.name)
             try:
                 with open(temporary, "wb", buffering=0) as target:
                     copier.copy(source, part.offset, part.length, target, temporary, part.index)
                     os.fsync(target.fileno())
                 digester.release_file(temporary)
             except SourceEnded:
-                temporary.unlink(missing_ok=True)
+                deletion.discard_temporary_quietly(temporary)
                 raise SplitError(f"{src} became shorter while its parts were being written; wait until "
                                  "nothing writes to it and run again.", paths=[src]) from None
             except BaseException:
-                temporary.unlink(missing_ok=True)
+                deletion.discard_temporary_quietly(temporary)
                 raise
             os.replace(temporary, dest_dir / part.name)
         whole, pieces = digester.finish()

@@ -4,7 +4,7 @@ exactly the folder's files, and only then (deleteFlag=1) delete the originals it
 How one row goes, and why it is safe to stop at any moment:
 
 1. Snapshot the folder: every file (size, modification time), symlink and empty folder.
-2. Write the archive under a name that does not look finished, `.~<name>.zip.partial`, with
+2. Write the archive under a name that does not look finished, `.~<hash>.zip.partial`, with
    7-Zip (`a -tzip`, the snapshot's entries fed as a list file, symlinks stored as links and never
    followed) or with Python's `zipfile` (ZIP64, files streamed) when 7-Zip is not installed.
 3. Test it (`verify_archive`: every member inflated, its size and CRC-32 checked against the
@@ -49,11 +49,12 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from . import errors
+from . import deletion, errors
 from .errors import FileProblem, SheetProblem
-from .localfs import fsync_folder, rename_without_replacing
+from .deletion import discard_temporary, discard_temporary_quietly
+from .localfs import fsync_folder, legacy_temporary, rename_without_replacing, temporary_sibling
 from .settings import Setting
-from .sheets import FLAG, LOCAL_DIR, Column, SheetRow, read_tab
+from .sheets import FLAG, LOCAL_DIR, Column, RowCheck, SheetRow, read_tab, tool_files_check
 
 # Chosen by bench/bench_zip.py on a microscope-like mix (incompressible frames, noisy 16-bit
 # images, sparse counting frames, text): with 7-Zip, level 1 makes archives of 68% of the data,
@@ -609,10 +610,7 @@ class SevenZip:
             self._run(command, cwd=snapshot.root.parent, what="zipping",
                       on_percent=lambda pct: progress(total * pct // 100))
         finally:
-            try:
-                os.unlink(list_path)
-            except OSError:
-                pass
+            discard_temporary_quietly(list_path)
 
     def _run(self, command: list[str], *, cwd: Path, what: str,
              on_percent: Callable[[int], None] | None = None) -> bytes:
@@ -732,7 +730,9 @@ def archive_path(folder: Path) -> Path:
 
 
 def partial_path(folder: Path) -> Path:
-    return folder.with_name(f".~{folder.name}.zip.partial")
+    """Where the archive is written until it is verified: a short `.~` name, so that a folder
+    whose name is near the file system's limit can be zipped too."""
+    return temporary_sibling(archive_path(folder), "zip.partial")
 
 
 def _member_path(parent: Path, name: str) -> Path:
@@ -751,10 +751,16 @@ def _subdirectories_of(members: Iterable[zipfile.ZipInfo]) -> int:
 
 
 def _remove_partial(folder: Path, log) -> None:
-    temporary = partial_path(folder)
+    # Earlier versions named it `.~<name>.zip.partial`: a rerun after an upgrade removes that too.
+    for temporary in (partial_path(folder), legacy_temporary(archive_path(folder), ".partial")):
+        if temporary is not None:
+            _remove_leftover(temporary, log)
+
+
+def _remove_leftover(temporary: Path, log) -> None:
     if temporary.exists() or temporary.is_symlink():
         try:
-            temporary.unlink()
+            discard_temporary(temporary)
         except OSError as exc:
             raise FileProblem(
                 f"{temporary} is left from an interrupted run and cannot be removed "
@@ -820,11 +826,16 @@ def _remove_empty_folders(folder: Path, members: Iterable[str]) -> None:
         relative = PurePosixPath(folder.name, *Path(dirpath).relative_to(folder).parts)
         if relative in archived:
             candidates.append(Path(dirpath))
-    for directory in sorted(candidates, key=lambda p: len(p.parts), reverse=True):
-        try:
-            directory.rmdir()
-        except OSError:
-            pass  # not empty: it holds files the archive does not, which stay
+    deletion.remove_empty_folders(candidates)  # a folder holding files the archive does not stays
+
+
+def _count(outcome: _Deletion, result: str, relative: str) -> None:
+    if result == deletion.DELETED:
+        outcome.deleted += 1
+    elif result == deletion.ALREADY_GONE:
+        outcome.already_gone += 1
+    else:
+        outcome.kept.append(relative)
 
 
 def _left_over(folder: Path) -> str:
@@ -842,24 +853,15 @@ def _delete_snapshot_files(snapshot: FolderSnapshot, log) -> _Deletion:
         except FileNotFoundError:
             outcome.already_gone += 1
             continue
-        if stat.S_ISREG(info.st_mode) and info.st_size == size and info.st_mtime_ns == mtime_ns:
-            path.unlink()
-            outcome.deleted += 1
-        else:
-            outcome.kept.append(relative)
-            log.warning("Kept %s: it changed after it was zipped.", path)
+        result = deletion.CHANGED
+        if stat.S_ISREG(info.st_mode):
+            result, _ = deletion.delete_unchanged(path, deletion.LocalIdentity(size, mtime_ns))
+        _count(outcome, result, relative)
+        if result in (deletion.CHANGED, deletion.FAILED):
+            log.warning("Kept %s: it changed after it was zipped, or cannot be deleted.", path)
     for relative, target in snapshot.links.items():
-        path = snapshot.root / relative
-        try:
-            if os.readlink(path) == target:
-                path.unlink()
-                outcome.deleted += 1
-            else:
-                outcome.kept.append(relative)
-        except FileNotFoundError:
-            outcome.already_gone += 1
-        except OSError:
-            outcome.kept.append(relative)
+        result, _ = deletion.delete_link_if_same(snapshot.root / relative, target)
+        _count(outcome, result, relative)
     names = list(snapshot.expected_members())
     _remove_empty_folders(snapshot.root, names)
     return outcome
@@ -891,9 +893,11 @@ def _delete_verified_against_archive(folder: Path, archive: Path, members: Seque
             except OSError as exc:
                 log.warning("Kept %s: it could not be checked (%s).", path, exc.strerror or exc)
                 same = False
-            if same:
-                path.unlink()
-                outcome.deleted += 1
+            if same and stat.S_ISLNK(info.st_mode):
+                _count(outcome, deletion.delete_link_if_same(path, os.readlink(path))[0], member.filename)
+            elif same:
+                _count(outcome, deletion.delete_unchanged(path, deletion.LocalIdentity.from_stat(info))[0],
+                       member.filename)
             else:
                 outcome.kept.append(member.filename)
                 log.warning("Kept %s: it differs from its copy in the archive.", path)
@@ -1044,9 +1048,9 @@ def _finish_existing(folder: Path, archive: Path, engine, delete_originals: bool
     log.info("%s exists and is marked verified; testing it again before deleting originals in %s.",
              archive, folder)
     verify_archive(archive, threads=getattr(engine, "threads", 1))
-    deletion = _delete_verified_against_archive(folder, archive, members, log)
+    removed = _delete_verified_against_archive(folder, archive, members, log)
     outcome.ok = True
-    outcome.result = "archive verified earlier and tested again; " + deletion.summary()
+    outcome.result = "archive verified earlier and tested again; " + removed.summary()
     if folder.exists():
         outcome.result += f"; folder kept: {_left_over(folder)}"
 
@@ -1133,17 +1137,15 @@ def _test_and_publish(built: _BuiltArchive, outcome: RowOutcome, log, threads: i
     outcome.ok = True
     outcome.result = "zipped and verified"
     if built.delete_originals:
-        deletion = _delete_snapshot_files(snapshot, log)
-        outcome.result += "; " + deletion.summary()
+        removed = _delete_snapshot_files(snapshot, log)
+        outcome.result += "; " + removed.summary()
         if folder.exists():
             outcome.result += f"; folder kept: {_left_over(folder)}"
 
 
 def _remove_unfinished(temporary: Path, log) -> None:
     try:
-        temporary.unlink()
-    except FileNotFoundError:
-        pass
+        discard_temporary(temporary)
     except OSError as exc:
         log.warning("Could not remove the unfinished %s (%s); the next run removes it.",
                     temporary, exc.strerror or exc)
@@ -1160,10 +1162,10 @@ def _inside(inner: str, outer: str) -> bool:
     return inner != outer and inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 
-def read_zip_rows(workbook: Path, tab: str, *, protected: Sequence[Path] = ()) -> list[SheetRow]:
-    """Preflight: read the tab and check every row, listing every problem at once."""
+def read_zip_rows(workbook: Path, tab: str, *, protect: RowCheck | None = None) -> list[SheetRow]:
+    """Preflight: read the tab and check every row, listing every problem at once. `protect`
+    refuses rows holding the tool itself (see `tool_files_check`)."""
     seen: list[tuple[SheetRow, str]] = []
-    protected_paths = [_comparable(p) for p in protected]
 
     def check(row: SheetRow) -> Iterator[SheetProblem]:
         folder: Path = row["inputDir"]
@@ -1197,11 +1199,8 @@ def read_zip_rows(workbook: Path, tab: str, *, protected: Sequence[Path] = ()) -
                 yield row.problem(f"the folder of row {inner.row} is inside the folder of row "
                                   f"{outer.row} ({outer['inputDir']}), so it would be zipped twice; "
                                   "keep only one of the two rows", "inputDir")
-        for mine in protected_paths:
-            if key == mine or _inside(mine, key):
-                yield row.problem(f"inputDir {folder} contains this tool's own files or logs; "
-                                  "choose a data folder", "inputDir")
-                break
+        if protect is not None:
+            yield from protect(row)
         seen.append((row, key))
 
     return read_tab(workbook, tab, [Column("inputDir", LOCAL_DIR), Column("deleteFlag", FLAG)],
@@ -1230,8 +1229,10 @@ def choose_engine(settings, log) -> SevenZip | PythonZip:
 def run_zip_dir(context) -> int:
     """Entry point of preProcess/2_zipDir.py."""
     settings, log = context.settings, context.log
-    rows = read_zip_rows(settings.excelName, settings.sheetName,
-                         protected=[context.script.parent, context.logs_root])
+    # 2_zipDir.py sits in preProcess/: the whole tool (app.py, the package) is the folder above.
+    protect = tool_files_check("inputDir", tool_folder=context.script.parent.parent, script=context.script,
+                               logs_folder=context.logs_root)
+    rows = read_zip_rows(settings.excelName, settings.sheetName, protect=protect)
     log.info("Workbook %s, tab '%s': %d folder(s) to zip.", settings.excelName, settings.sheetName,
              len(rows))
     if getattr(context.args, "dry_run", False):

@@ -33,6 +33,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,9 @@ TARGET_SMALL_SPEEDUP = 20.0
 TARGET_MEMORY = 1.0                   # peak RSS / (memoryLimit_MB + one-file run RSS)
 TARGET_MEMORY_FLAT = 1.10             # peak RSS for the large file / for the small file
 TARGET_RERUN_S = 5.0
+TARGET_PROOF_PAGES = 25               # deletion proof of the many-files job: listing pages (issue 12:
+                                      # "a few list_folder pages"; 10,000 files in pages of 500)
+TARGET_PROOF_LOCAL = 0.01             # ... plus at most 1 % of the upload's time for the rest
 TARGET_RERUN_READ = 0.05              # bytes read beyond the one-file run / data size: reading
                                       # even 1 file in 20 again would fail it
 
@@ -530,7 +534,8 @@ def case_small(bench: Bench) -> list[dict]:
         server.clear_log()
         rerun = bench.app(server, "small_rerun", rows, logs="small")
         resent = sum(server.count_calls(route) for route in UPLOAD_ROUTES)
-        rerun_ok = resent == 0 and "already in Dropbox (journal)" in rerun.output
+        rerun_ok = resent == 0 and "is in Dropbox now, identical" in rerun.output
+        proof = _deletion_proof(bench, server, data.path("small"), rows)
     finally:
         _close(server)
     journal = bench.runs / "logs_small" / "journal.sqlite3"
@@ -553,7 +558,41 @@ def case_small(bench: Bench) -> list[dict]:
              f"run {_mib(tiny.read_chars):.1f} MiB; journal {_mib(journal_size):.1f} MiB; psutil read_chars)",
              _mib(beyond), "MiB", "size of the job's files", _mib(small_bytes), f"<= {TARGET_RERUN_READ:g}",
              rerun_ok and 0 <= beyond <= TARGET_RERUN_READ * small_bytes),
+        _row(f"6. deleting the {sizes.small_count} verified originals: asking Dropbox now ({proof['pages']} "
+             f"list_folder pages, {proof['metadata']} get_metadata; {bench.link})", proof["remote"], "s",
+             "the upload of the same files (3.)", many.seconds, f"<= {TARGET_PROOF_PAGES} pages",
+             bench.meets(proof["ok"], proof["pages"] <= TARGET_PROOF_PAGES)),
+        _row(f"6. same: checking each original on disk and deleting it ({proof['deleted']} deleted)",
+             proof["local"], "s", "the upload of the same files (3.)", many.seconds, f"<= {TARGET_PROOF_LOCAL:g}",
+             bench.meets(proof["ok"], proof["local"] <= TARGET_PROOF_LOCAL * many.seconds)),
     ]
+
+
+def _deletion_proof(bench: Bench, server: DropboxTestServer, folder: Path, rows: list[list]) -> dict:
+    """6. Rerun the finished job with deleteAfterUpload = 1 and read the gate's own timing from
+    the log. The files are hard-linked aside first and put back afterwards, so the data set
+    survives for the other cases (same inodes, same dates)."""
+    bench.log("case 6: deleting the verified originals through the deletion gate")
+    aside = folder.with_name(folder.name + "_aside")
+    if aside.exists():
+        shutil.rmtree(aside)
+    subprocess.run(["cp", "-al", str(folder), str(aside)], check=True)
+    server.clear_log()
+    try:
+        run = bench.app(server, "small_delete", [[rows[0][0], rows[0][1], 1]], logs="small")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(aside, folder)
+    match = re.search(r"Deletion proof: (\d+) original\(s\) checked against Dropbox with (\d+) lookup\(s\) in "
+                      r"([\d.]+) s, then on disk and deleted in ([\d.]+) s; (\d+) deleted", run.output)
+    # The run lists the destination twice: once before sending (is everything still there?)
+    # and once for the proof, just before deleting.
+    pages = server.count_calls("files/list_folder") + server.count_calls("files/list_folder/continue")
+    deleted = int(match.group(5)) if match else 0
+    return {"remote": float(match.group(3)) if match else float("inf"),
+            "local": float(match.group(4)) if match else float("inf"), "deleted": deleted,
+            "pages": pages // 2, "metadata": server.count_calls("files/get_metadata"),
+            "ok": bool(match) and deleted == bench.sizes.small_count}
 
 
 def case_memory(bench: Bench) -> list[dict]:

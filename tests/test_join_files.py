@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO, log_files, run_script, script_env, write_xlsx
 
 from archive_dropbox import joining, split
+from archive_dropbox.localfs import temporary_sibling
 
 SCRIPT = "joinFiles.py"
 HEADER = ["inputFile", "deleteFlag", "unzipFlag"]
@@ -141,12 +142,24 @@ def test_rerun_of_a_finished_join_checks_it_and_leaves_it_alone(tmp_path, logs_r
 def test_parts_without_manifest_join_by_number_with_a_warning(tmp_path, logs_root):
     data = os.urandom(250_000)
     make_parts(tmp_path / "old", "legacy.tif", data, 100_000, manifest=False)
-    result = join_sheet(tmp_path, logs_root, [[str(tmp_path / "old" / "legacy.tif_split_0001"), 1, 0]])
+    result = join_sheet(tmp_path, logs_root, [[str(tmp_path / "old" / "legacy.tif_split_0001"), 0, 0]])
     assert result.returncode == 0, output_of(result)
     assert "cannot be verified" in output_of(result)
     assert sha(data) in output_of(result)
-    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["legacy.tif"]
     assert (tmp_path / "old" / "legacy.tif").read_bytes() == data
+
+
+def test_parts_without_manifest_are_never_deleted(tmp_path, logs_root):
+    """Issue 12, case 4: parts 1-2 of 3 and no manifest, --delete: the join cannot be proven
+    complete, so the parts stay and the run says why and what to do."""
+    data = os.urandom(300_000)
+    parts = make_parts(tmp_path / "old", "legacy.tif", data, 100_000, manifest=False)
+    parts[2].unlink()  # the last part never arrived; nothing can tell
+    result = join_args(logs_root, str(parts[0]), "--delete")
+    assert result.returncode == 1, output_of(result)
+    assert "without a manifest" in output_of(result) and "delete the parts by hand" in output_of(result)
+    assert all(p.exists() for p in parts[:2])
+    assert (tmp_path / "old" / "legacy.tif").read_bytes() == data[:200_000]
 
 
 # ----------------------------------------------------------------------------- damaged inputs
@@ -453,7 +466,7 @@ def test_rerun_after_kill_mid_join_ends_correct(tmp_path, logs_root):
     block = os.urandom(1024 * 1024)
     data = b"".join(i.to_bytes(8, "little") + block[8:] for i in range(64))
     parts = make_parts(tmp_path / "d", "big.bin", data, 8 * 1024 * 1024)
-    partial = tmp_path / "d" / ".~big.bin.partial"
+    partial = temporary_sibling(tmp_path / "d" / "big.bin", "partial")
     process = subprocess.Popen([sys.executable, str(REPO / SCRIPT), str(parts[0]), "--delete",
                                 "--logs", str(logs_root)], env=script_env(), cwd=str(REPO),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -478,7 +491,7 @@ def test_a_join_in_progress_in_another_run_is_left_alone(tmp_path, logs_root):
     import fcntl
 
     parts = make_parts(tmp_path / "d", "big.bin", os.urandom(3000), 1000)
-    partial = tmp_path / "d" / ".~big.bin.partial"
+    partial = temporary_sibling(tmp_path / "d" / "big.bin", "partial")
     with open(partial, "wb") as busy:
         busy.write(b"being written by another run")
         busy.flush()

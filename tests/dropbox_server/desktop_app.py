@@ -133,7 +133,11 @@ class DesktopAppSimulator(threading.Thread):
     def _sync_once(self) -> bool:
         """One pass; True while work remains (pending files or a failed attempt)."""
         now = time.monotonic()
-        for rel, sig in self._scan().items():
+        scanned = self._scan()
+        # A file that left the folder and comes back is new to the app, even with its old date.
+        for rel in [rel for rel in self._synced if rel not in scanned]:
+            del self._synced[rel]
+        for rel, sig in scanned.items():
             if self._synced.get(rel) == sig:
                 self._pending.pop(rel, None)
                 continue

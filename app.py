@@ -11,6 +11,7 @@ checks names; its log is in logs/dataPrep. Stage 2 sends the files and verifies 
 its Dropbox content hash; its log is in logs/upload. Stopped? Run it again: it continues.
 """
 
+SETTINGS = r'''
 # ============================ Settings: edit these lines ============================
 excelName = 'inputs.xlsx'             # workbook next to this script (or a full path)
 sheetName = 'dropboxUpload_APP'       # dropboxUpload_APP, dropboxUpload_API or dropboxDownload_API
@@ -33,26 +34,13 @@ teamSpace = True                      # Dropbox Business: paths start at the tea
 caBundle = ''                         # a CA certificate file, when the network inspects TLS
 proxy = ''                            # e.g. http://proxy.example.org:3128 (HTTPS_PROXY also works)
 # ====================================================================================
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from archive_dropbox.requirements_check import ensure_requirements  # noqa: E402
-
-ensure_requirements()
-
-from archive_dropbox import app_runner  # noqa: E402
-from archive_dropbox.cli import run_script  # noqa: E402
+'''  # read as text: Windows paths are taken exactly as typed
 
 if __name__ == "__main__":
-    sys.exit(run_script(
-        script=__file__,
-        description=__doc__,
-        spec=app_runner.SETTINGS,
-        script_values=globals(),
-        main=app_runner.run,
-        log_subdir="upload",
-        log_name="",
-        add_arguments=app_runner.add_arguments,
-    ))
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from archive_dropbox.start import launch
+
+    sys.exit(launch(__file__, __doc__, SETTINGS, "app"))

@@ -11,30 +11,18 @@ Two ways to use it:
 A log is written in logs/dataPrep/. `--help` lists the optional flags.
 """
 
+SETTINGS = r'''
 # ============================ Settings: edit these lines ============================
 excelName = 'inputs.xlsx'      # workbook, next to this script (or a full path)
 sheetName = 'joinFiles'        # tab with the columns inputFile, deleteFlag, unzipFlag
 # ====================================================================================
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from archive_dropbox.requirements_check import ensure_requirements  # noqa: E402
-
-ensure_requirements()
-
-from archive_dropbox import joining  # noqa: E402
-from archive_dropbox.cli import run_script  # noqa: E402
+'''  # read as text: Windows paths are taken exactly as typed
 
 if __name__ == "__main__":
-    sys.exit(run_script(
-        script=__file__,
-        description=__doc__,
-        spec=joining.SETTINGS,
-        script_values=globals(),
-        main=joining.run_join_files,
-        log_subdir="dataPrep",
-        log_name="joinFiles",
-        add_arguments=joining.add_arguments,
-    ))
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from archive_dropbox.start import launch
+
+    sys.exit(launch(__file__, __doc__, SETTINGS, "joinFiles"))

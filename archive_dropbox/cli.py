@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import traceback
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from . import errors
 from .logs import close_log, redact, start_log
-from .settings import Setting, Settings, add_setting_flags, resolve
+from .settings import Setting, Settings, add_setting_flags, read_settings_block, resolve
 
 
 @dataclass
@@ -29,29 +28,6 @@ class RunContext:
     logs_root: Path
 
 
-def started_without_console() -> bool:
-    """True when a double-click opened a console window that closes when we exit (Windows)."""
-    if os.environ.get("ARCHIVE_DROPBOX_NO_PAUSE"):
-        return False
-    if sys.platform != "win32":
-        return False
-    try:
-        import ctypes
-
-        process_ids = (ctypes.c_uint * 4)()
-        return ctypes.windll.kernel32.GetConsoleProcessList(process_ids, 4) <= 1
-    except Exception:
-        return False
-
-
-def _pause_if_double_clicked() -> None:
-    if started_without_console():
-        try:
-            input("\nPress Enter to close this window.")
-        except (EOFError, KeyboardInterrupt):
-            pass
-
-
 def run_script(
     *,
     script: str | Path,
@@ -63,8 +39,13 @@ def run_script(
     log_name: str,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
     argv: list[str] | None = None,
+    settings_text: str | None = None,
 ) -> int:
-    """Parse flags, check settings, open the log, run `main`, and map errors to exit codes."""
+    """Parse flags, check settings, open the log, run `main`, and map errors to exit codes.
+
+    `settings_text` is the script's settings block (read by settings.read_settings_block);
+    without it `script_values` holds the values. Keeping the window open after a double-click
+    is start.launch's job, which wraps this."""
     script = Path(script).resolve()
     spec = list(spec)
     parser = argparse.ArgumentParser(
@@ -87,12 +68,20 @@ def run_script(
     log: logging.Logger | None = None
     try:
         try:
+            if settings_text is not None:
+                script_values = read_settings_block(settings_text, script)
             settings = resolve(spec, script_values, args, script=script)
         except errors.ArchiveError as exc:
             print(exc.describe(), file=sys.stderr)
             code = exc.exit_code
             return code
-        log, log_path = start_log(logs_root / log_subdir, log_name)
+        try:
+            log, log_path = start_log(logs_root / log_subdir, log_name)
+        except OSError as exc:
+            print(f"The log folder {logs_root / log_subdir} cannot be written ({exc.strerror or exc}). Make it "
+                  "writable, or give another folder with --logs DIR; nothing was changed.", file=sys.stderr)
+            code = errors.EXIT_ENVIRONMENT
+            return code
         context = RunContext(script=script, settings=settings, args=args, log=log,
                              log_path=log_path, logs_root=logs_root)
         try:
@@ -113,7 +102,6 @@ def run_script(
     finally:
         if log is not None:
             close_log(log)
-        _pause_if_double_clicked()
 
 
 def fail_message(text: str) -> None:

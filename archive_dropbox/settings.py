@@ -1,5 +1,11 @@
-"""Settings: the plain `name = value` lines at the top of each script, optionally overridden
-by command-line flags, validated together before anything happens."""
+r"""Settings: the plain `name = value` lines at the top of each script, optionally overridden
+by command-line flags, validated together before anything happens.
+
+The lines sit inside a raw text block (SETTINGS = r''' ... ''') and are read here, not by
+Python: a Windows path typed as a user types it ('C:\Users\me\Dropbox', 'D:\new\x.xlsx') is
+then taken literally, where a Python string literal would make '\U' a syntax error and '\n' a
+line break.
+"""
 
 from __future__ import annotations
 
@@ -45,6 +51,53 @@ class Settings:
         return self.values[name]
 
 
+def read_settings_block(text: str, script: Path) -> dict[str, Any]:
+    """The `name = value  # comment` lines of a script's settings block, as written.
+
+    A quoted value ('...' or "...") is taken literally up to its closing quote: no backslash
+    escapes, so Windows paths stay as typed. Unquoted values are True/False/None or numbers.
+    Raises SettingsError naming every line that cannot be read (all at once)."""
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        name, equals, rest = stripped.partition("=")
+        name, rest = name.strip(), rest.strip()
+        if not equals or not name.isidentifier():
+            problems.append(f"  - the line {stripped!r} is not of the form name = value")
+            continue
+        try:
+            values[name] = _literal(rest)
+        except ValueError as exc:
+            problems.append(f"  - the line {stripped!r}: {exc}")
+    if problems:
+        raise SettingsError(f"{len(problems)} line(s) of the settings block of {script.name} cannot be read; "
+                            "nothing was changed.\n" + "\n".join(problems), paths=[script])
+    return values
+
+
+def _literal(text: str) -> Any:
+    if text[:1] in ("'", '"'):
+        end = text.find(text[0], 1)
+        if end < 0:
+            raise ValueError(f"the value has no closing {text[0]}: write it as {text[0]}...{text[0]}")
+        after = text[end + 1:].strip()
+        if after and not after.startswith("#"):
+            raise ValueError(f"unexpected text after the closing quote ({after!r})")
+        return text[1:end]
+    value = text.split("#", 1)[0].strip()
+    if value in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[value]
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise ValueError(f"{value!r} is not a number, True or False: put text in quotes, e.g. '{value}'")
+
+
 def add_setting_flags(parser: argparse.ArgumentParser, spec: Iterable[Setting]) -> None:
     group = parser.add_argument_group(
         "settings (each overrides the line of the same name at the top of the script)"
@@ -88,6 +141,11 @@ def _convert(setting: Setting, value: Any, from_flag: bool, base_dir: Path) -> A
         except ValueError:
             raise ValueError("must be a number") from None
     if kind is Path:
+        if any(ord(c) < 32 for c in str(value)):
+            # A Windows path in a Python string literal: '\\new' became a line break, '\\7' a bell.
+            raise ValueError("contains a control character (a line break or tab?): a backslash in the path "
+                             "was read as an escape. Write the path exactly as Windows shows it, between quotes, "
+                             "in the settings block")
         path = Path(str(value).strip()).expanduser()
         return path if path.is_absolute() else (base_dir / path)
     return str(value) if from_flag else value

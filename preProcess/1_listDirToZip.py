@@ -14,32 +14,20 @@ completely; 1 means some entries could not be read (the lists leave them out); 2
 workbook or a setting needs fixing (nothing was written).
 """
 
+SETTINGS = r'''
 # ============================ Settings: edit these lines ============================
 excelName = 'zipDir.xlsx'      # workbook, next to this script (or a full path)
 sheetName = 'listDirToZip'     # tab with the column inputDir
 fileSizeLimit_GB = 500         # largest folder (GB, may be fractional) proposed for one archive
 minFiles = 1000                # zip a folder only from this many files (fewer saves < 0.3 % of Dropbox's 300,000)
 # ====================================================================================
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from archive_dropbox.requirements_check import ensure_requirements  # noqa: E402
-
-ensure_requirements()
-
-from archive_dropbox import scan  # noqa: E402
-from archive_dropbox.cli import run_script  # noqa: E402
+'''  # read as text: Windows paths are taken exactly as typed
 
 if __name__ == "__main__":
-    sys.exit(run_script(
-        script=__file__,
-        description=__doc__,
-        spec=scan.SETTINGS,
-        script_values=globals(),
-        main=scan.run_list_dir_to_zip,
-        log_subdir="preProcess",
-        log_name="listDirToZip",
-        add_arguments=scan.add_arguments,
-    ))
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from archive_dropbox.start import launch
+
+    sys.exit(launch(__file__, __doc__, SETTINGS, "listDirToZip"))

@@ -9,6 +9,7 @@ finished folders are skipped, and nothing is deleted before its archive is verif
 A log is written in logs/preProcess/.
 """
 
+SETTINGS = r'''
 # ============================ Settings: edit these lines ============================
 excelName = 'zipDir.xlsx'      # workbook, next to this script (or a full path)
 sheetName = 'zipDir'           # tab with the columns inputDir and deleteFlag
@@ -17,26 +18,13 @@ threads = 0                    # CPU threads for 7-Zip; 0 = every core of this c
 sevenZipPath = ''              # 7-Zip program; empty = find 7z / 7zz / 7za or C:\Program Files\7-Zip\7z.exe
 useSevenZip = True             # False = always use Python's own zip (slower, one core)
 # ====================================================================================
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from archive_dropbox.requirements_check import ensure_requirements  # noqa: E402
-
-ensure_requirements()
-
-from archive_dropbox import zipping  # noqa: E402
-from archive_dropbox.cli import run_script  # noqa: E402
+'''  # read as text: Windows paths are taken exactly as typed
 
 if __name__ == "__main__":
-    sys.exit(run_script(
-        script=__file__,
-        description=__doc__,
-        spec=zipping.SETTINGS,
-        script_values=globals(),
-        main=zipping.run_zip_dir,
-        log_subdir="preProcess",
-        log_name="zipDir",
-        add_arguments=zipping.add_arguments,
-    ))
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from archive_dropbox.start import launch
+
+    sys.exit(launch(__file__, __doc__, SETTINGS, "zipDir"))

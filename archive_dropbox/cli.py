@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from . import errors
-from .logs import close_log, redact, start_log
+from .logs import close_log, make_console_safe, redact, start_log
 from .settings import Setting, Settings, add_setting_flags, read_settings_block, resolve
 
 
@@ -47,6 +47,7 @@ def run_script(
     without it `script_values` holds the values. Keeping the window open after a double-click
     is start.launch's job, which wraps this."""
     script = Path(script).resolve()
+    make_console_safe()
     spec = list(spec)
     parser = argparse.ArgumentParser(
         prog=script.name,

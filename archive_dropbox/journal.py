@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import JournalError, JournalLocked
+from .localfs import on_network_drive
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -169,7 +170,10 @@ class Journal:
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=60,
                                        isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            # WAL keeps every commit across a crash at little cost, but SQLite says it does not
+            # work over a network file system (the tool kept on Z:\): roll-back journal there.
+            self.wal = not on_network_drive(self.path.parent)
+            self._db.execute("PRAGMA journal_mode=WAL" if self.wal else "PRAGMA journal_mode=DELETE")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(items)")}

@@ -81,3 +81,43 @@ def read_into(handle, view: memoryview) -> int:
             break
         filled += count
     return filled
+
+
+# File systems on which SQLite's WAL mode is unsafe (it needs shared memory between processes
+# on one machine): https://www.sqlite.org/wal.html ("WAL does not work over a network filesystem").
+NETWORK_FILE_SYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "sshfs", "9p", "afs", "ceph",
+                        "glusterfs", "fuse.glusterfs", "davfs", "fuse.davfs2", "fuse.rclone", "lustre", "gpfs"}
+
+
+def mount_type(path: Path, mounts_text: str) -> str | None:
+    """The file-system type of the mount holding `path`, from /proc/mounts-style text."""
+    target = os.path.realpath(path)
+    best, kind = "", None
+    for line in mounts_text.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def on_network_drive(path: Path) -> bool:
+    """True when `path` lies on a network share (a mapped drive or UNC path on Windows; an NFS,
+    SMB, sshfs... mount on Linux). Unknown (macOS, unreadable mount table): False."""
+    if os.name == "nt":
+        text = str(path)
+        if text.startswith("\\\\"):
+            return True
+        import ctypes
+
+        root = os.path.splitdrive(os.path.abspath(text))[0] + "\\"
+        return ctypes.windll.kernel32.GetDriveTypeW(root) == 4  # DRIVE_REMOTE
+    try:
+        with open("/proc/mounts", encoding="utf-8", errors="replace") as handle:
+            kind = mount_type(path, handle.read())
+    except OSError:
+        return False
+    return kind in NETWORK_FILE_SYSTEMS

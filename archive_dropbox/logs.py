@@ -44,6 +44,19 @@ class _RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+def make_console_safe() -> None:
+    """A name outside the console's code page (cp1252 when output goes to a file from Task
+    Scheduler or a .bat) is written with escapes instead of raising: an encoding error must
+    never drop a line or stop a run."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+
+
 class _ConsoleHandler(logging.Handler):
     """Writes through tqdm so log lines do not tear progress bars."""
 

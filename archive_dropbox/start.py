@@ -85,6 +85,9 @@ def launch(script_file: str, description: str, settings_text: str, which: str, *
     """Run one of the scripts: check the packages, read its settings block, run it, and keep
     the window open when it was double-clicked - whatever happens, even an import error."""
     code = EXIT_BUG
+    for stream in (sys.stdout, sys.stderr):  # see logs.make_console_safe (not importable before the check)
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         code = _run(Path(script_file), description, settings_text, which)
     except SystemExit as exc:

@@ -76,3 +76,27 @@ def test_second_process_is_refused_and_kill_9_releases_the_lock_keeping_writes(t
     with Journal(path, "dropboxUpload_API") as journal:
         (item,) = journal.items()
         assert (item.session_id, item.confirmed_offset) == ("sess", 8)
+
+
+def test_journal_on_a_network_drive_uses_the_rollback_journal(tmp_path, monkeypatch):
+    """Issue 14, item 15: SQLite's WAL mode does not work over a network file system."""
+    import archive_dropbox.journal as journal_module
+
+    monkeypatch.setattr(journal_module, "on_network_drive", lambda path: True)
+    with journal_module.Journal(tmp_path / "journal.sqlite3", "job") as journal:
+        assert not journal.wal
+        assert journal._db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    monkeypatch.setattr(journal_module, "on_network_drive", lambda path: False)
+    with journal_module.Journal(tmp_path / "local.sqlite3", "job") as journal:
+        assert journal._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_network_mounts_are_recognised_from_the_mount_table():
+    from archive_dropbox.localfs import NETWORK_FILE_SYSTEMS, mount_type
+
+    table = ("/dev/sda1 / ext4 rw 0 0\nnas:/lab /mnt/lab nfs4 rw 0 0\n"
+             "//srv/share /mnt/my\\040share cifs rw 0 0\n/dev/sdb1 /mnt/lab/local ext4 rw 0 0\n")
+    assert mount_type(Path("/mnt/lab/run1/x.tif"), table) in NETWORK_FILE_SYSTEMS
+    assert mount_type(Path("/mnt/my share/x"), table) == "cifs"
+    assert mount_type(Path("/mnt/lab/local/x"), table) == "ext4"  # the deepest mount wins
+    assert mount_type(Path("/mnt/labx"), table) == "ext4"  # whole path components only

@@ -125,3 +125,14 @@ def test_every_script_starts_through_the_wrapper():
         text = (REPO / script).read_text(encoding="utf-8")
         assert "SETTINGS = r'''" in text and "launch(__file__, __doc__, SETTINGS" in text, script
         compile(text, script, "exec")
+
+
+def test_names_outside_the_console_code_page_never_drop_a_line(tmp_path):
+    """Issue 14, item 13: output redirected to a file in cp1252 (Task Scheduler, a .bat)."""
+    missing = tmp_path / "日本 données" / "x.bin_split_0001"
+    result = subprocess.run([sys.executable, str(REPO / "joinFiles.py"), str(missing), "--logs", str(tmp_path / "l")],
+                            env=script_env({"PYTHONIOENCODING": "cp1252"}), capture_output=True, timeout=120)
+    output = (result.stdout + result.stderr).decode("cp1252")
+    assert result.returncode == 2
+    assert "Logging error" not in output and "UnicodeEncodeError" not in output
+    assert "\\u65e5\\u672c donn\u00e9es" in output  # escaped, and the line is there

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Mapping
 from . import errors
 from .logs import close_log, make_console_safe, redact, start_log
 from .settings import Setting, Settings, add_setting_flags, read_settings_block, resolve
+from .winconsole import long_run_console
 
 
 @dataclass
@@ -86,7 +87,8 @@ def run_script(
         context = RunContext(script=script, settings=settings, args=args, log=log,
                              log_path=log_path, logs_root=logs_root)
         try:
-            code = int(main(context))
+            with long_run_console(log):
+                code = int(main(context))
         except errors.ArchiveError as exc:
             log.error("%s", exc.describe())
             code = exc.exit_code

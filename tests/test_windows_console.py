@@ -1,0 +1,78 @@
+"""Windows console and power settings for long runs (issue 14, items 10 and 11), simulated at
+the kernel32 level: QuickEdit off during the run and restored, sleep prevented and allowed again."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+
+from archive_dropbox import winconsole
+
+
+class FakeKernel32:
+    def __init__(self, mode: int, console: bool = True):
+        self.mode = mode
+        self.console = console
+        self.states: list[int] = []
+
+    def GetStdHandle(self, which):
+        assert which == winconsole.STD_INPUT_HANDLE
+        return 7
+
+    def GetConsoleMode(self, handle, pointer):
+        if not self.console:
+            return 0
+        ctypes.cast(pointer, ctypes.POINTER(ctypes.c_uint32)).contents.value = self.mode
+        return 1
+
+    def SetConsoleMode(self, handle, mode):
+        self.mode = mode
+        return 1
+
+    def SetThreadExecutionState(self, flags):
+        self.states.append(flags)
+        return 0x80000000
+
+
+@pytest.fixture
+def windows(monkeypatch):
+    def install(kernel32):
+        monkeypatch.setattr(winconsole.sys, "platform", "win32")
+        monkeypatch.setattr(winconsole, "_kernel32", lambda: kernel32)
+        return kernel32
+    return install
+
+
+def test_quick_edit_is_off_during_the_run_and_restored_after(windows):
+    kernel32 = windows(FakeKernel32(mode=0x01F7))  # a classic console: QuickEdit on
+    with winconsole.long_run_console():
+        assert not kernel32.mode & winconsole.ENABLE_QUICK_EDIT_MODE
+        assert kernel32.mode & winconsole.ENABLE_EXTENDED_FLAGS
+        assert kernel32.states == [winconsole.ES_CONTINUOUS | winconsole.ES_SYSTEM_REQUIRED]
+    assert kernel32.mode == 0x01F7
+    assert kernel32.states[-1] == winconsole.ES_CONTINUOUS  # sleep allowed again
+
+
+def test_restored_even_when_the_run_fails(windows):
+    kernel32 = windows(FakeKernel32(mode=0x01F7))
+    with pytest.raises(KeyboardInterrupt):
+        with winconsole.long_run_console():
+            raise KeyboardInterrupt
+    assert kernel32.mode == 0x01F7 and kernel32.states[-1] == winconsole.ES_CONTINUOUS
+
+
+def test_no_console_or_no_quick_edit_leaves_the_mode_alone(windows):
+    kernel32 = windows(FakeKernel32(mode=0x01B7, console=False))
+    with winconsole.long_run_console():
+        pass
+    assert kernel32.mode == 0x01B7
+    kernel32 = windows(FakeKernel32(mode=0x01B7))  # QuickEdit already off
+    with winconsole.long_run_console():
+        assert kernel32.mode == 0x01B7
+
+
+def test_elsewhere_nothing_is_called(monkeypatch):
+    monkeypatch.setattr(winconsole, "_kernel32", lambda: (_ for _ in ()).throw(AssertionError("called")))
+    with winconsole.long_run_console():
+        pass

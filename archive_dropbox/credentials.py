@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,18 +30,39 @@ def default_token_file() -> Path:
     return base / "archive-big-data-dropbox" / "dropbox_token.json"
 
 
-def save_credentials(credentials: Credentials, token_file: Path) -> Path:
-    """Write the refresh token readable by its owner only (created 0600, then renamed)."""
+def save_credentials(credentials: Credentials, token_file: Path) -> tuple[Path, bool]:
+    """Write the refresh token readable by its owner only; returns (path, whether that could be
+    made sure). POSIX: created 0600. Windows ignores those bits, so the file's access list is
+    cut down to the current user with icacls before the token is written (a tokenFile in a
+    shared folder would otherwise inherit the folder's readers)."""
     token_file.parent.mkdir(parents=True, exist_ok=True)
     temporary = token_file.with_name(token_file.name + ".tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     descriptor = os.open(temporary, flags, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+    os.close(descriptor)
+    private = _owner_only_windows(temporary) if os.name == "nt" else True
+    with open(temporary, "w", encoding="utf-8") as handle:
         json.dump({"refresh_token": credentials.refresh_token, "app_key": credentials.app_key}, handle)
     if os.name != "nt":
         os.chmod(temporary, 0o600)
-    os.replace(temporary, token_file)
-    return token_file
+    os.replace(temporary, token_file)  # a rename keeps the file's own access list
+    return token_file, private
+
+
+def _owner_only_windows(path: Path) -> bool:
+    """Remove inherited permissions and grant the current user alone full control.
+    Source: https://learn.microsoft.com/windows-server/administration/windows-commands/icacls"""
+    user = os.environ.get("USERNAME")
+    if not user:
+        return False
+    domain = os.environ.get("USERDOMAIN")
+    account = f"{domain}\\{user}" if domain else user
+    try:
+        result = subprocess.run(["icacls", str(path), "/inheritance:r", "/grant:r", f"{account}:F"],
+                                capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.returncode == 0
 
 
 def load_credentials(*, token_file: Path, access_token_setting: str | None, app_key_setting: str | None,

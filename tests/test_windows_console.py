@@ -76,3 +76,27 @@ def test_elsewhere_nothing_is_called(monkeypatch):
     monkeypatch.setattr(winconsole, "_kernel32", lambda: (_ for _ in ()).throw(AssertionError("called")))
     with winconsole.long_run_console():
         pass
+
+
+def test_a_saved_login_is_made_private_on_windows_or_the_user_is_told(tmp_path, monkeypatch):
+    """Issue 14, item 17: chmod 600 does nothing on Windows; the access list is cut with icacls."""
+    from archive_dropbox import credentials
+    from archive_dropbox.dropbox_client import Credentials
+
+    calls = []
+
+    def icacls(command, **kwargs):
+        calls.append(command)
+        return type("Done", (), {"returncode": 0 if command[-1].endswith("me:F") else 5})()
+
+    monkeypatch.setattr(credentials.os, "name", "nt")
+    monkeypatch.setattr(credentials.os, "chmod", lambda *a: None)
+    monkeypatch.setattr(credentials.subprocess, "run", icacls)
+    monkeypatch.setenv("USERNAME", "me")
+    monkeypatch.delenv("USERDOMAIN", raising=False)
+    login = Credentials(refresh_token="r" * 20, app_key="key")
+    path, private = credentials.save_credentials(login, tmp_path / "shared" / "token.json")
+    assert private and calls[0][0] == "icacls" and "/inheritance:r" in calls[0]
+    assert calls[0][1].endswith("token.json.tmp")  # restricted before the token was written into it
+    monkeypatch.setenv("USERNAME", "someone")
+    assert credentials.save_credentials(login, tmp_path / "shared" / "token.json") == (path, False)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The whole job on built-in sample data, in one command: `python3 demo.py`.
+"""The whole job on built-in sample data, in one command: `python3 demo.py` (Windows: `py demo.py`).
+Packages missing on a fresh machine are installed first (pip, requirements.txt).
 
 It generates a small data set (a microscope movie of many small frames, a few ordinary files,
 one file above a small size limit), then runs the real scripts on real workbooks written for
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 from archive_dropbox.requirements_check import ensure_requirements  # noqa: E402
 
-ensure_requirements()
+ensure_requirements(install=True, also=("cryptography",))  # the local test server's TLS
 
 import pandas as pd  # noqa: E402
 

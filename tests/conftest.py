@@ -17,6 +17,14 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `from conftest import ...` in test files
 
 
+# ARCHIVE_DROPBOX_WITHOUT_POSIX=1: the suite runs as on Windows as far as `os` goes (no pread,
+# pwrite, copy_file_range, ...), in this process and in every script it starts.
+WITHOUT_POSIX = Path(__file__).resolve().parent / "without_posix"
+if os.environ.get("ARCHIVE_DROPBOX_WITHOUT_POSIX"):
+    sys.path.insert(0, str(WITHOUT_POSIX))
+    import usercustomize  # noqa: E402,F401 - its import removes the functions
+
+
 def script_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["ARCHIVE_DROPBOX_NO_PAUSE"] = "1"
@@ -24,6 +32,8 @@ def script_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.pop("PYTHONPATH", None)
     if extra:
         env.update(extra)
+    if os.environ.get("ARCHIVE_DROPBOX_WITHOUT_POSIX"):
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(WITHOUT_POSIX)) if p)
     return env
 
 

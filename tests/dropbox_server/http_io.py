@@ -17,6 +17,25 @@ from typing import Optional
 from .storage import BLOCK, block_digests_hash
 
 READ_SLICE = 1 << 20
+# Windows opens descriptors in text mode unless told otherwise (\n would become \r\n).
+WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0)
+
+
+def write_at(fd: int, data, offset: int) -> int:
+    """os.pwrite where it exists; Windows has none, and each descriptor here serves one
+    request on one thread, so a seek on it followed by a write is just as safe."""
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, data, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.write(fd, data)
+
+
+def read_at(fd: int, size: int, offset: int) -> bytes:
+    """os.pread, or a seek and a read on a descriptor used by one thread only."""
+    if hasattr(os, "pread"):
+        return os.pread(fd, size, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.read(fd, size)
 
 
 class ClientGone(Exception):
@@ -133,7 +152,7 @@ class RequestBody:
         """Read the rest of the body, writing it to `path` at `offset` (when given) and hashing
         it. Past `limit` bytes the rest is drained and `too_long` is set."""
         hasher = BlockHasher()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644) if path is not None else None
+        fd = os.open(path, WRITE_FLAGS, 0o644) if path is not None else None
         buf = bytearray(READ_SLICE)
         view = memoryview(buf)
         written = 0
@@ -150,7 +169,7 @@ class RequestBody:
                 if fd is not None:
                     done = 0
                     while done < n:
-                        done += os.pwrite(fd, chunk[done:], offset + written + done)
+                        done += write_at(fd, chunk[done:], offset + written + done)
                 written += n
         finally:
             if fd is not None:
@@ -197,15 +216,15 @@ class FileSliceBody:
         hasher = BlockHasher()
         done = 0
         with open(self._source, "rb") as source:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644) if path is not None else None
+            fd = os.open(path, WRITE_FLAGS, 0o644) if path is not None else None
             try:
                 while done < self.length:
-                    chunk = os.pread(source.fileno(), min(READ_SLICE, self.length - done), self._start + done)
+                    chunk = read_at(source.fileno(), min(READ_SLICE, self.length - done), self._start + done)
                     if not chunk:
                         break
                     hasher.update(chunk)
                     if fd is not None:
-                        os.pwrite(fd, chunk, offset + done)
+                        write_at(fd, chunk, offset + done)
                     done += len(chunk)
             finally:
                 if fd is not None:

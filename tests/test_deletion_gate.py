@@ -322,3 +322,25 @@ def test_only_the_gate_removes_anything_from_a_disk():
             if pattern.search(code) and not (path.name == "localfs.py" and "os.unlink(source)" in code):
                 offenders.append(f"{path.name}:{number}: {line.strip()}")
     assert not offenders, "removal outside the deletion gate:\n" + "\n".join(offenders)
+
+
+def test_a_read_only_original_is_deleted_when_asked_as_on_windows(tmp_path, monkeypatch):
+    """Issue 14, item 2: Windows refuses to delete a file with the read-only attribute (data
+    copied from instruments); the gate clears the attribute, then deletes."""
+    import stat as stat_module
+
+    path = tmp_path / "instrument.raw"
+    path.write_bytes(b"frames")
+    identity = deletion.LocalIdentity.of(path)
+    os.chmod(path, stat_module.S_IREAD)
+    real_unlink = os.unlink
+
+    def windows_unlink(target, *args, **kwargs):
+        if not os.stat(target).st_mode & stat_module.S_IWRITE:
+            raise PermissionError(13, "Access is denied", str(target))
+        real_unlink(target, *args, **kwargs)
+
+    monkeypatch.setattr(deletion.os, "name", "nt")
+    monkeypatch.setattr(deletion.os, "unlink", windows_unlink)
+    assert deletion.delete_unchanged(path, identity) == (deletion.DELETED, None)
+    assert not path.exists()

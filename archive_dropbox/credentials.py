@@ -18,6 +18,8 @@ from pathlib import Path
 from .dropbox_client import Credentials
 from .errors import AuthError
 
+WINDOWS = os.name == "nt"
+
 
 def default_token_file() -> Path:
     """A per-user file, outside the project folder that labs share."""
@@ -40,10 +42,10 @@ def save_credentials(credentials: Credentials, token_file: Path) -> tuple[Path, 
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     descriptor = os.open(temporary, flags, 0o600)
     os.close(descriptor)
-    private = _owner_only_windows(temporary) if os.name == "nt" else True
+    private = _owner_only_windows(temporary) if WINDOWS else True
     with open(temporary, "w", encoding="utf-8") as handle:
         json.dump({"refresh_token": credentials.refresh_token, "app_key": credentials.app_key}, handle)
-    if os.name != "nt":
+    if not WINDOWS:
         os.chmod(temporary, 0o600)
     os.replace(temporary, token_file)  # a rename keeps the file's own access list
     return token_file, private

@@ -41,6 +41,7 @@ from .errors import ArchiveError
 METADATA_LOOKUP_LIMIT = 200
 LOOKUP_WORKERS = 8
 
+WINDOWS = os.name == "nt"
 DELETED = "deleted"
 ALREADY_GONE = "already gone"
 CHANGED = "changed"
@@ -95,7 +96,7 @@ def _unlink(path: Path) -> None:
     except PermissionError:
         # Windows refuses to delete a file with the read-only attribute (instrument data, NAS
         # copies): the user asked for it to go, so the attribute is cleared first.
-        if os.name != "nt":
+        if not WINDOWS:
             raise
         os.chmod(path, stat.S_IWRITE)
         os.unlink(path)

@@ -340,7 +340,7 @@ def test_a_read_only_original_is_deleted_when_asked_as_on_windows(tmp_path, monk
             raise PermissionError(13, "Access is denied", str(target))
         real_unlink(target, *args, **kwargs)
 
-    monkeypatch.setattr(deletion.os, "name", "nt")
+    monkeypatch.setattr(deletion, "WINDOWS", True)
     monkeypatch.setattr(deletion.os, "unlink", windows_unlink)
     assert deletion.delete_unchanged(path, identity) == (deletion.DELETED, None)
     assert not path.exists()

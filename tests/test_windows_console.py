@@ -89,8 +89,7 @@ def test_a_saved_login_is_made_private_on_windows_or_the_user_is_told(tmp_path, 
         calls.append(command)
         return type("Done", (), {"returncode": 0 if command[-1].endswith("me:F") else 5})()
 
-    monkeypatch.setattr(credentials.os, "name", "nt")
-    monkeypatch.setattr(credentials.os, "chmod", lambda *a: None)
+    monkeypatch.setattr(credentials, "WINDOWS", True)
     monkeypatch.setattr(credentials.subprocess, "run", icacls)
     monkeypatch.setenv("USERNAME", "me")
     monkeypatch.delenv("USERDOMAIN", raising=False)

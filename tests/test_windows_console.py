@@ -99,3 +99,35 @@ def test_a_saved_login_is_made_private_on_windows_or_the_user_is_told(tmp_path, 
     assert calls[0][1].endswith("token.json.tmp")  # restricted before the token was written into it
     monkeypatch.setenv("USERNAME", "someone")
     assert credentials.save_credentials(login, tmp_path / "shared" / "token.json") == (path, False)
+
+
+def test_positioned_reads_without_pread_do_not_serialise_different_files(monkeypatch, tmp_path):
+    """Issue 14, item 14: Windows has no os.pread; two workers reading two files must not wait
+    for each other (a process-wide lock serialised every read from a NAS)."""
+    import threading
+
+    from archive_dropbox import api_upload
+
+    monkeypatch.delattr(api_upload.os, "pread", raising=False)
+    both_reading = threading.Barrier(2, timeout=10)
+
+    class SlowFile:
+        def __init__(self, data: bytes):
+            self.data, self.position = data, 0
+
+        def seek(self, position):
+            self.position = position
+
+        def read(self, size):
+            both_reading.wait()  # only returns once the other file is being read at the same time
+            return self.data[self.position:self.position + size]
+
+    results = {}
+    files = {"a": SlowFile(b"0123456789"), "b": SlowFile(b"abcdefghij")}
+    threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, api_upload.read_at(files[k], 3, 2)))
+               for k in files]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert results == {"a": b"34", "b": b"de"}

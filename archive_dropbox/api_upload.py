@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -123,12 +124,23 @@ def read_at(handle, position: int, size: int) -> bytes:
             position += len(data)
             size -= len(data)
         return b"".join(parts) if len(parts) != 1 else parts[0]
-    with _WINDOWS_READ_LOCK:  # Windows has no pread: serialise seek+read on the shared handle
+    with _handle_lock(handle):  # Windows has no pread: seek+read pairs on one handle take turns
         handle.seek(position)
         return handle.read(size)
 
 
-_WINDOWS_READ_LOCK = threading.Lock()
+# One lock per open file, not one for the process: workers reading different files (from a NAS,
+# say) are never serialised with each other.
+_HANDLE_LOCKS: "weakref.WeakKeyDictionary[object, threading.Lock]" = weakref.WeakKeyDictionary()
+_HANDLE_LOCKS_GUARD = threading.Lock()
+
+
+def _handle_lock(handle) -> threading.Lock:
+    with _HANDLE_LOCKS_GUARD:
+        lock = _HANDLE_LOCKS.get(handle)
+        if lock is None:
+            lock = _HANDLE_LOCKS[handle] = threading.Lock()
+        return lock
 
 
 def _return_freed_buffers_at_once() -> None:

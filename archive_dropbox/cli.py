@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -27,6 +27,8 @@ class RunContext:
     log: logging.Logger
     log_path: Path
     logs_root: Path
+    # (path, why) of files Stage 1 skipped (unreadable): failures of the run, listed in its summary.
+    stage1_failures: list = field(default_factory=list)
 
 
 def run_script(

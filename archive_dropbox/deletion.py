@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Sequence
 
 from .content_hash import hash_range
 from .errors import ArchiveError
+from .names import case_key
 
 # Up to this many Dropbox paths are checked with one get_metadata call each; beyond, one
 # recursive list_folder of their topmost folders costs pages (2,000 entries each), not calls.
@@ -234,9 +235,8 @@ def uploaded_original(items: Sequence, row_root: Path | None = None) -> Uploaded
 
 
 def path_key(path: str) -> str:
-    import unicodedata
-
-    return unicodedata.normalize("NFC", path).casefold()
+    """How Dropbox compares paths (names.case_key: NFC, then lower case character by character)."""
+    return case_key(path)
 
 
 def topmost_folders(paths: Iterable[str]) -> list[str]:

@@ -79,8 +79,9 @@ class SheetError(ArchiveError):
     title = "Please fix the workbook"
     exit_code = EXIT_BAD_INPUT
 
-    def __init__(self, problems: Sequence[SheetProblem]):
+    def __init__(self, problems: Sequence[SheetProblem], *, plan=None):
         self.problems = list(problems)
+        self.plan = plan  # what could be planned despite the problems (Stage 1 checks it further)
         text = "\n".join(f"  - {p}" for p in self.problems)
         message = (
             f"{len(self.problems)} problem(s) found before starting; nothing was changed.\n"

@@ -1,13 +1,14 @@
 """Stage 1, data preparation: expand the sheet's rows into the files to send, map each to its
-Dropbox path, plan the parts of files too large for Dropbox, and find every problem (case
-collisions, names Dropbox refuses, unreadable files) before anything is sent."""
+Dropbox path, plan the parts of files too large for Dropbox, and find every problem (two items
+Dropbox would take for one, names Dropbox refuses) across all rows in one pass, before anything
+is sent. Names the desktop app ignores, links, special files and unreadable entries are skipped
+and listed (unreadable ones also count as failures of the run). The name rules are in names.py."""
 
 from __future__ import annotations
 
 import logging
 import os
 import stat
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -15,19 +16,17 @@ from typing import Iterable, Iterator, Sequence
 from . import split
 from .errors import SheetError, SheetProblem
 from .journal import Item
-from .localfs import TEMP_PREFIX
+# Re-exported: app_upload, api_upload, deletion and the tests import these from here.
+from .names import (IGNORED_NAMES, MAX_NAME_CHARS, TEMPORARY_PREFIX, case_key, differ_only_in_form,  # noqa: F401
+                    dropbox_path_problem, ignored_reason, is_ignored, name_problem, shown)
 from .units import GB, human_bytes, human_duration
 from .sheets import SheetRow
 
 # Dropbox's per-file limit through an upload session in its older documentation (newer: 2 TiB);
 # API mode never plans a part above it unless a setting raises it.
 DROPBOX_API_MAX_FILE = 350 * GB
-# Names the Dropbox desktop app never syncs; sending them through the API would differ from
-# what a synced folder holds.
-IGNORED_NAMES = {"desktop.ini", "thumbs.db", ".ds_store", "._.ds_store", ".dropbox", ".dropbox.attr", "icon\r"}
-TEMPORARY_PREFIX = TEMP_PREFIX  # this tool's own temporary files (zip, split and copy in progress)
-MAX_NAME_CHARS = 255
 LONG_PATH_CHARS = 260
+SKIPPED_ON_SCREEN = 20  # unreadable entries shown on screen; the dataPrep log lists them all
 
 
 @dataclass(slots=True)
@@ -75,6 +74,10 @@ class Plan:
     sources: list[PlannedSource] = field(default_factory=list)
     skipped_ignored: int = 0
     skipped_links: int = 0
+    skipped_other: int = 0  # pipes, sockets, devices
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path as shown, why), for the dataPrep log
+    # (path as shown, reason): not sent; the run's summary counts them as failures (exit 1).
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     done_rows: list[SheetRow] = field(default_factory=list)  # rows whose sources were uploaded and deleted
     empty_folders: list[str] = field(default_factory=list)  # Dropbox paths of folders with nothing inside
@@ -99,32 +102,30 @@ def join_dropbox(folder: str, *names: str) -> str:
     return path or "/"
 
 
-def is_ignored(name: str) -> bool:
-    return name.lower() in IGNORED_NAMES or name.startswith(TEMPORARY_PREFIX)
+def _reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
 
 
-def name_problem(name: str) -> str | None:
-    """Why Dropbox would refuse this name, or None."""
-    if name in (".", ".."):
-        return f"the name {name!r} cannot be used in Dropbox"
-    if "\\" in name or "/" in name:
-        return f"the name {name!r} contains a slash or backslash, which Dropbox does not allow"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        return f"the name {name!r} contains a control character"
-    if len(name) > MAX_NAME_CHARS:
-        return f"the name is {len(name)} characters long; Dropbox allows {MAX_NAME_CHARS}"
-    return None
-
-
-def case_key(dropbox_path: str) -> str:
-    """Dropbox compares paths ignoring case (and Unicode normalisation)."""
-    return unicodedata.normalize("NFC", dropbox_path).casefold()
+def _skip_special(plan: Plan, path: str, info: os.stat_result) -> bool:
+    """Links, pipes, sockets and devices are never sent: counted, and listed in the dataPrep log."""
+    if stat.S_ISLNK(info.st_mode):
+        plan.skipped_links += 1
+        plan.skipped.append((shown(path), "a link (links are never followed)"))
+    elif not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+        plan.skipped_other += 1
+        plan.skipped.append((shown(path), "not a regular file (a pipe, socket or device)"))
+    else:
+        return False
+    return True
 
 
 def _walk_files(root: Path, plan: Plan, problems: list[str],
                 empty_folders: list[Path]) -> Iterator[tuple[Path, os.stat_result]]:
-    """Every regular file below root, without following links; iterative, one scandir per folder.
-    Folders with nothing in them are collected so that they exist in Dropbox too."""
+    """Every regular file below root whose name Dropbox takes, without following links; iterative,
+    one scandir per folder. Refused names go to `problems` (folders with one are still walked, so
+    that everything to rename is listed at once); what is not sent goes to plan.skipped or, when it
+    cannot be read, plan.unreadable. Folders with nothing in them are collected so that they exist
+    in Dropbox too."""
     stack = [root]
     while stack:
         folder = stack.pop()
@@ -132,35 +133,105 @@ def _walk_files(root: Path, plan: Plan, problems: list[str],
             with os.scandir(folder) as entries:
                 listed = list(entries)
         except OSError as exc:
-            problems.append(f"cannot read the folder {folder} ({exc.strerror})")
+            plan.unreadable.append((shown(folder), f"{_reason(exc)}; a folder, so nothing inside it is sent"))
             continue
         if not listed and folder != root:
             empty_folders.append(folder)
         for entry in sorted(listed, key=lambda e: e.name):
-            if is_ignored(entry.name):
+            why = ignored_reason(entry.name)
+            if why:
                 plan.skipped_ignored += 1
+                plan.skipped.append((shown(entry.path), why))
                 continue
             try:
-                if entry.is_symlink():
-                    plan.skipped_links += 1
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(Path(entry.path))
-                    continue
                 info = entry.stat(follow_symlinks=False)
             except OSError as exc:
-                problems.append(f"cannot read {entry.path} ({exc.strerror})")
+                plan.unreadable.append((shown(entry.path), _reason(exc)))
                 continue
-            if stat.S_ISREG(info.st_mode):
+            if _skip_special(plan, entry.path, info):
+                continue
+            bad = name_problem(entry.name)
+            if bad:
+                problems.append(f"{shown(entry.path)}: {bad}")
+            if stat.S_ISDIR(info.st_mode):
+                stack.append(Path(entry.path))
+            elif not bad:
                 yield Path(entry.path), info
 
 
-def _readable(path: Path) -> str | None:
+def _unreadable(path: Path) -> str | None:
     try:
         with open(path, "rb"):
             return None
     except OSError as exc:
-        return f"cannot open {path} for reading ({exc.strerror})"
+        return _reason(exc)
+
+
+class _Namespace:
+    """Every path the plan creates in Dropbox, by case_key, to find two items Dropbox would take
+    for one before anything is sent: two files, or a file and a folder (`run` beside `RUN/`)."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, tuple[str, str, SheetRow]] = {}  # key -> (destination, local path, row)
+        self.folders: dict[str, tuple[str, str, SheetRow]] = {}  # key -> (destination, where it comes from, row)
+
+    def add_file(self, destination: str, path: Path, row: SheetRow) -> str | None:
+        """Register a file; the problem when Dropbox would take it for another item."""
+        key = case_key(destination)
+        if key in self.files:
+            return _file_clash(shown(path), destination, self.files[key])
+        if key in self.folders:
+            return _folder_clash(shown(path), row, destination, self.folders[key])
+        self.files[key] = (destination, shown(path), row)
+        return None
+
+    def add_folders(self, chain: Iterable[tuple[str, str]], row: SheetRow) -> str | None:
+        """Register folders, deepest first, as (destination, where); stops at one already known
+        (its parents are known too). The problem when one of them is a planned file."""
+        for destination, where in chain:
+            key = case_key(destination)
+            if key in self.folders:
+                return None
+            if key in self.files:
+                other_destination, other, other_row = self.files[key]
+                return _folder_clash(other, other_row, other_destination, (destination, where, row))
+            self.folders[key] = (destination, where, row)
+        return None
+
+
+def _file_clash(path: str, destination: str, other: tuple[str, str, SheetRow]) -> str:
+    other_destination, other_path, other_row = other
+    both = f"{path} and {other_path} (row {other_row.row})"
+    if destination == other_destination:
+        return (f"{both} would both be {destination} in Dropbox: rename one, or send them to different "
+                "folders")
+    if differ_only_in_form(destination, other_destination):
+        return (f"{both} have names that differ only in Unicode form (accents written composed or "
+                f"decomposed, as macOS writes them); Dropbox stores both as one name, {destination}: rename "
+                "or remove one")
+    return (f"{both} would both become {destination} in Dropbox, which ignores upper/lower case: "
+            "rename one")
+
+
+def _folder_clash(file_path: str, file_row: SheetRow, destination: str,
+                  folder: tuple[str, str, SheetRow]) -> str:
+    folder_destination, where, folder_row = folder
+    return (f"the file {file_path} (row {file_row.row}) and the folder {where} (row {folder_row.row}) would "
+            f"both be {folder_destination} in Dropbox, which ignores upper/lower case; a file and a folder "
+            "cannot share a name there: rename one")
+
+
+def _folder_chain(target_folder: str, source_root: Path, folder_parts: Sequence[str],
+                  output_column: str, row: SheetRow) -> Iterator[tuple[str, str]]:
+    """The Dropbox folders that a folder at `folder_parts` (relative to the row's folder) needs,
+    itself first, each with what it comes from: a local folder, or the row's output folder and
+    the folders above it."""
+    for depth in range(len(folder_parts), 0, -1):
+        yield join_dropbox(target_folder, *folder_parts[:depth]), shown(source_root.joinpath(*folder_parts[:depth]))
+    folder = target_folder
+    while folder not in ("", "/"):
+        yield folder, f"{folder} ({output_column} of row {row.row}, or a folder above it)"
+        folder = folder.rsplit("/", 1)[0]
 
 
 def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: str, delete_column: str,
@@ -168,77 +239,109 @@ def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: st
                already_done_sources: set[str] = frozenset(), check_readable: bool = True) -> Plan:
     """Expand every row; raise SheetError listing every problem so nothing starts half-planned.
 
-    `destination_of_row(row) -> str` gives the Dropbox folder a row's files land in.
+    `destination_of_row(row) -> str` gives the Dropbox folder a row's files land in. Files that
+    cannot be read are not a problem of the sheet: they go to plan.unreadable and the rest is sent.
     """
     plan = Plan()
     problems: list[SheetProblem] = []
-    seen: dict[str, tuple[Path, SheetRow]] = {}
+    namespace = _Namespace()
     for row in rows:
-        source_root: Path = row[input_column]
         target_folder = destination_of_row(row)
+        bad_output = dropbox_path_problem(target_folder)
+        if bad_output:
+            problems.append(row.problem(f"{output_column} {row[output_column]}: {bad_output}", output_column))
         row_problems: list[str] = []
-        if not source_root.exists() and not source_root.is_symlink():
-            if str(source_root) in already_done_sources:
-                plan.done_rows.append(row)
-                continue
-            problems.append(row.problem(f"{input_column} {source_root} does not exist: check the spelling, and "
-                                        "that the drive is connected", input_column))
-            continue
-        if source_root.is_symlink():
-            problems.append(row.problem(f"{input_column} {source_root} is a link; give the real file or folder",
-                                        input_column))
-            continue
-        if source_root.is_dir():
-            empty: list[Path] = []
-            found = ((path, info, path.relative_to(source_root).parts) for path, info in
-                     _walk_files(source_root, plan, row_problems, empty))
-        else:
-            if is_ignored(source_root.name):
-                plan.skipped_ignored += 1
-                continue
-            found = iter([(source_root, source_root.stat(), (source_root.name,))])
-        for path, info, parts in found:
-            bad = next((p for p in map(name_problem, parts) if p), None)
-            if bad:
-                row_problems.append(f"{path}: {bad}")
-                continue
-            destination = join_dropbox(target_folder, *parts)
-            key = case_key(destination)
-            if key in seen:
-                other, other_row = seen[key]
-                row_problems.append(f"{path} and {other} (row {other_row.row}) would both become "
-                                    f"{destination} in Dropbox, which ignores upper/lower case: rename one")
-                continue
-            if check_readable:
-                unreadable = _readable(path)
-                if unreadable:
-                    row_problems.append(unreadable)
+        expanded = _expand_row(row, row[input_column], input_column, plan, problems, row_problems,
+                               already_done_sources)
+        if expanded is not None:
+            source_root, found, empty = expanded
+            for path, info, parts in found:
+                if check_readable and (reason := _unreadable(path)):
+                    plan.unreadable.append((shown(path), reason))
                     continue
-            seen[key] = (path, row)
-            if len(destination) > LONG_PATH_CHARS:
-                plan.warnings.append(f"{destination} is {len(destination)} characters long; the Dropbox "
-                                     "desktop app on Windows may not sync paths over 260 characters")
-            source = PlannedSource(row, path, info.st_size, info.st_mtime_ns, destination,
-                                   bool(row[delete_column]), file_id=f"{info.st_dev}:{info.st_ino}" if info.st_ino else None)
-            if info.st_size > part_limit:
-                source.parts = split.plan_split(info.st_size, part_limit)
-            plan.sources.append(source)
-        if source_root.is_dir():
-            plan.empty_folders.extend(join_dropbox(target_folder, *folder.relative_to(source_root).parts)
-                                      for folder in empty)
+                destination = join_dropbox(target_folder, *parts)
+                clash = namespace.add_file(destination, path, row) or namespace.add_folders(
+                    _folder_chain(target_folder, source_root, parts[:-1], output_column, row), row)
+                if clash:
+                    row_problems.append(clash)
+                    continue
+                plan.sources.append(_planned(row, path, info, destination, bool(row[delete_column]), part_limit, plan))
+            for folder in empty:
+                relative = folder.relative_to(source_root).parts
+                plan.empty_folders.append(join_dropbox(target_folder, *relative))
+                clash = namespace.add_folders(_folder_chain(target_folder, source_root, relative, output_column, row),
+                                              row)
+                if clash:
+                    row_problems.append(clash)
         for text in row_problems[:50]:
             problems.append(row.problem(text, input_column))
         if len(row_problems) > 50:
             problems.append(row.problem(f"... and {len(row_problems) - 50} more problems like these", input_column))
     if problems:
-        raise SheetError(problems)
+        raise SheetError(problems, plan=plan)
     return plan
 
 
+def _expand_row(row: SheetRow, source_root: Path, input_column: str, plan: Plan, problems: list[SheetProblem],
+                row_problems: list[str], already_done_sources: set[str]
+                ) -> tuple[Path, Iterator[tuple[Path, os.stat_result, tuple[str, ...]]], list[Path]] | None:
+    """(the row's file or folder, its files as (path, stat, parts relative to the row's folder), the
+    empty folders found on the way: filled while the files are read), or None: nothing to plan."""
+    if not source_root.exists() and not source_root.is_symlink():
+        if str(source_root) in already_done_sources:
+            plan.done_rows.append(row)
+            return None
+        problems.append(row.problem(f"{input_column} {source_root} does not exist: check the spelling, and "
+                                    "that the drive is connected", input_column))
+        return None
+    if source_root.is_symlink():
+        problems.append(row.problem(f"{input_column} {source_root} is a link; give the real file or folder",
+                                    input_column))
+        return None
+    empty: list[Path] = []
+    if source_root.is_dir():
+        found = ((path, info, path.relative_to(source_root).parts) for path, info in
+                 _walk_files(source_root, plan, row_problems, empty))
+        return source_root, found, empty
+    why = ignored_reason(source_root.name)
+    if why:
+        plan.skipped_ignored += 1
+        plan.skipped.append((shown(source_root), why))
+        return None
+    info = source_root.stat()
+    if _skip_special(plan, str(source_root), info):
+        return None
+    bad = name_problem(source_root.name)
+    if bad:
+        row_problems.append(f"{shown(source_root)}: {bad}")
+        return None
+    return source_root.parent, iter([(source_root, info, (source_root.name,))]), empty
+
+
+def _planned(row: SheetRow, path: Path, info: os.stat_result, destination: str, delete_after: bool,
+             part_limit: int, plan: Plan) -> PlannedSource:
+    if len(destination) > LONG_PATH_CHARS:
+        plan.warnings.append(f"{destination} is {len(destination)} characters long; the Dropbox "
+                             "desktop app on Windows may not sync paths over 260 characters")
+    source = PlannedSource(row, path, info.st_size, info.st_mtime_ns, destination, delete_after,
+                           file_id=f"{info.st_dev}:{info.st_ino}" if info.st_ino else None)
+    if info.st_size > part_limit:
+        source.parts = split.plan_split(info.st_size, part_limit)
+    return source
+
+
 def log_plan(plan: Plan, log: logging.Logger, *, mode: str, bytes_per_second: float) -> None:
-    log.info("Plan (%s): %d files, %s, %d split into %d parts; skipped %d names Dropbox ignores and %d links.",
+    log.info("Plan (%s): %d files, %s, %d split into %d parts; skipped %d names the Dropbox desktop app ignores, "
+             "%d links, %d special files (pipes, sockets, devices) and %d entries that cannot be read%s.",
              mode, len(plan.sources), human_bytes(plan.total_bytes), plan.split_count, plan.part_count,
-             plan.skipped_ignored, plan.skipped_links)
+             plan.skipped_ignored, plan.skipped_links, plan.skipped_other, len(plan.unreadable),
+             " (every skipped path is listed in the dataPrep log)" if plan.skipped or plan.unreadable else "")
+    for path, reason in plan.unreadable[:SKIPPED_ON_SCREEN]:
+        log.warning("%s cannot be read (%s): skipped, and counted as failed. Make it readable and run app.py "
+                    "again.", path, reason)
+    if len(plan.unreadable) > SKIPPED_ON_SCREEN:
+        log.warning("... and %d more that cannot be read (all listed in the dataPrep log).",
+                    len(plan.unreadable) - SKIPPED_ON_SCREEN)
     if plan.done_rows:
         log.info("%d row(s) were finished earlier and their originals deleted: nothing left to do for them.",
                  len(plan.done_rows))
@@ -246,6 +349,14 @@ def log_plan(plan: Plan, log: logging.Logger, *, mode: str, bytes_per_second: fl
         log.warning("Warning: %s", warning)
     seconds = plan.total_bytes / bytes_per_second if bytes_per_second else 0
     log.info("Estimated time at %s/s: %s.", human_bytes(bytes_per_second), human_duration(seconds))
+
+
+def log_skipped(plan: Plan, log: logging.Logger) -> None:
+    """Every path not sent, one line each, for the dataPrep log (the screen gets the counts)."""
+    for path, why in plan.skipped:
+        log.info("SKIPPED\t%s\t%s", path, why)
+    for path, reason in plan.unreadable:
+        log.info("SKIPPED\t%s\tcannot be read (%s): skipped", path, reason)
 
 
 def iter_items(plan: Plan, job: str) -> Iterable[Item]:

@@ -45,6 +45,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from . import errors
 from .deletion import discard_temporary_quietly
 from .localfs import temporary_sibling
+from .names import is_valid_text
 from .settings import Setting
 from .sheets import EXISTING_DIR, Column, SheetRow, read_tab, write_workbook
 from .units import GB
@@ -169,6 +170,9 @@ class DirectoryTree:
         self.vanished = 0  # deleted between listing and stat: not a problem
         self.problem_count = 0
         self.problems: list[tuple[str, str]] = []  # (path, reason), first MAX_PROBLEMS_KEPT
+        # Names that are not valid text (UTF-8), which Dropbox cannot store: warned about, counted.
+        self.not_text_count = 0
+        self.not_text: list[str] = []  # their paths, first MAX_PROBLEMS_KEPT
         self.seconds = 0.0
         self.threads_used = 1
         self.thread_note = ""  # how the automatic thread count was decided, when it was tried
@@ -287,8 +291,9 @@ _GONE = None  # the folder itself disappeared before it could be listed
 
 
 def _list_directory(path: str, subdirs: list[str], problems: list[tuple[str, str]],
-                    is_root: bool = False) -> _Counts | None:
-    """Read one folder: count its regular files and bytes, collect its real subfolders."""
+                    is_root: bool = False, not_text: list[str] | None = None) -> _Counts | None:
+    """Read one folder: count its regular files and bytes, collect its real subfolders, and the
+    paths of entries whose names are not valid text (UTF-8) in `not_text`."""
     try:
         entries, descriptor = _open_listing(path, is_root)
     except FileNotFoundError:
@@ -303,6 +308,10 @@ def _list_directory(path: str, subdirs: list[str], problems: list[tuple[str, str
         # listing reports entry types; one stat per regular file (free on Windows, where the
         # listing carries it). stat() of a non-link entry is its lstat: links are never followed.
         for entry in entries:
+            name = entry.name
+            # isascii() first: the UTF-8 test runs only for the rare names that are not plain ASCII.
+            if not name.isascii() and not_text is not None and not is_valid_text(name):
+                not_text.append(os.path.join(path, name))
             try:
                 if entry.is_file(follow_symlinks=False):
                     files += 1
@@ -412,7 +421,8 @@ class _Walk:
                 dir_id, path = item
                 subdirs: list[str] = []
                 problems: list[tuple[str, str]] = []
-                counts = _list_directory(path, subdirs, problems, dir_id == 0)
+                not_text: list[str] = []
+                counts = _list_directory(path, subdirs, problems, dir_id == 0, not_text)
                 if counts is _GONE:
                     if dir_id == 0:
                         problems.append((path, "no longer exists"))
@@ -430,6 +440,9 @@ class _Walk:
                         tree.vanished += vanished
                     for problem_path, reason in problems:
                         tree.add_problem(problem_path, reason)
+                    if not_text:
+                        tree.not_text_count += len(not_text)
+                        tree.not_text.extend(not_text[:MAX_PROBLEMS_KEPT - len(tree.not_text)])
                     self.files += files
                     self.bytes += size
                     self.folders += 1
@@ -746,6 +759,23 @@ def _log_problems(log, tree: DirectoryTree) -> None:
                     f", the first {MAX_PROBLEMS_KEPT}")
 
 
+def _warn_not_text(log, trees: Sequence[DirectoryTree]) -> int:
+    """Names whose bytes are not UTF-8 (written by an old system): 2_zipDir.py and app.py refuse
+    them, so they are named now, before anyone waits for those stages. Returns the warning count."""
+    total = sum(t.not_text_count for t in trees)
+    if not total:
+        return 0
+    log.warning("%d name(s) are not valid text (UTF-8); Dropbox cannot store them, and 2_zipDir.py and app.py "
+                "will refuse them: rename them (the bad bytes are shown as \\xNN):", total)
+    paths = [path for tree in trees for path in tree.not_text]
+    for index, path in enumerate(paths):
+        (log.warning if index < PROBLEMS_ON_SCREEN else log.debug)("  %s", shown(path))
+    if total > min(len(paths), PROBLEMS_ON_SCREEN):
+        log.warning("  ... and %d more (listed in the log file%s)", total - min(len(paths), PROBLEMS_ON_SCREEN),
+                    "" if total <= len(paths) else f", the first {len(paths)}")
+    return 1
+
+
 def _log_warnings(log, trees: Sequence[DirectoryTree], candidates: Sequence[Candidate],
                   size_limit_bytes: float, limit_gb: float, min_files: int) -> int:
     """The warnings section; returns how many warnings were given."""
@@ -805,6 +835,7 @@ def _log_warnings(log, trees: Sequence[DirectoryTree], candidates: Sequence[Cand
         count += 1
         log.warning("%d entr%s could not be read (see above): the lists leave them out.", problems,
                     "y" if problems == 1 else "ies")
+    count += _warn_not_text(log, trees)
     if not count:
         log.info("No warnings.")
     return count

@@ -226,6 +226,30 @@ def _never_calculated(workbook: Path, tab: str, row: int, column: int, formula: 
         "value: open the workbook in Excel or LibreOffice and save it, so its formulas are calculated"))
 
 
+def running_on_windows() -> bool:
+    """The platform test of the path checks (tests replace it to check both sides)."""
+    return os.name == "nt"
+
+
+_DRIVE_PATH = re.compile(r"^[A-Za-z]:([\\/]|$)")  # D:\data, D:/data, D:
+_UNC_PATH = re.compile(r"^\\\\[^\\/]+")  # \\nas01\lab\data
+
+
+def foreign_path_problem(name: str, text: str) -> str | None:
+    """Why a Windows path typed in a cell cannot be used on this Linux or macOS computer, or None.
+    Elsewhere it would be taken as a relative name: a folder literally called 'D:\\restore' would
+    appear beside the workbook."""
+    if running_on_windows():
+        return None
+    if _UNC_PATH.match(text):
+        return (f"{name} is '{text}', a Windows network path (UNC), which this computer cannot open: mount "
+                "the share and give its local path (for example /mnt/nas01/lab/data)")
+    if _DRIVE_PATH.match(text):
+        return (f"{name} is '{text}', which looks like a Windows drive path, but this computer does not run "
+                "Windows: give the path of that folder on this computer (for example /mnt/d/restore)")
+    return None
+
+
 def _path_value(value: Any, workbook: Path) -> Path:
     # A folder typed as 001 arrives as the number 1; keep whole numbers readable.
     if isinstance(value, float) and value.is_integer():
@@ -266,6 +290,10 @@ def _convert(row: SheetRow, column: Column, raw: Any, problems: list[SheetProble
                 f"{name} is {text!r}: a Dropbox path starts with '/', for example /Data/2024", name))
             return None
         return "/" + "/".join(part for part in text.split("/") if part) if text != "/" else "/"
+    foreign = foreign_path_problem(name, str(raw).strip())
+    if foreign:
+        problems.append(row.problem(foreign, name))
+        return None
     path = _path_value(raw, row.workbook)
     if column.kind == LOCAL_PATH:
         return path
@@ -280,10 +308,7 @@ def _convert(row: SheetRow, column: Column, raw: Any, problems: list[SheetProble
         problems.append(row.problem(f"{name} {path} cannot be checked ({exc.strerror})", name))
         return None
     if not exists:
-        hint = ""
-        if os.name != "nt" and re.match(r"^[A-Za-z]:[\\/]", str(raw).strip()):
-            hint = " (this looks like a Windows path, but this computer is not running Windows)"
-        problems.append(row.problem(f"{name} {path} does not exist{hint}: check the spelling, "
+        problems.append(row.problem(f"{name} {path} does not exist: check the spelling, "
                                     "and that the drive is connected", name))
         return None
     if column.kind == EXISTING_DIR and not is_dir:

@@ -1175,6 +1175,11 @@ def read_zip_rows(workbook: Path, tab: str, *, protect: RowCheck | None = None) 
             yield row.problem(f"inputDir {folder} is the top of a drive; give a folder inside it",
                               "inputDir")
             return
+        if folder.is_symlink():
+            # Followed, a link would zip, and with deleteFlag = 1 delete, the files of another folder.
+            yield row.problem(f"inputDir {folder} is a symbolic link (to {os.readlink(folder)}); links are "
+                              "never followed: give the folder it points to instead", "inputDir")
+            return
         archive = archive_path(folder)
         if not folder.exists():
             if archive.is_file() and read_archive_mark(archive) is not None:

@@ -30,7 +30,7 @@ from . import deletion, split
 from .content_hash import ContentHasher, bytes_content_hash, hash_range
 from .dropbox_client import (CommitRequest, ContentHashMismatch, DropboxClient,
                              IncorrectOffset, InsufficientSpace, NetworkProblem, RateLimited,
-                             RemoteConflict, RemoteFile, SessionGone, TransportLimit,
+                             RemoteConflict, RemoteFile, SessionClosed, SessionGone, TransportLimit,
                              mtime_to_client_modified)
 from .errors import ArchiveError, AuthError, FileProblem
 from .journal import Item, Journal
@@ -358,8 +358,14 @@ class ApiUploader:
                     offset = exc.correct_offset
                     hasher = self._hasher_for(item, offset)
                     self.journal.confirm_offset(item, offset)
-            except SessionGone:
-                # Consumed by a commit whose answer the crash lost, or expired.
+            except SessionGone as exc:
+                # Closed: a finish refused at its commit in an earlier run left the whole item
+                # there, and only the commit is missing. Otherwise consumed by a commit whose
+                # answer the crash lost, or expired.
+                if isinstance(exc, SessionClosed) and self._finish_closed(
+                        item, session_id, self._hasher_for(item, item.length), started):
+                    self._advance(item.length - offset)
+                    return
                 if self._committed_earlier(item, started):
                     return
                 self.log.info("The upload session of %s has expired; starting that file again.", item.destination)
@@ -419,8 +425,18 @@ class ApiUploader:
                             item.content_hash = hasher.content_hash()
                             request = self._commit_request(item, session_id, offset)
                             self._source_unchanged(item)
-                            remote = self._retrying("upload", lambda: self.client.session_finish(
-                                request, data, content_hash=request_hash), needed=item.length)
+                            try:
+                                remote = self._retrying("upload", lambda: self.client.session_finish(
+                                    request, data, content_hash=request_hash), needed=item.length)
+                            except SessionClosed:
+                                # An earlier attempt of this finish was refused at its commit
+                                # (too_many_write_operations, Dropbox full) after its closing
+                                # bytes were appended: only the commit is left.
+                                self._advance(len(data))
+                                if self._finish_closed(item, session_id, hasher, started):
+                                    return
+                                self._advance(-len(data))
+                                raise
                             self._advance(len(data))
                             self._verified(item, remote, hasher)
                             self._unchanged_after_commit(item, remote)
@@ -585,6 +601,25 @@ class ApiUploader:
         self.summary.items_uploaded += 1
         self._log_result(item, "UPLOADED", time.monotonic() - started)
 
+    def _finish_closed(self, item: Item, session_id: str, hasher: ContentHasher, started: float) -> bool:
+        """Commit a closed sequential session that holds the whole item: an empty finish at
+        offset item.length. `hasher` holds all of the item's bytes.
+
+        Dropbox closes the session of a finish whose commit it refuses after appending the
+        closing bytes, and then answers `lookup_failed/closed` to the same finish sent again;
+        what it asks for is "retry with empty data body and updated offset" (Dropbox API spec,
+        UploadSessionFinishError.path). Seen with `insufficient_space` and
+        `too_many_write_operations` (issue 13). False when the session turns out not to hold the
+        item (another offset, or gone): the caller sends the file again."""
+        item.content_hash = hasher.content_hash()
+        self.journal.confirm_offset(item, item.length)
+        try:
+            self._finish_without_data(item, session_id, hasher, started)
+        except (IncorrectOffset, SessionGone) as exc:
+            self.log.debug("%s: the closed session cannot be committed (%s)", item.destination, exc.message)
+            return False
+        return True
+
     def _committed_earlier(self, item: Item, started: float) -> bool:
         """Is the item already in Dropbox, identical to the local bytes (checked from disk)?"""
         remote = self._retrying("checking", lambda: self.client.metadata(item.destination))
@@ -647,6 +682,7 @@ class ApiUploader:
             outcomes = self._retrying("batch commit", lambda: self.client.finish_batch(requests), needed=needed)
             done: list[Item] = []
             again: list[tuple[Item, CommitRequest, float]] = []
+            refused_for_space = 0  # bytes of this batch's files Dropbox had no room for
             for (item, request, started), outcome in zip(retry, outcomes):
                 if isinstance(outcome, RemoteFile):
                     try:
@@ -660,7 +696,7 @@ class ApiUploader:
                 elif isinstance(outcome, (RateLimited, NetworkProblem)) and attempts < 20:
                     again.append((item, request, started))
                 elif isinstance(outcome, InsufficientSpace):
-                    self.pauser.wait_for_space(item.length, "Dropbox is full")
+                    refused_for_space += item.length
                     again.append((item, request, started))
                 elif isinstance(outcome, SessionGone):
                     self._recommit_lost_session(item, started)
@@ -670,6 +706,9 @@ class ApiUploader:
             if done:
                 self.journal.mark_done(done)
                 self.summary.items_uploaded += len(done)
+            if refused_for_space:
+                # One pause for what these commits need, not one per file.
+                self.pauser.wait_for_space(refused_for_space, "Dropbox is full")
             if again:
                 time.sleep(min(2.0 * attempts, 30))
             retry = again
@@ -928,6 +967,24 @@ class ApiUploader:
         if reopen:
             self.journal.reopen(reopen)
 
+    def _bytes_to_store(self, items: Iterable[Item]) -> int:
+        """Bytes the items not done yet will add to the Dropbox account (quota counts committed
+        files, so a file already there costs nothing and a replaced one only what it grows by):
+        a destination holding a file of the same size is taken to be that file (it is checked
+        before sending), one holding another file costs nothing with ifExists = 'report' (it is
+        not sent), the difference with 'overwrite', the whole file with 'rename'. Unit: bytes."""
+        total = 0
+        for item in items:
+            if item.state == "done":
+                continue
+            remote = self._remote.get(case_key(item.destination))
+            if not isinstance(remote, RemoteFile) or (remote.size != item.length
+                                                      and self.options.if_exists == "rename"):
+                total += item.length
+            elif remote.size != item.length and self.options.if_exists == "overwrite":
+                total += max(0, item.length - remote.size)
+        return total
+
     def run(self, job_items: list[Item], remote_folders: Iterable[str]) -> Summary:
         """Send every item not yet done; `remote_folders` are listed once to find what is there."""
         started = time.monotonic()
@@ -948,9 +1005,10 @@ class ApiUploader:
             self.log.info("%d of %d files still to send (%s); %d items were finished in earlier runs and are in "
                           "Dropbox now.", len(todo), len(by_source), human_bytes(remaining_bytes),
                           self.summary.items_done_before)
+            to_store = self._bytes_to_store(item for items in todo.values() for item in items)
             usage = self.client.space_usage()
-            if usage.free is not None and usage.free < remaining_bytes:
-                self.pauser.wait_for_space(remaining_bytes, "not enough space in Dropbox for this job")
+            if usage.free is not None and usage.free < to_store:
+                self.pauser.wait_for_space(to_store, "not enough space in Dropbox for what is left of this job")
         else:
             self.log.info("Every file of this sheet is in Dropbox now, identical (checked by content hash); "
                           "nothing to send.")

@@ -10,7 +10,7 @@ from pathlib import Path
 from . import prepare, sheets, units
 from .cli import RunContext
 from .credentials import default_token_file, load_credentials, save_credentials
-from .errors import EXIT_OK, EXIT_SOME_FAILED, ArchiveError, AuthError, EnvironmentProblem, SettingsError
+from .errors import EXIT_OK, EXIT_SOME_FAILED, ArchiveError, AuthError, EnvironmentProblem, SettingsError, SheetError
 from .logs import close_log, start_log
 from .settings import Setting
 
@@ -107,8 +107,13 @@ def login(context: RunContext) -> int:
     settings = context.settings
     credentials = finish_login(flow, code, ca_bundle=str(settings.caBundle) if settings.caBundle else None,
                                proxy=settings.proxy or None)
-    path = save_credentials(credentials, token_file(context))
-    context.log.info("Logged in. The login is kept in %s (readable only by you). You can now run app.py.", path)
+    path, private = save_credentials(credentials, token_file(context))
+    if private:
+        context.log.info("Logged in. The login is kept in %s (readable only by you). You can now run app.py.", path)
+    else:
+        context.log.warning("Logged in. The login is kept in %s, but it could not be made private: anyone who can "
+                            "read that folder can use your Dropbox. Keep tokenFile empty (a private per-user "
+                            "file) or point it to a folder only you can read. You can now run app.py.", path)
     return EXIT_OK
 
 
@@ -170,12 +175,17 @@ def prepare_rows(context: RunContext, sheet: str, *, destination_of_row, part_li
             prepare.log_plan(plan, logger, mode=mode, bytes_per_second=bytes_per_second)
             if describe_plan is not None:
                 describe_plan(plan, logger)
+        prepare.log_skipped(plan, prep_log)
+        # The run's summary gets no plan; what could not be read is one of its failures (exit 1).
+        context.stage1_failures = [(path, f"cannot be read ({reason}): skipped, not sent")
+                                   for path, reason in plan.unreadable]
         return plan
     finally:
         close_log(prep_log)
 
 
 def run_api_upload(context: RunContext, sheet: str) -> int:
+    from . import destinations
     from .api_upload import ApiUploader, UploadOptions, delete_verified_sources
     from .journal import Journal
 
@@ -186,12 +196,24 @@ def run_api_upload(context: RunContext, sheet: str) -> int:
     part_limit = int(min(settings.fileSizeLimit_GB * units.GB, prepare.DROPBOX_API_MAX_FILE))
     with Journal(context.logs_root / "journal.sqlite3", sheet) as journal:
         settle_interrupted_deletions(journal, context.log)
-        plan = prepare_rows(context, sheet, destination_of_row=lambda row: row["outputDir"], part_limit=part_limit,
-                            already_done=journal.deleted_sources(), mode="API", bytes_per_second=50e6)
+        workers = settings.workers * (settings.connectionsPerFile + 1)
+        try:
+            plan = prepare_rows(context, sheet, destination_of_row=lambda row: row["outputDir"],
+                                part_limit=part_limit, already_done=journal.deleted_sources(), mode="API",
+                                bytes_per_second=50e6)
+        except SheetError as exc:
+            # All of Stage 1's problems in one pass: the Dropbox side of what could be planned too.
+            raise _with_dropbox_side(exc, context, lambda: open_client(context, workers=workers)) from None
         if context.args.dry_run:
+            client = destinations.client_for_dry_run(lambda: open_client(context, workers=workers), context.log)
+            if client is not None:
+                destinations.refuse_blocked(client, plan, destination_of_row=lambda row: row["outputDir"],
+                                            log=context.log)
             context.log.info("Dry run: nothing was sent.")
             return EXIT_OK
-        client = open_client(context, workers=settings.workers * (settings.connectionsPerFile + 1))
+        client = open_client(context, workers=workers)
+        # Before the first byte: Dropbox would refuse a blocked destination only at commit time.
+        destinations.refuse_blocked(client, plan, destination_of_row=lambda row: row["outputDir"], log=context.log)
         bind_account(journal, client, context.log)
         items = journal.sync_plan(prepare.iter_items(plan, sheet))
         options = UploadOptions(chunk_size=chunk, workers=settings.workers, if_exists=settings.ifExists,
@@ -212,6 +234,21 @@ def run_api_upload(context: RunContext, sheet: str) -> int:
             context.log.error("NOT DELETED\t%s: %s", path, message)
         _log_summary(context, summary)
         return EXIT_OK if summary.ok else EXIT_SOME_FAILED
+
+
+def _with_dropbox_side(error: SheetError, context: RunContext, connect) -> SheetError:
+    """`error` with the destination problems of the rows Stage 1 could plan added (when a login
+    works; without one the local problems come first and these follow once they are fixed)."""
+    from . import destinations
+
+    if error.plan is None or not error.plan.sources:
+        return error
+    client = destinations.client_for_dry_run(connect, context.log)
+    if client is None:
+        return error
+    more = destinations.check_destinations(client, error.plan, destination_of_row=lambda row: row["outputDir"],
+                                           log=context.log)
+    return SheetError([*error.problems, *more], plan=error.plan) if more else error
 
 
 def settle_interrupted_deletions(journal, log) -> None:
@@ -240,6 +277,7 @@ def plan_rows(plan: prepare.Plan):
 
 def _log_summary(context: RunContext, summary) -> None:
     log = context.log
+    summary.failures.extend(context.stage1_failures)
     speed = summary.bytes_sent / summary.seconds if summary.seconds else 0
     log.info("Summary: %d files in the sheet; %d items sent now, %d already in Dropbox, %d done in earlier runs; "
              "%s sent in %.0f s (%s/s); %d originals deleted after verification; %d failed.",

@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Sequence
 import psutil
 from tqdm import tqdm
 
-from . import deletion, prepare, split
+from . import deletion, destinations, prepare, split
 from .cli import RunContext
 from .content_hash import ContentHasher, bytes_content_hash
 from .dropbox_client import NetworkProblem, RateLimited, RemoteFile, RemoteFolder
@@ -39,7 +39,8 @@ from .errors import (EXIT_OK, EXIT_SOME_FAILED, ArchiveError, EnvironmentProblem
                      SheetProblem)
 from .journal import Item, Journal
 from .localfs import legacy_temporary, temporary_sibling
-from .prepare import Plan, case_key
+from .names import case_key
+from .prepare import Plan
 from .units import GB, human_bytes, human_duration
 from .sheets import SheetRow
 
@@ -417,7 +418,10 @@ class AppUploader:
     # -- remote lookups ----------------------------------------------------------------------
 
     def lookup(self, items: Sequence[Item]) -> dict[str, RemoteFile | RemoteFolder]:
-        """What Dropbox holds at these items' paths, by case_key(path)."""
+        """What Dropbox holds at these items' paths, by case_key(path). A destination keeps the
+        local spelling (NFD on a Mac, as the desktop app uploads it); the client asks Dropbox in
+        NFC, the only form its lookups find (dropbox_client.lookup_path), and case_key compares
+        NFC on both sides."""
         found: dict[str, RemoteFile | RemoteFolder] = {}
         if len(items) <= METADATA_LOOKUP_LIMIT:
             with futures.ThreadPoolExecutor(max_workers=LOOKUP_WORKERS, thread_name_prefix="lookup") as pool:
@@ -944,10 +948,16 @@ def run(context: RunContext, sheet: str) -> int:
                             part_limit=part_limit, already_done=journal.deleted_sources(), mode="desktop app",
                             bytes_per_second=APP_BYTES_PER_SECOND, row_check=row_checker(folder),
                             describe_plan=describe)
+        destination_of_row = lambda row: folder.dropbox_path(row["outputDir"])  # noqa: E731
         if context.args.dry_run:
+            client = destinations.client_for_dry_run(lambda: open_client(context), log)
+            if client is not None:
+                destinations.refuse_blocked(client, plan, destination_of_row=destination_of_row, log=log)
             log.info("Dry run: nothing was copied.")
             return EXIT_OK
         client = open_client(context)
+        # A folder in Dropbox where a file goes would give a conflicted copy the run waits for in vain.
+        destinations.refuse_blocked(client, plan, destination_of_row=destination_of_row, log=log)
         bind_account(journal, client, log)
         items = journal.sync_plan(prepare.iter_items(plan, sheet))
         batches, new = assign_batches(items, batch_bytes, journal.item_batches())
@@ -967,6 +977,7 @@ def run(context: RunContext, sheet: str) -> int:
 
 def _log_summary(context: RunContext, summary: AppSummary) -> None:
     log = context.log
+    summary.failures.extend(context.stage1_failures)  # set by app_runner.prepare_rows
     speed = summary.bytes_copied / summary.seconds if summary.seconds else 0
     log.info("Summary: %d files in the sheet (%d items in %d batches); %d verified in Dropbox now, %d done in earlier "
              "runs; %d copied into the Dropbox folder (%s at %s/s), %d already there; %d originals deleted after "

@@ -317,7 +317,9 @@ def check_rows(client: DropboxClient, rows: list[sheets.SheetRow], log: logging.
     problems: list[SheetProblem] = []
     roots: dict[int, RemoteFile | RemoteFolder | SplitOriginal] = {}
     for row in rows:
-        path: str = row["dropboxPath"]
+        # A path pasted from a Mac (Finder, a macOS file name) may be decomposed (NFD); Dropbox
+        # finds an existing name only by its NFC form (see dropbox_client.lookup_path).
+        path: str = unicodedata.normalize("NFC", row["dropboxPath"])
         local: Path = row["localDir"]
         ancestor = _existing_ancestor(local)
         if not ancestor.is_dir():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import threading
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -100,6 +101,14 @@ class IncorrectOffset(DropboxProblem):
 
 class SessionGone(DropboxProblem):
     """The upload session expired, was closed or is unknown: start a new one."""
+
+
+class SessionClosed(SessionGone):
+    """The session is closed (`lookup_failed/closed`, or `closed` for an append): it takes no
+    more data but may still be finished with an empty body at its full offset. A finish whose
+    commit was refused leaves its closing bytes in the session this way (Dropbox API spec,
+    UploadSessionFinishError.path: "Data has already been appended to the upload session.
+    Please retry with empty data body and updated offset.")."""
 
 
 class RangeNotSatisfiable(DropboxProblem):
@@ -202,6 +211,8 @@ def _convert(exc: Exception, what: str, path: str | None) -> ArchiveError:
             return InsufficientSpace("there is not enough space left in the Dropbox account", paths=paths)
         if any(t in tags for t in ("not_found", "closed", "not_closed")) and "lookup_failed" in tags or tags[:1] in (
                 ["not_found"], ["closed"]) and what.startswith("upload session"):
+            if "closed" in tags:
+                return SessionClosed(f"{what}: upload session {joined}", paths=paths)
             return SessionGone(f"{what}: upload session {joined}", paths=paths)
         if "conflict" in tags:
             return RemoteConflict(f"{what}: a different item already exists at this Dropbox path",
@@ -223,6 +234,18 @@ def _convert(exc: Exception, what: str, path: str | None) -> ArchiveError:
     if isinstance(exc, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
         return NetworkProblem(f"{what}: {type(exc).__name__}: {str(exc)[:200]}", paths=paths)
     raise exc
+
+
+def lookup_path(path: str) -> str:
+    """The spelling to look an existing Dropbox path up with: Unicode NFC.
+
+    Dropbox keeps a name in the form it was written (macOS and its desktop app write NFD), but
+    indexes it lower-cased and NFC-normalised, and answers `not_found` to a lookup in another
+    form (maestral PR #678, samschott/maestral: "Dropbox APIs will raise 'not found' errors when
+    querying for a path with the wrong unicode normalisation"; seen in this project's issue 13).
+    NFC finds the item whatever form it was stored in. Writes need no such care: Dropbox
+    normalises the path it stores under."""
+    return unicodedata.normalize("NFC", path)
 
 
 def _to_remote(metadata: Any) -> RemoteFile | RemoteFolder | None:
@@ -356,7 +379,7 @@ class DropboxClient:
 
     def metadata(self, path: str) -> RemoteFile | RemoteFolder | None:
         try:
-            result = self._dbx.files_get_metadata(path)
+            result = self._dbx.files_get_metadata(lookup_path(path))
         except ApiError as exc:
             tags, _ = _tags(exc.error)
             if tags[:2] == ["path", "not_found"]:
@@ -374,7 +397,8 @@ class DropboxClient:
     def iter_entries_or_empty(self, folder: str) -> Iterator[RemoteFile | RemoteFolder]:
         """iter_entries, but a folder that is missing (or is a file) lists as empty."""
         try:
-            page = self._dbx.files_list_folder("" if folder == "/" else folder, recursive=True, limit=2000)
+            page = self._dbx.files_list_folder("" if folder == "/" else lookup_path(folder), recursive=True,
+                                               limit=2000)
         except ApiError as exc:
             tags, _ = _tags(exc.error)
             if "not_found" in tags or "not_folder" in tags:
@@ -395,7 +419,7 @@ class DropboxClient:
     def iter_entries(self, folder: str) -> Iterator[RemoteFile | RemoteFolder]:
         """Every file and folder below `folder`, recursive, as Dropbox lists them."""
         page = self._call("listing a Dropbox folder", folder, self._dbx.files_list_folder,
-                          "" if folder == "/" else folder, recursive=True, limit=2000)
+                          "" if folder == "/" else lookup_path(folder), recursive=True, limit=2000)
         while True:
             for entry in page.entries:
                 remote = _to_remote(entry)
@@ -496,7 +520,7 @@ class DropboxClient:
             raise _convert(exc, "creating a Dropbox folder", path) from None
 
     def delete(self, path: str) -> None:
-        self._call("deleting from Dropbox", path, self._dbx.files_delete_v2, path)
+        self._call("deleting from Dropbox", path, self._dbx.files_delete_v2, lookup_path(path))
 
     # downloads ------------------------------------------------------------------------------
 
@@ -515,7 +539,7 @@ class DropboxClient:
         if ranged:
             headers["Range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
         try:
-            metadata, response = self._dbx.request(files.download, "files", files.DownloadArg(path=path), None,
+            metadata, response = self._dbx.request(files.download, "files", files.DownloadArg(path=lookup_path(path)), None,
                                                    extra_headers=headers or None)
         except HttpError as exc:
             if exc.status_code == 416:

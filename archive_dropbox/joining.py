@@ -611,12 +611,14 @@ class JoinOutcome:
     verified: bool = False
     unzipped_into: Path | None = None
     notes: list[str] = field(default_factory=list)
+    unzip_problem: str | None = None  # the join stands, but unzipping was refused (the zip is kept)
 
 
 def process_series(series: SplitSeries, *, delete_parts: bool, unzip: bool, log: logging.Logger,
                    progress: Progress | None = None) -> JoinOutcome:
     """Join (or check an earlier join), then delete the parts and unzip when asked. Raises
-    JoinProblem (nothing deleted) when the file cannot be joined or unzipped."""
+    JoinProblem (nothing deleted) when the file cannot be joined; an unzip refused after a good
+    join is returned in `unzip_problem` (the zip is kept)."""
     try:
         return _process(series, delete_parts, unzip, log, progress)
     except OSError as exc:
@@ -656,9 +658,12 @@ def _process(series: SplitSeries, delete_parts: bool, unzip: bool, log: logging.
             try:
                 summary = extract_zip(series.output, log, progress=None)
             except JoinProblem as exc:
+                # The join stands (checked, and its parts perhaps deleted): it is counted as
+                # joined, and the refused unzip is reported on its own.
                 parts = "its parts were deleted" if deleted else "its parts were kept"
-                raise JoinProblem(f"{series.name} is joined and checked ({parts}), but {exc.message}",
-                                  paths=exc.paths) from None
+                outcome.unzip_problem = f"{series.name} is joined and checked ({parts}), but {exc.message}"
+                outcome.seconds = time.monotonic() - started
+                return outcome
             outcome.unzipped_into = series.folder
             outcome.notes.append(f"unzipped {summary.files:,} file(s), {human_size(summary.bytes)}; "
                                  f"{series.name} deleted")
@@ -682,10 +687,36 @@ def join_split_file(path: Path | str, *, delete_parts: bool = False, unzip: bool
 class _Member:
     info: zipfile.ZipInfo
     parts: tuple[str, ...]
+    link_target: str | None = None  # a symbolic link (its target as stored), else None
 
     @property
     def is_dir(self) -> bool:
-        return self.info.is_dir()
+        return self.info.is_dir() and self.link_target is None
+
+
+def _is_link(info: zipfile.ZipInfo) -> bool:
+    """A Unix symbolic link, as Info-ZIP and 7-Zip store one (2_zipDir.py does): host system 3
+    (Unix) with S_IFLNK in the high 16 bits of the external attributes, the target as the data.
+    Source: Info-ZIP's zipinfo / APPNOTE.TXT 4.4.2 and 4.4.15 (external file attributes)."""
+    return info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16)
+
+
+def _link_problem(target: str, parts: Sequence[str], root: str) -> str | None:
+    """Why a link stored at `parts` (below `root`) pointing at `target` must not be recreated:
+    an absolute target, or one that resolves outside the extraction folder. A link staying
+    inside the folder (latest.tif -> frames/frame_0004.tif) is what the zipped folder held."""
+    if not target or "\0" in target:
+        return "is a symbolic link with an empty or invalid target"
+    if target.startswith(("/", "\\")) or _DRIVE.match(target):
+        return f"is a symbolic link to the absolute path '{target}'"
+    landing = os.path.normpath(os.path.join(root, *parts[:-1], *re.split(r"[\\/]+", target)))
+    try:
+        outside = os.path.commonpath([root, landing]) != root
+    except ValueError:  # another drive (Windows)
+        outside = True
+    if outside:
+        return f"is a symbolic link to '{target}', which points outside the folder"
+    return None
 
 
 @dataclass
@@ -711,9 +742,8 @@ def _unsafe_reason(info: zipfile.ZipInfo, parts: list[str]) -> str | None:
         return "climbs out of the folder with '..'"
     if os.name == "nt" and any(":" in p for p in parts):
         return "contains ':', which Windows reads as a drive or a hidden stream"
-    if info.create_system == 3 and stat.S_ISLNK(mode):
-        return "is a symbolic link"
-    if info.create_system == 3 and stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    if info.create_system == 3 and stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+                                                              or stat.S_ISLNK(mode)):
         return "is a device or other special file"
     if info.flag_bits & 0x1:
         return "is password-protected"
@@ -722,7 +752,8 @@ def _unsafe_reason(info: zipfile.ZipInfo, parts: list[str]) -> str | None:
 
 def _checked_members(archive: zipfile.ZipFile, zip_path: Path, target: Path) -> list[_Member]:
     """Every entry, with its path split into safe components; raise before anything is
-    extracted when one entry could land outside `target` or is not a plain file or folder."""
+    extracted when one entry could land outside `target`, is a link pointing outside it (or
+    absolute), or is not a file, folder or link."""
     unsafe: list[str] = []
     members: list[_Member] = []
     seen: dict[tuple[str, ...], bool] = {}
@@ -740,13 +771,18 @@ def _checked_members(archive: zipfile.ZipFile, zip_path: Path, target: Path) -> 
                 reason = "would land outside the folder"
         if reason is None and tuple(parts) in seen:
             reason = "is listed twice"
+        link_target = None
+        if reason is None and parts and _is_link(info):
+            link_target = archive.read(info).decode("utf-8", "surrogateescape")
+            reason = _link_problem(link_target, parts, root)
         if reason is not None:
             unsafe.append(f"'{info.filename}' {reason}")
             continue
         if not parts:
             continue  # an entry for "." itself carries nothing
-        seen[tuple(parts)] = info.is_dir()
-        members.append(_Member(info, tuple(parts)))
+        member = _Member(info, tuple(parts), link_target)
+        seen[tuple(parts)] = member.is_dir
+        members.append(member)
     for member in members:
         for depth in range(1, len(member.parts)):
             if seen.get(member.parts[:depth]) is False:
@@ -788,7 +824,14 @@ def _sort_against_disk(members: list[_Member], target: Path, zip_path: Path) -> 
                 break
         else:
             place = target.joinpath(*member.parts)
-            if place.is_symlink():
+            if member.link_target is not None:
+                if place.is_symlink() and os.readlink(place) == member.link_target:
+                    continue  # recreated by an interrupted earlier run
+                if place.exists() or place.is_symlink():
+                    conflicts.append(f"{place} already exists, but the archive has a link there")
+                else:
+                    todo.append(member)
+            elif place.is_symlink():
                 conflicts.append(f"{place} is a symbolic link")
             elif member.is_dir:
                 if place.exists() and not place.is_dir():
@@ -833,6 +876,15 @@ def _extract_into(archive: zipfile.ZipFile, todo: list[_Member], staging: Path, 
             staged.mkdir(parents=True, exist_ok=True)
             continue
         staged.parent.mkdir(parents=True, exist_ok=True)
+        if member.link_target is not None:
+            try:
+                os.symlink(member.link_target, staged)
+            except OSError as exc:  # Windows without the right to create links
+                raise JoinProblem(f"{zip_path.name}: the link {'/'.join(member.parts)} -> {member.link_target} "
+                                  f"cannot be created here ({exc.strerror}); the zip was kept. Unzip it where "
+                                  "links can be made (on Windows: Developer Mode, or as administrator).",
+                                  paths=[zip_path]) from None
+            continue
         with archive.open(member.info) as source, open(staged, "xb") as target:
             while chunk := source.read(CHUNK):  # zipfile checks the CRC when the entry ends
                 target.write(chunk)
@@ -923,6 +975,9 @@ def _extract(zip_path: Path, log: logging.Logger, progress: Progress | None) -> 
                 staged = staging.joinpath(*member.parts)
                 if member.is_dir:
                     continue
+                if member.link_target is not None:
+                    _check_staged_link(staged, member, staging, zip_path)
+                    continue
                 if not staged.is_file() or staged.stat().st_size != member.info.file_size:
                     raise JoinProblem(f"{'/'.join(member.parts)} did not come out of {zip_path.name} complete; "
                                       "the zip was kept.", paths=[zip_path])
@@ -961,7 +1016,23 @@ def _extract(zip_path: Path, log: logging.Logger, progress: Progress | None) -> 
     return ExtractSummary(len(files), len(members) - len(files), total)
 
 
+def _check_staged_link(staged: Path, member: _Member, staging: Path, zip_path: Path) -> None:
+    """The recreated link is the archive's, and resolves (through every other link now in
+    place) inside the extraction folder: the lexical check before extracting cannot see chains
+    of links."""
+    name = "/".join(member.parts)
+    if not staged.is_symlink() or os.readlink(staged) != member.link_target:
+        raise JoinProblem(f"the link {name} did not come out of {zip_path.name} as stored; the zip was kept.",
+                          paths=[zip_path])
+    root = os.path.realpath(staging)
+    if os.path.commonpath([root, os.path.realpath(staged)]) != root:
+        raise JoinProblem(f"{zip_path.name} was not unzipped: the link {name} -> {member.link_target} leads outside "
+                          "the folder through other links; the zip was kept.", paths=[zip_path])
+
+
 def _in_place(path: Path, member: _Member) -> bool:
+    if member.link_target is not None:
+        return path.is_symlink() and os.readlink(path) == member.link_target
     if path.is_symlink():
         return False
     if member.is_dir:
@@ -1073,7 +1144,7 @@ def run_join_files(context) -> int:
     ready = _preflight(jobs)
     log.info("%d split file(s) to process", len(ready))
 
-    counts = {"joined": 0, "verified": 0, "resumed": 0, "skipped": 0, "failed": 0}
+    counts = {"joined": 0, "verified": 0, "resumed": 0, "skipped": 0, "failed": 0, "not unzipped": 0}
     total_bytes, started = 0, time.monotonic()
     for job, series in ready:
         if series is None:
@@ -1091,6 +1162,9 @@ def run_join_files(context) -> int:
         finally:
             bar.close()
         counts[outcome.action] += 1
+        if outcome.unzip_problem is not None:
+            counts["not unzipped"] += 1
+            log.error("%s: %s: NOT UNZIPPED\n%s", job.where, series.name, outcome.unzip_problem)
         if outcome.action == "skipped":
             log.info("%s: %s: nothing to do; %s", job.where, series.name, "; ".join(outcome.notes))
             continue
@@ -1105,10 +1179,12 @@ def run_join_files(context) -> int:
                  verdict, len(series.parts), human_size(outcome.size), outcome.seconds, rate,
                  "".join(f"; {note}" for note in outcome.notes))
     elapsed = time.monotonic() - started
-    log.info("Summary: %d joined, %d already joined, %d with nothing to do, %d failed; %s joined in %.1f s",
+    log.info("Summary: %d joined, %d already joined, %d with nothing to do, %d failed%s; %s joined in %.1f s",
              counts["joined"], counts["verified"] + counts["resumed"], counts["skipped"], counts["failed"],
+             f" ({counts['not unzipped']} joined but not unzipped)" if counts["not unzipped"] else "",
              human_size(total_bytes), elapsed)
-    if counts["failed"]:
-        log.error("%d split file(s) failed: see the messages above.", counts["failed"])
+    if counts["failed"] or counts["not unzipped"]:
+        log.error("%d split file(s) failed, %d joined file(s) were not unzipped: see the messages above; fix "
+                  "what they say and run joinFiles.py again.", counts["failed"], counts["not unzipped"])
         return EXIT_SOME_FAILED
     return EXIT_OK

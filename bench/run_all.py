@@ -36,6 +36,7 @@ BENCHMARKS = [
     ("bench_upload", "upload"),
     ("bench_join", "join"),
     ("bench_download", "download"),
+    ("bench_stage1", "stage1"),
 ]
 
 

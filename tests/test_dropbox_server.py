@@ -8,6 +8,7 @@ import json
 import os
 import threading
 import time
+import unicodedata
 
 import pytest
 import requests
@@ -522,6 +523,57 @@ def test_case_insensitive_paths_and_conflicts(server, dbx):
     assert deleted.metadata.path_display == "/Data" and server.files() == {}
 
 
+def test_unicode_forms_stored_as_given_found_only_in_nfc(server, dbx):
+    nfd = unicodedata.normalize("NFD", "/Übung/résumé.txt")
+    nfc = unicodedata.normalize("NFC", nfd)
+    stored = dbx.files_upload(b"cv", nfd)
+    # The name keeps the form it was written in; path_lower is lower case NFC.
+    assert stored.path_display == nfd and stored.path_lower == nfc.lower()
+    assert dbx.files_get_metadata(nfc).path_display == nfd
+    assert dbx.files_get_metadata(nfc.upper()).size == 2
+    for lookup in (lambda: dbx.files_get_metadata(nfd), lambda: dbx.files_download(nfd),
+                   lambda: dbx.files_list_folder(unicodedata.normalize("NFD", "/Übung"))):
+        with pytest.raises(ApiError) as err:
+            lookup()
+        assert "not_found" in str(err.value.error)
+    assert [e.name for e in dbx.files_list_folder(unicodedata.normalize("NFC", "/Übung")).entries] == [
+        unicodedata.normalize("NFD", "résumé.txt")]
+    # Writes compare NFC: the other form is the same item (identical: no conflict; else conflict).
+    assert dbx.files_upload(b"cv", nfc).id == stored.id
+    with pytest.raises(ApiError) as err:
+        dbx.files_upload(b"other", nfc)
+    assert err.value.error.get_path().reason.get_conflict().is_file()
+    assert server.read_file(nfc) == b"cv" and len(server.files()) == 1
+
+
+def test_refused_finish_keeps_its_closing_bytes(server, dbx):
+    """A finish whose commit is refused leaves the closing bytes in the session, closed: the
+    re-sent bytes get `closed`, an empty finish at the full offset commits."""
+    server.set_quota(10)
+    sid = dbx.files_upload_session_start(b"abcd").session_id
+    with pytest.raises(ApiError) as err:
+        dbx.files_upload_session_finish(b"efghijklmn", cursor(sid, 4), files.CommitInfo("/full"))
+    assert err.value.error.get_path().is_insufficient_space()
+    server.set_quota(10_000)
+    with pytest.raises(ApiError) as err:
+        dbx.files_upload_session_finish(b"efghijklmn", cursor(sid, 4), files.CommitInfo("/full"))
+    assert err.value.error.get_lookup_failed().is_closed()
+    with pytest.raises(ApiError) as err:
+        dbx.files_upload_session_finish(b"", cursor(sid, 4), files.CommitInfo("/full"))
+    assert err.value.error.get_lookup_failed().get_incorrect_offset().correct_offset == 14
+    assert dbx.files_upload_session_finish(b"", cursor(sid, 14), files.CommitInfo("/full")).size == 14
+    assert server.read_file("/full") == b"abcdefghijklmn"
+    # The same through fault injection, refused with too_many_write_operations (409).
+    server.set_faults(fail_nth=[FailRule("files/upload_session/finish", 1, 409,
+                                         {".tag": "too_many_write_operations"}, at_commit=True)])
+    sid = dbx.files_upload_session_start(b"12").session_id
+    with pytest.raises(ApiError) as err:
+        dbx.files_upload_session_finish(b"34", cursor(sid, 2), files.CommitInfo("/busy"))
+    assert err.value.error.is_too_many_write_operations()
+    assert server.calls("files/upload_session/finish")[-1]["fault"].startswith("fail_nth")
+    assert dbx.files_upload_session_finish(b"", cursor(sid, 4), files.CommitInfo("/busy")).size == 4
+
+
 def test_payload_and_file_size_limits(tmp_path):
     with DropboxTestServer(tmp_path / "srv", max_file_size=6 * MiB) as server:
         dbx = server.sdk_client(max_retries_on_error=0)
@@ -608,7 +660,7 @@ def test_desktop_app_simulator(server, tmp_path):
     (local / "batch1" / "sub").mkdir(parents=True)
     (local / "batch1" / "a.bin").write_bytes(data_of(300_000))
     (local / "batch1" / "sub" / "b.txt").write_bytes(b"bee")
-    for ignored in ("desktop.ini", "Thumbs.db", ".DS_Store", "._.DS_Store", ".~partial.bin"):
+    for ignored in ("desktop.ini", "Thumbs.db", ".DS_Store", "._.DS_Store", ".~partial.bin", "~$report.docx"):
         (local / "batch1" / ignored).write_bytes(b"ignore me")
     dbx = server.sdk_client()
     app = DesktopAppSimulator(server, local, "/", delay_s=0.2, throughput_bps=2_000_000)

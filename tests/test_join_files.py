@@ -525,3 +525,41 @@ def test_a_whole_zip_row_is_unzipped_and_a_rerun_has_nothing_to_do(tmp_path):
     (tmp_path / "other.zip").write_bytes(b"PK")
     refused = _run("joinFiles.py", "--excelName", str(no_flag), "--logs", str(tmp_path / "logs"))
     assert refused.returncode == 2 and "set unzipFlag = 1" in refused.stdout + refused.stderr
+
+
+def test_internal_link_comes_back_as_a_link_and_an_escaping_one_is_refused_after_a_counted_join(tmp_path, logs_root):
+    """Issue 13, row 15: a folder zipped by 2_zipDir.py with `latest.tif -> frames/frame_0004.tif`,
+    split, then joined with --unzip, gets its link back; a link leaving the folder is refused,
+    while its verified join still counts as joined."""
+    run1 = tmp_path / "data" / "run1"
+    frames = {f"frame_000{i}.tif": os.urandom(3000) + bytes([i]) for i in range(1, 5)}
+    (run1 / "frames").mkdir(parents=True)
+    for name, content in frames.items():
+        (run1 / "frames" / name).write_bytes(content)
+    os.symlink("frames/frame_0004.tif", run1 / "latest.tif")
+    book = write_xlsx(tmp_path / "zipDir.xlsx", {"zipDir": [["inputDir", "deleteFlag"], [str(run1), 0]]})
+    zipped = run_script("preProcess/2_zipDir.py", "--excelName", str(book), "--logs", str(logs_root))
+    assert zipped.returncode == 0, output_of(zipped)
+    parts = make_parts(tmp_path / "restore", "run1.zip", (tmp_path / "data" / "run1.zip").read_bytes(), 4000)
+
+    result = join_args(logs_root, str(parts[0]), "--unzip")
+    assert result.returncode == 0, output_of(result)
+    assert "Summary: 1 joined" in output_of(result)
+    link = tmp_path / "restore" / "run1" / "latest.tif"
+    assert link.is_symlink() and os.readlink(link) == "frames/frame_0004.tif"
+    assert link.read_bytes() == frames["frame_0004.tif"]
+    assert not (tmp_path / "restore" / "run1.zip").exists()
+
+    archive_path = tmp_path / "escape.zip"
+    with zipfile.ZipFile(archive_path, "w") as archive:
+        archive.writestr("run2/ok.txt", b"fine")
+        info = zipfile.ZipInfo("run2/up")
+        info.create_system = 3
+        info.external_attr = 0o120777 << 16
+        archive.writestr(info, "../../outside")
+    parts = make_parts(tmp_path / "restore2", "run2.zip", archive_path.read_bytes(), 200)
+    result = join_args(logs_root, str(parts[0]), "--unzip")
+    assert result.returncode == 1, output_of(result)
+    assert "Summary: 1 joined" in output_of(result) and "1 joined but not unzipped" in output_of(result)
+    assert "points outside the folder" in output_of(result)
+    assert (tmp_path / "restore2" / "run2.zip").is_file() and not (tmp_path / "restore2" / "run2").exists()

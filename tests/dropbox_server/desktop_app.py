@@ -2,7 +2,7 @@
 
 One job: play the Dropbox desktop app for APP-mode tests — watch a local folder and sync new or
 changed files into the test server after a delay, at a limited throughput, skipping the names
-the real app ignores and temporary `.~` names; it can stall (the app hung), resume, and upload a
+the real app ignores and temporary `.~` and `~$` names; it can stall (the app hung), resume, and upload a
 corrupted copy once (to prove the caller verifies content hashes, not mere existence).
 
 It writes straight into the server's store (no HTTP), so its traffic never shows in the API
@@ -26,8 +26,12 @@ COPY_SLICE = 256 * 1024
 
 
 def ignored(name: str) -> bool:
+    """Names the real desktop app never uploads: the system files above, `.~` temporary names,
+    and `~$` Office owner/lock files (Dropbox help, "Files that won't sync": Microsoft Office
+    temporary files starting with `~$` or `.~` stay on the computer; issue 13 of this project saw
+    a `~$report.docx` wait forever)."""
     lower = name.lower()
-    return lower in IGNORED_NAMES or name.startswith(".~")
+    return lower in IGNORED_NAMES or name.startswith((".~", "~$"))
 
 
 class DesktopAppSimulator(threading.Thread):

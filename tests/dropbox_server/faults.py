@@ -56,6 +56,11 @@ class FailRule:
     "drop_mid_body" / "drop_before_response". `error` is the raw Stone-JSON error for 401/403/409
     (e.g. {".tag": "path", "path": {".tag": "not_found"}}) or the rate-limit reason tag for 429
     ("too_many_requests" / "too_many_write_operations"); `retry_after` overrides the config's.
+
+    `at_commit`: the request is applied up to its commit and only the commit is refused (with
+    `status` / `error`); meant for `files/upload_session/finish`. A refused finish
+    then keeps its closing bytes in the session, closed, as Dropbox documents for a failed
+    commit (see routes._finish_one); without it the request is refused before anything applies.
     """
 
     route: str
@@ -64,6 +69,7 @@ class FailRule:
     error: Any = None
     retry_after: Optional[int] = None
     times: int = 1
+    at_commit: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,11 +122,12 @@ class Decision:
     latency_s: float = 0.0
     transport_limit: bool = False
     label: str = ""                # what the request log records
+    at_commit: bool = False        # the route runs; only its commit answers with this fault
 
     @property
     def before_body(self) -> bool:
         """Faults answered without applying the request (the body is drained first)."""
-        return self.action in (RATE_LIMIT, WRITE_LIMIT, ERROR_500, ERROR_503, STATUS)
+        return self.action in (RATE_LIMIT, WRITE_LIMIT, ERROR_500, ERROR_503, STATUS) and not self.at_commit
 
 
 class FaultInjector:
@@ -198,6 +205,7 @@ def _route_key(route: str) -> str:
 def _apply_rule(d: Decision, rule: FailRule, cfg: FaultConfig) -> None:
     if rule.retry_after is not None:
         d.retry_after = rule.retry_after
+    d.at_commit = rule.at_commit and rule.status not in (DROP_MID_BODY, DROP_BEFORE_RESPONSE)
     if rule.status in (DROP_MID_BODY, DROP_BEFORE_RESPONSE):
         d.action = rule.status
         return

@@ -40,6 +40,15 @@ class RateLimited(Exception):
         self.reason, self.retry_after = reason, retry_after
 
 
+class CommitRefused(Exception):
+    """An injected fault (FailRule.at_commit) answered in place of a commit; the server turns
+    its `decision` into the response a fault before the body would get."""
+
+    def __init__(self, decision):
+        super().__init__(decision.label)
+        self.decision = decision
+
+
 @dataclass
 class DownloadResult:
     metadata: Any
@@ -102,6 +111,8 @@ def _commit(call, path: str, commit_info, blob: Path, size: int, content_hash: s
         lower, _ = store.resolve(path, call.root, for_write=True)
     except LookupFailure:
         raise WriteFailure(files.WriteError.malformed_path(None))
+    if call.commit_fault is not None:
+        raise CommitRefused(call.commit_fault)
     if lower in call.app.faults.corrupt_stored_paths and size > 0:
         with open(blob, "r+b") as fh:
             fh.seek(size // 2)
@@ -351,6 +362,10 @@ def _finish_one(call, finish_arg, *, batch: bool):
                 raise RouteError(err.concurrent_session_data_not_allowed)
             total, tentative = session["end"], session
         else:
+            if not batch and session["closed"] and call.body.length:
+                # A closed session takes no more data, whatever the offset: the re-send of a
+                # refused finish's closing bytes gets `closed` (issue 13, seen on Dropbox).
+                raise RouteError(err.lookup_failed(lookup.closed))
             if cursor.offset != session["offset"]:
                 raise RouteError(err.lookup_failed(lookup.incorrect_offset(
                     files.UploadSessionOffsetError(session["offset"]))))
@@ -359,12 +374,11 @@ def _finish_one(call, finish_arg, *, batch: bool):
             tentative = dict(session, blocks=dict(session["blocks"]))
             total = session["offset"]
             if not batch:
-                if session["closed"] and call.body.length:
-                    raise RouteError(err.lookup_failed(lookup.closed))
                 if cursor.offset + (call.body.length or 0) > settings.max_file_size:
                     raise RouteError(err.lookup_failed(lookup.too_large))
-                # The final piece is written past the confirmed offset and only counts if the
-                # commit succeeds, so a failed finish can be retried unchanged.
+                # The final piece is written past the confirmed offset; it joins the session
+                # only once the commit is attempted (below), so a request refused before that
+                # (bad hash, too large) can be retried unchanged.
                 result = _receive(call, data_file, cursor.offset, err, finish_arg.content_hash)
                 if result.nbytes and session["closed"]:
                     raise RouteError(err.lookup_failed(lookup.closed))
@@ -379,7 +393,19 @@ def _finish_one(call, finish_arg, *, batch: bool):
         call.rec["path"] = commit.path
         try:
             entry = _commit(call, commit.path, commit, data_file, total, content_hash)
-        except WriteFailure as failure:
+        except (WriteFailure, CommitRefused) as failure:
+            if session["type"] != "concurrent" and total != session["offset"]:
+                # Dropbox keeps the closing bytes of a finish whose commit failed: "Data has
+                # already been appended to the upload session. Please retry with empty data
+                # body and updated offset." (UploadSessionFinishError.path, files.stone in the
+                # Dropbox API spec / the SDK's files.py). For a refusal without a documented
+                # rule (too_many_write_operations, 409 or 429) the same is assumed: the harder
+                # case for a client, which must then finish empty at the full offset.
+                with store.lock:
+                    session.update(offset=total, closed=True, blocks=tentative["blocks"])
+                    store.save_session(session)
+            if isinstance(failure, CommitRefused):
+                raise
             raise RouteError(err.path(failure.error))
         store.drop_session(session["id"])
         return entry

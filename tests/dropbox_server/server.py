@@ -33,9 +33,10 @@ from stone.backends.python_rsrc import stone_serializers, stone_validators
 from . import faults as F
 from .faults import FaultConfig, FaultInjector, Throttle
 from .http_io import BadFraming, ClientGone, DropConnection, RequestBody
-from .routes import (ROUTES, DownloadResult, RateLimited, RouteError, Unsatisfiable)
+from .routes import (ROUTES, CommitRefused, DownloadResult, RateLimited, RouteError,
+                     Unsatisfiable)
 from .storage import (DEFAULT_DISALLOWED_NAMES, BadRequest, Quota, Root, Store,
-                      file_content_hash, path_root_error)
+                      file_content_hash, path_root_error, stored_key)
 from .tls import ensure_certificate, server_context
 
 SCOPES = ("account_info.read files.content.read files.content.write files.metadata.read "
@@ -421,8 +422,9 @@ class DropboxTestServer:
                           if e["kind"] == "folder")
 
     def metadata(self, path: str) -> Optional[dict]:
-        """Metadata of a file or folder by full path (case-insensitive), or None."""
-        entry = self.store.entries.get(path.lower())
+        """Metadata of a file or folder by full path (case-insensitive, any Unicode form: a
+        test helper, more forgiving than the API's lookups), or None."""
+        entry = self.store.entries.get(stored_key(path))
         return self._public_entry(entry) if entry else None
 
     def read_file(self, path: str) -> bytes:
@@ -463,7 +465,7 @@ class DropboxTestServer:
         return self._public_entry(entry)
 
     def _blob(self, path: str) -> Path:
-        entry = self.store.entries.get(path.lower())
+        entry = self.store.entries.get(stored_key(path))
         if entry is None or entry["kind"] != "file":
             raise FileNotFoundError(path)
         return self.store.blob_path(entry)
@@ -838,6 +840,7 @@ class DropboxTestServer:
         if isinstance(arg, _Response):
             return arg
         call = Call(self, spec, arg, body, root, h.headers, rec, token)
+        call.commit_fault = decision if decision.at_commit else None
         try:
             result = spec.handler(call)
         except RouteError as exc:
@@ -847,6 +850,10 @@ class DropboxTestServer:
         except RateLimited as exc:
             rec["error"] = exc.reason
             return self._rate_limited(exc.reason, exc.retry_after)
+        except CommitRefused as exc:
+            response = self._fault_response(exc.decision, route)
+            rec["error"] = "refused at commit (injected)"
+            return response
         except BadRequest as exc:
             rec["error"] = str(exc)
             return _Response.text(400, str(exc))
@@ -1055,6 +1062,7 @@ class Call:
         self.headers, self.rec, self.token = headers, rec, token
         self.store, self.settings = app.store, app.settings
         self._holding = False
+        self.commit_fault = None    # a FailRule.at_commit decision: its commit is refused
 
     def quota(self) -> Quota:
         return self.app.quota()

@@ -24,6 +24,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,22 @@ def _iso(ts: float) -> str:
 
 def _parse_iso(text: str) -> _dt.datetime:
     return _dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ")
+
+
+def stored_key(path: str) -> str:
+    """The key an entry is stored under: lower case, then Unicode NFC. Dropbox keeps names as
+    given (path_display) but its path_lower is lower-cased and NFC-normalised (maestral PR #409,
+    samschott/maestral, which mirrors Dropbox's index), so an NFC and an NFD spelling of one name
+    are the same item when written."""
+    return unicodedata.normalize("NFC", path.lower())
+
+
+def lookup_key(path: str) -> str:
+    """The key a path given to a lookup route finds: lower case only, NOT normalised. Dropbox
+    answers not_found for an existing item asked for in another Unicode form (maestral PR #678:
+    "Dropbox APIs will raise 'not found' errors when querying for a path with the wrong unicode
+    normalisation"; issue 13 of this project saw the same with NFD names from macOS)."""
+    return path.lower()
 
 
 def _parent(lower: str) -> str:
@@ -295,6 +312,8 @@ class Store:
     def resolve(self, path: str, root: Root, *, for_write: bool = False,
                 allow_root: bool = False, allow_rev: bool = False) -> tuple[str, str]:
         """Map a request path to (full lower path, full display path as the client spelled it).
+        `for_write`: the key is NFC-normalised (stored_key); otherwise only lower-cased
+        (lookup_key), so a path in another Unicode form than NFC finds nothing.
 
         Accepts "/a/b", "" (the root, where allowed), "id:...", "ns:<id>/a/b" and, where
         allowed, "rev:<rev>". Raises LookupFailure / WriteFailure(malformed_path) for paths
@@ -333,7 +352,10 @@ class Store:
         parts = rest[1:].split("/")
         if any(p in ("", ".", "..") or "\x00" in p for p in parts) or len(rest) > 4096:
             raise malformed()
-        return base_lower + rest.lower(), base_display + rest
+        # Writes are normalised (an NFD upload replaces or conflicts with the NFC name);
+        # lookups are not (an NFD lookup of an existing name is not_found).
+        key = stored_key(rest) if for_write else lookup_key(rest)
+        return base_lower + key, base_display + rest
 
     def canonical_display(self, lower: str, display: str) -> str:
         """Existing ancestors keep the casing they were created with (an existing entry at the
@@ -447,7 +469,7 @@ class Store:
     def _free_name(self, lower: str, display: str) -> tuple[str, str]:
         parent_l, parent_d = _parent(lower), display.rsplit("/", 1)[0]
         for candidate in _autorename_candidates(display.rsplit("/", 1)[1]):
-            cand_lower = parent_l + "/" + candidate.lower()
+            cand_lower = parent_l + "/" + stored_key(candidate)
             if cand_lower not in self.entries.data:
                 return cand_lower, parent_d + "/" + candidate
         raise AssertionError("unreachable")

@@ -1,0 +1,172 @@
+"""Stage 1's look at Dropbox itself: can each row's files land where the plan puts them?
+
+Dropbox refuses a file where it holds a folder (`WriteConflictError.folder`) and anything below
+one of its files (`WriteConflictError.file_ancestor`), but only when the file is committed, after
+every byte was sent — days for a 300 GB file. Both are found here instead, before anything is
+sent, and returned as sheet problems naming workbook, tab and row.
+
+Cost, per distinct destination folder of the sheet (a row's `outputDir`): one
+`files/get_metadata`; when the folder exists, one recursive `files/list_folder` of it (pages of
+up to 2,000 entries, so 10,000 files already there cost 5 pages); when it does not, one
+`files/get_metadata` per missing parent up to the first that exists. Nothing is asked per file.
+Source: https://www.dropbox.com/developers/documentation/http/documentation (files/get_metadata,
+files/list_folder with recursive=true and limit <= 2000, WriteConflictError).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Callable, Iterable
+
+from .dropbox_client import NetworkProblem, RateLimited, RemoteFile, RemoteFolder
+from .errors import AuthError, SheetError, SheetProblem
+from .names import case_key
+from .prepare import Plan, PlannedSource
+from .sheets import SheetRow
+
+# Past this many problems in one row, the rest are counted, as Stage 1 does for local ones.
+MAX_PROBLEMS_PER_ROW = 50
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] or "/"
+
+
+def _ancestors_below(path: str, top: str) -> list[str]:
+    """The folders strictly between `top` and `path` (outermost first)."""
+    out = []
+    cursor = _parent(path)
+    top_key = case_key(top)
+    while cursor != "/" and case_key(cursor) != top_key:
+        out.append(cursor)
+        cursor = _parent(cursor)
+    return out[::-1]
+
+
+def _destinations(source: PlannedSource) -> list[str]:
+    """The Dropbox paths a planned file becomes: itself, or its parts and manifest."""
+    if not source.parts:
+        return [source.destination]
+    return [source.part_destination(part) for part in source.parts] + [source.manifest_destination()]
+
+
+class _Folder:
+    """What Dropbox holds at and below one destination folder, read once."""
+
+    def __init__(self, client, top: str):
+        self.top = top
+        self.blocked_by: str | None = None     # a file at `top` or at one of its parents
+        self.entries: dict[str, RemoteFile | RemoteFolder] = {}
+        if top == "/":
+            self._list(client)
+            return
+        remote = client.metadata(top)
+        if isinstance(remote, RemoteFile):
+            self.blocked_by = remote.path_display or top
+        elif isinstance(remote, RemoteFolder):
+            self._list(client)
+        else:
+            cursor = _parent(top)
+            while cursor != "/":
+                above = client.metadata(cursor)
+                if isinstance(above, RemoteFile):
+                    self.blocked_by = above.path_display or cursor
+                if above is not None:
+                    break
+                cursor = _parent(cursor)
+
+    def _list(self, client) -> None:
+        for remote in client.iter_entries_or_empty(self.top):
+            self.entries[case_key(remote.path_display)] = remote
+
+
+def check_destinations(client, plan: Plan, *, destination_of_row: Callable[[SheetRow], str],
+                       column: str = "outputDir", log: logging.Logger | None = None) -> list[SheetProblem]:
+    """Problems with the Dropbox side of every row of `plan`: its destination folder, or a parent
+    of it, is a file in Dropbox; a file's destination (or a part's) is a folder in Dropbox; a
+    folder on the way to a file is a file in Dropbox. An empty folder to create counts as well.
+
+    `destination_of_row(row)` is the Dropbox folder a row's files land in (Stage 1's mapping);
+    `client` is a dropbox_client.DropboxClient (metadata, iter_entries_or_empty). Returns [] when
+    everything can land. Raises what the client raises (NetworkProblem, AuthError, ...)."""
+    folders: dict[str, _Folder] = {}
+    by_row: dict[int, tuple[SheetRow, list[PlannedSource]]] = {}
+    for source in plan.sources:
+        by_row.setdefault(id(source.row), (source.row, []))[1].append(source)
+    problems: list[SheetProblem] = []
+    for row, sources in by_row.values():
+        top = destination_of_row(row)
+        folder = folders.get(case_key(top))
+        if folder is None:
+            folder = folders[case_key(top)] = _Folder(client, top)
+        texts = _row_problems(folder, sources, plan.empty_folders)
+        for text in texts[:MAX_PROBLEMS_PER_ROW]:
+            problems.append(row.problem(text, column))
+        if len(texts) > MAX_PROBLEMS_PER_ROW:
+            problems.append(row.problem(f"... and {len(texts) - MAX_PROBLEMS_PER_ROW} more problems like these",
+                                        column))
+    if log is not None:
+        log.info("Destinations in Dropbox checked: %d folder(s), %d problem(s).", len(folders), len(problems))
+    return problems
+
+
+def refuse_blocked(client, plan: Plan, *, destination_of_row: Callable[[SheetRow], str],
+                   log: logging.Logger) -> None:
+    """check_destinations, raising SheetError (exit status 2, nothing sent) when a row is blocked."""
+    log.info("Checking each row's destination in Dropbox (a folder where a file should go, or a file on "
+             "the way, is refused by Dropbox only after every byte is sent).")
+    problems = check_destinations(client, plan, destination_of_row=destination_of_row, log=log)
+    if problems:
+        raise SheetError(problems)
+
+
+def client_for_dry_run(open_client: Callable[[], object], log: logging.Logger):
+    """A client for --dry-run's look at Dropbox, or None (logged) when there is no usable login:
+    a dry run must work before `python app.py --login`, so it only says the check was skipped."""
+    try:
+        return open_client()
+    except (AuthError, NetworkProblem, RateLimited) as exc:
+        log.warning("Dry run: the Dropbox-side check of the destinations was skipped (%s). It runs "
+                    "before anything is sent in the real run, or here once `python app.py --login` is done.",
+                    exc.message)
+        return None
+
+
+def _row_problems(folder: _Folder, sources: list[PlannedSource], empty_folders: Iterable[str]) -> list[str]:
+    top = folder.top
+    if folder.blocked_by is not None:
+        if case_key(folder.blocked_by) == case_key(top):
+            return [f"outputDir {top} is a file in Dropbox, so nothing can be put inside it. Give another "
+                    "outputDir, or move or rename that file in Dropbox"]
+        return [f"{folder.blocked_by} is a file in Dropbox, so outputDir {top} cannot be created inside it. Give "
+                "another outputDir, or move or rename that file in Dropbox"]
+    if not folder.entries:
+        return []
+    texts: list[str] = []
+    under_file: dict[str, list[str]] = defaultdict(list)   # blocking Dropbox file -> paths below it
+
+    def file_above(path: str, including_itself: bool) -> None:
+        for ancestor in [*_ancestors_below(path, top), *([path] if including_itself else [])]:
+            above = folder.entries.get(case_key(ancestor))
+            if isinstance(above, RemoteFile):
+                under_file[above.path_display].append(path)
+                return
+
+    for source in sources:
+        for destination in _destinations(source):
+            found = folder.entries.get(case_key(destination))
+            if isinstance(found, RemoteFolder):
+                texts.append(f"{found.path_display} is a folder in Dropbox, so {source.source} cannot be uploaded "
+                             "there. Move or rename that folder in Dropbox, or give another outputDir")
+            else:
+                file_above(destination, including_itself=False)
+    top_key = case_key(top)
+    for path in empty_folders:
+        if top_key == "/" or case_key(path).startswith(top_key + "/"):
+            file_above(path, including_itself=True)
+    for blocking, paths in under_file.items():
+        texts.append(f"{blocking} is a file in Dropbox, so {len(paths)} path(s) of this row that go inside it "
+                     f"(e.g. {paths[0]}) cannot be created. Move or rename that file in Dropbox, or give another "
+                     "outputDir")
+    return texts

@@ -52,6 +52,14 @@ def run_script(
     script = Path(script).resolve()
     make_console_safe()
     spec = list(spec)
+    # Read before the parser is built, so that --help shows the script's own values; a bad line
+    # is reported after the flags are parsed, as before (so --help still works with one).
+    block_problem: errors.ArchiveError | None = None
+    if settings_text is not None:
+        try:
+            script_values = read_settings_block(settings_text, script)
+        except errors.ArchiveError as exc:
+            block_problem, script_values = exc, {}
     parser = argparse.ArgumentParser(
         prog=script.name,
         description=description,
@@ -63,7 +71,7 @@ def run_script(
                         help="folder for logs and the journal (default: logs/ next to app.py)")
     if add_arguments is not None:
         add_arguments(parser)
-    add_setting_flags(parser, spec)
+    add_setting_flags(parser, spec, script_values)
     args = parser.parse_args(argv)
 
     repo_root = script.parent.parent if script.parent.name == "preProcess" else script.parent
@@ -72,8 +80,8 @@ def run_script(
     log: logging.Logger | None = None
     try:
         try:
-            if settings_text is not None:
-                script_values = read_settings_block(settings_text, script)
+            if block_problem is not None:
+                raise block_problem
             settings = resolve(spec, script_values, args, script=script)
         except errors.ArchiveError as exc:
             print(exc.describe(), file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 # The tool and the Dropbox desktop app skip names starting with ".~", so a half-written file is
@@ -38,6 +39,35 @@ def legacy_temporary(final: Path | str, suffix: str = "") -> Path | None:
     except (OSError, ValueError):
         return None
     return legacy
+
+
+# Windows reparse tags of the entries never followed, from Microsoft's "Reparse Point Tags"
+# (learn.microsoft.com/windows/win32/fileio/reparse-point-tags; ntifs.h): a directory junction
+# (`mklink /J`, a "mount point") and a symbolic link. Python's stat module defines them on Windows
+# only, so they are spelled out here. Other reparse points (OneDrive and Dropbox placeholders,
+# deduplicated files) hold the data themselves and are walked.
+IO_REPARSE_TAG_MOUNT_POINT = 0xA0000003
+IO_REPARSE_TAG_SYMLINK = 0xA000000C
+_NEVER_FOLLOWED_TAGS = frozenset({IO_REPARSE_TAG_MOUNT_POINT, IO_REPARSE_TAG_SYMLINK})
+# Only Windows reports reparse tags (os.stat_result.st_reparse_tag, Python 3.8+). Elsewhere the
+# check would cost one lstat per folder for nothing; tests set this to True to act as Windows.
+REPARSE_TAGS = hasattr(os.stat_result, "st_reparse_tag")
+
+
+def is_link_entry(entry: os.DirEntry) -> bool:
+    """True when a folder listing's `entry` is a symbolic link or a Windows directory junction:
+    never to be followed. A junction reads as a plain folder on Windows (DirEntry.is_symlink()
+    and S_ISLNK are False for it; DirEntry.is_junction() exists only from Python 3.12), so
+    following it would walk, upload and delete files outside the folder the user named.
+    On Windows the listing carries the entry's attributes: no extra system call. Raises OSError
+    when the entry cannot be examined."""
+    if entry.is_symlink():
+        return True
+    if not REPARSE_TAGS:
+        return False
+    info = entry.stat(follow_symlinks=False)
+    return bool(getattr(info, "st_file_attributes", 0) & stat.FILE_ATTRIBUTE_REPARSE_POINT
+                and getattr(info, "st_reparse_tag", 0) in _NEVER_FOLLOWED_TAGS)
 
 
 def fsync_folder(folder: Path) -> None:

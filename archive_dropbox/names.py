@@ -50,12 +50,17 @@ How Dropbox compares names (`case_key`)
   written decomposed (NFD, as macOS writes them) is the same name (Maestral pull request 409,
   maestral#678). NFC also maps compatibility ideographs to their unified form (U+FA16 `猪`
   is U+732A `猪`), so those collide too.
+
+Names this computer cannot hold (`local_name_problem`, `local_case_clashes`; checked before a
+download or an unzip writes anything) are the last section: Windows refuses more than Dropbox.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import unicodedata
+from typing import Iterable, Sequence
 
 from .localfs import TEMP_PREFIX
 
@@ -166,3 +171,77 @@ def case_key(dropbox_path: str) -> str:
 def differ_only_in_form(first: str, second: str) -> bool:
     """True when two different spellings are the same text once composed (NFC vs NFD)."""
     return first != second and unicodedata.normalize("NFC", first) == unicodedata.normalize("NFC", second)
+
+
+# ============================================================================ names on this computer
+#
+# Windows, from Microsoft's "Naming Files, Paths, and Namespaces"
+# (learn.microsoft.com/windows/win32/fileio/naming-a-file, section "Naming conventions"):
+# - reserved characters `< > : " / \ | ? *` and the characters 1-31 (and NUL);
+# - the device names CON, PRN, AUX, NUL, COM0-COM9, COM¹ COM² COM³, LPT0-LPT9, LPT¹ LPT² LPT³,
+#   in any case, "also avoid these names followed immediately by an extension; for example,
+#   NUL.txt and NUL.tar.gz are both equivalent to NUL";
+# - "Do not end a file or directory name with a space or a period" (Windows drops them, so the
+#   file would be written under another name, or not at all);
+# - "Do not assume case sensitivity ... consider the names OSCAR, Oscar, and oscar to be the
+#   same". NTFS compares names by upper-casing each character through its upcase table (one
+#   character to one: the simple uppercase mapping), without Unicode normalization.
+# macOS: APFS and HFS+ are case-insensitive by default and ignore the Unicode form (NFC/NFD)
+# (Apple, "Apple File System Guide", FAQ); they refuse none of the names above. Linux file
+# systems are case-sensitive.
+
+# Which rules apply here; tests set it to act as another system (patching os.name breaks pathlib).
+LOCAL_SYSTEM = {"win32": "windows", "cygwin": "windows", "darwin": "macos"}.get(sys.platform, "posix")
+
+WINDOWS_RESERVED_CHARACTERS = frozenset('<>:"/\\|?*')
+WINDOWS_DEVICE_NAMES = frozenset({"CON", "PRN", "AUX", "NUL"}
+                                 | {f"{port}{n}" for port in ("COM", "LPT") for n in "0123456789¹²³"})
+
+
+def windows_name_problem(name: str) -> str | None:
+    """Why Windows cannot hold a file or folder called `name` (a sentence naming it), or None."""
+    bad = sorted(set(name) & WINDOWS_RESERVED_CHARACTERS)
+    if bad:
+        return f"the name {name!r} contains {' '.join(bad)}, which Windows does not allow in names"
+    if any(ord(c) < 32 for c in name):
+        return f"the name {name!r} contains a control character, which Windows does not allow in names"
+    if name.endswith((" ", ".")):
+        return f"the name {name!r} ends with a space or a period, which Windows removes from names"
+    device = name.split(".", 1)[0].rstrip(" ").upper()
+    if device in WINDOWS_DEVICE_NAMES:
+        return (f"the name {name!r} is {device}, a device name Windows reserves (CON, PRN, AUX, NUL, "
+                "COM0-9, LPT0-9), with any extension too")
+    return None
+
+
+def local_name_problem(name: str) -> str | None:
+    """Why this computer cannot hold a file or folder called `name`, or None (Windows only)."""
+    return windows_name_problem(name) if LOCAL_SYSTEM == "windows" else None
+
+
+def _local_case_key(name: str) -> str:
+    if LOCAL_SYSTEM == "macos":
+        name = unicodedata.normalize("NFC", name)
+    return "".join(upper if len(upper := c.upper()) == 1 else c for c in name)
+
+
+def local_case_clashes(paths: Iterable[Sequence[str]]) -> list[tuple[str, str]]:
+    """Pairs of relative paths (components joined by "/") that this computer's file system
+    would take for one, because they differ only in case in the same folder (`A.txt` beside
+    `a.txt`; on macOS also in Unicode form). Each pair once, in the order met; none on Linux."""
+    if LOCAL_SYSTEM not in ("windows", "macos"):
+        return []
+    spelled: dict[tuple[str, ...], str] = {}
+    clashes: list[tuple[str, str]] = []
+    reported: set[tuple[str, ...]] = set()
+    for parts in paths:
+        keys: tuple[str, ...] = ()
+        for depth, name in enumerate(parts, 1):
+            keys += (_local_case_key(name),)
+            path = "/".join(parts[:depth])
+            first = spelled.setdefault(keys, path)
+            if first != path and keys not in reported:
+                reported.add(keys)
+                clashes.append((first, path))
+                break
+    return clashes

@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Sequence
 from . import split
 from .errors import SheetError, SheetProblem
 from .journal import Item
+from .localfs import is_link_entry
 # Re-exported: app_upload, api_upload, deletion and the tests import these from here.
 from .names import (IGNORED_NAMES, MAX_NAME_CHARS, TEMPORARY_PREFIX, case_key, differ_only_in_form,  # noqa: F401
                     dropbox_path_problem, ignored_reason, is_ignored, name_problem, shown)
@@ -145,8 +146,15 @@ def _walk_files(root: Path, plan: Plan, problems: list[str],
                 continue
             try:
                 info = entry.stat(follow_symlinks=False)
+                linked = is_link_entry(entry)
             except OSError as exc:
                 plan.unreadable.append((shown(entry.path), _reason(exc)))
+                continue
+            if linked:
+                # A Windows junction's lstat says "folder": walked, its files would be uploaded and
+                # then deleted (deleteAfterUpload) where it points, outside the folder the user named.
+                plan.skipped_links += 1
+                plan.skipped.append((shown(entry.path), "a link or junction (links are never followed)"))
                 continue
             if _skip_special(plan, entry.path, info):
                 continue

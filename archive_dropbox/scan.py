@@ -34,7 +34,6 @@ import math
 import os
 import queue
 import re
-import sys
 import threading
 import time
 from array import array
@@ -44,7 +43,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from . import errors
 from .deletion import discard_temporary_quietly
-from .localfs import temporary_sibling
+from .localfs import is_link_entry, temporary_sibling
 from .names import is_valid_text
 from .settings import Setting
 from .sheets import EXISTING_DIR, Column, SheetRow, read_tab, write_workbook
@@ -83,9 +82,6 @@ THREADS_MUST_SPEED_UP = 1.5
 PROGRESS_SECONDS = 30.0
 MAX_PROBLEMS_KEPT = 10_000  # problem entries remembered for the log (all are counted)
 PROBLEMS_ON_SCREEN = 20
-
-_IS_WINDOWS = sys.platform == "win32"
-_REPARSE_NOT_FOLLOWED = {0xA0000003, 0xA000000C}  # junction (mount point), symbolic link
 
 # POSIX: list a folder through a descriptor, so each file's stat is looked up relative to its
 # folder (fstatat) instead of walking the whole path again: about 10 % faster, as find does.
@@ -317,7 +313,9 @@ def _list_directory(path: str, subdirs: list[str], problems: list[tuple[str, str
                     files += 1
                     size += entry.stat().st_size
                 elif entry.is_dir(follow_symlinks=False):
-                    if _IS_WINDOWS and _is_junction(entry):
+                    # Junctions look like folders but point elsewhere (Windows profiles hold
+                    # junction loops).
+                    if is_link_entry(entry):
                         links += 1
                     else:
                         subdirs.append(entry.name)
@@ -337,13 +335,6 @@ def _list_directory(path: str, subdirs: list[str], problems: list[tuple[str, str
         if descriptor is not None:
             os.close(descriptor)
     return files, size, links, other, vanished, failed
-
-
-def _is_junction(entry: os.DirEntry) -> bool:
-    # Junctions look like folders but point elsewhere (and Windows profiles contain junction
-    # loops). Cloud placeholders are reparse points too, but hold real data: those are walked.
-    info = entry.stat(follow_symlinks=False)
-    return getattr(info, "st_reparse_tag", 0) in _REPARSE_NOT_FOLLOWED
 
 
 Progress = Callable[[int, int, int], None]  # folders, files, bytes so far

@@ -10,6 +10,7 @@ line break.
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -98,15 +99,31 @@ def _literal(text: str) -> Any:
     raise ValueError(f"{value!r} is not a number, True or False: put text in quotes, e.g. '{value}'")
 
 
-def add_setting_flags(parser: argparse.ArgumentParser, spec: Iterable[Setting]) -> None:
+def add_setting_flags(parser: argparse.ArgumentParser, spec: Iterable[Setting],
+                      script_values: Mapping[str, Any] | None = None) -> None:
+    """One --flag per setting (secrets excepted). Its help shows the value in force without the
+    flag: the script's own settings line when `script_values` holds it, else the built-in
+    default, so that --help tells what a double-click would do."""
     group = parser.add_argument_group(
         "settings (each overrides the line of the same name at the top of the script)"
     )
     for setting in spec:
         if setting.secret:
             continue
+        if script_values is not None and setting.name in script_values:
+            # A proxy URL may carry a user name and password (http://user:pass@host): never shown.
+            shown = re.sub(r"//[^/@]*@", "//[secret]@", _as_written(script_values[setting.name]))
+            now = f"now: {shown}, from the settings lines"
+        else:
+            now = f"default: {_as_written(setting.default)}"
+        # argparse expands %-formats in help texts: a '%' in a path would break --help.
         group.add_argument(f"--{setting.name}", dest=f"setting__{setting.name}", default=None,
-                           metavar="VALUE", help=f"{setting.help} (default: {setting.default!r})")
+                           metavar="VALUE", help=f"{setting.help} ({now})".replace("%", "%%"))
+
+
+def _as_written(value: Any) -> str:
+    # Quoted as in the settings block, without repr's doubled backslashes (C:\Users stays so).
+    return f"'{value}'" if isinstance(value, str) else repr(value)
 
 
 def _convert(setting: Setting, value: Any, from_flag: bool, base_dir: Path) -> Any:

@@ -17,6 +17,11 @@ def human_bytes(count: float) -> str:
 
 
 def human_duration(seconds: float) -> str:
+    """A duration in seconds as people read it: "0.5 s", "36 s", "2 min 5 s", "3 h 10 min",
+    "2 d 4 h". Below a minute the seconds keep one decimal (sleepTime_min = 0.01 is 0.6 s),
+    so that a short wait never reads as "0 min"."""
+    if seconds < 60:
+        return f"{round(seconds, 1):g} s"
     seconds = int(seconds)
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)

@@ -52,7 +52,7 @@ from tqdm import tqdm
 from . import deletion, errors
 from .errors import FileProblem, SheetProblem
 from .deletion import discard_temporary, discard_temporary_quietly
-from .localfs import fsync_folder, legacy_temporary, rename_without_replacing, temporary_sibling
+from .localfs import fsync_folder, is_link_entry, legacy_temporary, rename_without_replacing, temporary_sibling
 from .settings import Setting
 from .sheets import FLAG, LOCAL_DIR, Column, RowCheck, SheetRow, read_tab, tool_files_check
 
@@ -73,6 +73,11 @@ WINDOWS_SEVEN_ZIP = (
     Path("C:/Program Files/7-Zip/7z.exe"),
     Path("C:/Program Files (x86)/7-Zip/7z.exe"),
 )
+# 7-Zip writes its messages in the console's code page (cp850, cp437... on Windows, whatever
+# the file names hold) unless told the charset: "-scc{UTF-8|WIN|DOS} : set charset for console
+# input/output" (`7z --help`; 7-Zip's help, "Command Line Version > Switches"). With UTF-8 the
+# names in an error message read back as they are on disk, on every system.
+CONSOLE_UTF8 = ("-sccUTF-8",)
 
 
 def _program_check(value: str) -> str | None:
@@ -148,17 +153,6 @@ def _is_encodable(name: str) -> bool:
     return True
 
 
-def _is_junction(entry: os.DirEntry) -> bool:
-    if os.name != "nt":
-        return False
-    if hasattr(entry, "is_junction"):  # Python 3.12+
-        return entry.is_junction()
-    try:
-        return entry.stat(follow_symlinks=False).st_reparse_tag == stat.IO_REPARSE_TAG_MOUNT_POINT
-    except (OSError, AttributeError):
-        return False
-
-
 def scan_folder(folder: Path) -> FolderSnapshot:
     """Walk the folder once without following symlinks; never raises for one bad entry."""
     snapshot = FolderSnapshot(root=folder)
@@ -182,8 +176,10 @@ def scan_folder(folder: Path) -> FolderSnapshot:
             try:
                 if entry.is_symlink():
                     snapshot.links[child] = os.readlink(entry.path)
-                elif _is_junction(entry):
-                    snapshot.skipped.append(child)  # a Windows junction: never followed
+                elif is_link_entry(entry):
+                    # A Windows junction: 7-Zip cannot store it as a link, and following it
+                    # would zip (and with deleteFlag delete) files outside the folder.
+                    snapshot.skipped.append(child)
                 elif entry.is_dir(follow_symlinks=False):
                     snapshot.directories.append(child)
                     pending.append(child)
@@ -602,7 +598,7 @@ class SevenZip:
             command = [str(self.executable), "a", "-tzip", f"-mx={self.level}", f"-mmt={self.threads}",
                        "-mcu=on",  # UTF-8 names, so every unzip tool reads the same names
                        "-spd",  # a '*' or '?' in a file name is a name, not a wildcard
-                       "-scsUTF-8", "-bso0", "-bse2", "-bsp1", "-y"]
+                       "-scsUTF-8", *CONSOLE_UTF8, "-bso0", "-bse2", "-bsp1", "-y"]
             if snapshot.links:
                 command.append("-snl")  # store symlinks as links; never follow them anywhere
             command += [str(temporary), f"@{list_path}"]
@@ -1249,7 +1245,7 @@ def run_zip_dir(context) -> int:
     log.info("One line per row: folder | subdirectories | files | size | archive size | seconds | result")
 
     def progress_factory(total: int, name: str):
-        return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
+        return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=name,
                     leave=False, disable=None, dynamic_ncols=True)
 
     outcomes: list[RowOutcome] = []

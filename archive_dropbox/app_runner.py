@@ -161,13 +161,37 @@ def prepare_rows(context: RunContext, sheet: str, *, destination_of_row, part_li
                                           logs_folder=context.logs_root)
 
         def check(row: sheets.SheetRow) -> list:
-            return [*protect(row), *(row_check(row) if row_check is not None else ())]
+            # The mode's own check compares both paths; a row missing one has its problem already.
+            both = row["inputFile"] is not None and row["outputDir"] is not None
+            return [*protect(row), *(row_check(row) if row_check is not None and both else ())]
+
+        def missing_input(row: sheets.SheetRow) -> list:
+            source = row["inputFile"]
+            if source is None or source.exists() or source.is_symlink() or str(source) in already_done:
+                return []
+            return [row.problem(f"inputFile {source} does not exist: check the spelling, and that the drive "
+                                "is connected", "inputFile")]
 
         try:
-            rows = sheets.read_tab(context.settings.excelName, sheet, UPLOAD_COLUMNS[sheet], row_check=check)
-            plan = prepare.build_plan(rows, input_column="inputFile", output_column="outputDir",
-                                      delete_column="deleteAfterUpload", destination_of_row=destination_of_row,
-                                      part_limit=part_limit, log=prep_log, already_done_sources=already_done)
+            rows, problems = sheets.read_tab_with_problems(context.settings.excelName, sheet, UPLOAD_COLUMNS[sheet],
+                                                           row_check=check)
+            # Every problem in one pass: rows whose two paths are fine are planned (their files listed
+            # and checked) whatever the other rows hold; the others get their inputFile looked at.
+            troubled = {(problem.row, problem.column) for problem in problems}
+            plannable = [row for row in rows
+                         if not troubled & {(row.row, "inputFile"), (row.row, "outputDir")}]
+            planned = {id(row) for row in plannable}
+            for row in rows:
+                if id(row) not in planned and (row.row, "inputFile") not in troubled:
+                    problems.extend(missing_input(row))
+            try:
+                plan = prepare.build_plan(plannable, input_column="inputFile", output_column="outputDir",
+                                          delete_column="deleteAfterUpload", destination_of_row=destination_of_row,
+                                          part_limit=part_limit, log=prep_log, already_done_sources=already_done)
+            except SheetError as exc:
+                problems, plan = problems + exc.problems, exc.plan
+            if problems:
+                raise SheetError(sorted(problems, key=lambda problem: problem.row or 0), plan=plan)
         except ArchiveError as exc:
             prep_log.error("%s", exc.describe())
             raise

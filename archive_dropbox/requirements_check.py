@@ -11,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REQUIRED = ["pandas", "openpyxl", "xlrd", "numpy", "tqdm", "psutil", "dropbox"]
+REQUIRED = ["pandas", "openpyxl", "xlrd", "odf", "numpy", "tqdm", "psutil", "dropbox"]
+# Where the name pip installs differs from the name imported: the message names what to install.
+PIP_NAMES = {"odf": "odfpy"}
 
 
 def ensure_requirements(*, install: bool = False, also: tuple[str, ...] = ()) -> None:
@@ -38,4 +40,4 @@ def ensure_requirements(*, install: bool = False, also: tuple[str, ...] = ()) ->
 
 
 def _missing(also: tuple[str, ...]) -> list[str]:
-    return [name for name in (*REQUIRED, *also) if importlib.util.find_spec(name) is None]
+    return [PIP_NAMES.get(name, name) for name in (*REQUIRED, *also) if importlib.util.find_spec(name) is None]

@@ -1,8 +1,10 @@
-"""Reading and writing the workbooks users edit: one tab at a time, header in the first row,
-blank rows ignored, every problem reported together (workbook, tab, row, what to fix)."""
+"""Reading and writing the workbooks users edit (read: .xlsx, .xlsm, .xls, .ods; written: .xlsx):
+one tab at a time, header in the first row, blank rows ignored, every problem of every row
+reported together (workbook, tab, row, what to fix)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import posixpath
@@ -12,11 +14,12 @@ import warnings
 import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import dataclass
+from datetime import datetime, time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
-from openpyxl.utils.cell import coordinate_to_tuple, get_column_letter
+from openpyxl.utils.cell import coordinate_to_tuple, get_column_letter, range_boundaries
 
 from .errors import SheetError, SheetProblem
 from .localfs import temporary_sibling
@@ -30,6 +33,9 @@ LOCAL_PATH = "local_path"  # a file or folder that may be gone (checked by the c
 DROPBOX_PATH = "dropbox_path"  # /Data/2024
 FLAG = "flag"  # 0 / 1, blank = 0
 TEXT = "text"
+PATH_KINDS = (EXISTING_PATH, EXISTING_DIR, EXISTING_FILE, LOCAL_DIR, LOCAL_PATH, DROPBOX_PATH)
+
+WORKBOOK_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods")
 
 
 @dataclass(frozen=True)
@@ -95,26 +101,62 @@ def tool_files_check(column: str, *, tool_folder: Path, script: Path, logs_folde
 
 
 def _engine(workbook: Path) -> str:
-    return "xlrd" if workbook.suffix.lower() == ".xls" else "openpyxl"
+    return {".xls": "xlrd", ".ods": "odf"}.get(workbook.suffix.lower(), "openpyxl")
 
 
 def _blank(value: Any) -> bool:
-    if value is None:
+    if value is None or value is pd.NaT:
         return True
     if isinstance(value, float) and math.isnan(value):
         return True
     return isinstance(value, str) and value.strip() == ""
 
 
+def _newer_ods(workbook: Path, ods: Path) -> str | None:
+    """LibreOffice saves in its own format unless told otherwise, leaving the .xlsx the setting
+    names with the old rows: a run would work on those without a word."""
+    if workbook == ods:
+        return None
+    try:
+        newer = ods.stat().st_mtime > workbook.stat().st_mtime
+    except OSError:
+        return None
+    if not newer:
+        return None
+    return (f"{ods.name} is newer than {workbook.name} (saved by LibreOffice in its own format?): "
+            f"set excelName = '{ods.name}', or save it as {workbook.suffix.lower()}")
+
+
+def _run_logs() -> list[logging.Logger]:
+    """The open logs of the running script (logs.start_log). They do not propagate, so a line
+    meant for them is written to each: the screen and every log of the run, in every script."""
+    loggers = list(logging.Logger.manager.loggerDict.items())
+    return [logger for name, logger in loggers
+            if name.startswith("archive_dropbox.run.") and isinstance(logger, logging.Logger) and logger.handlers]
+
+
+def _announce(workbook: Path, tab: str) -> None:
+    """Which file and tab a run works on, and when it was saved: a stale copy shows at a glance."""
+    saved = datetime.fromtimestamp(workbook.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+    for log in _run_logs():
+        log.info("Workbook: %s, tab '%s' (saved %s)", workbook, tab, saved)
+
+
 def _load(workbook: Path, tab: str) -> tuple[pd.DataFrame, str]:
     """The tab's cells, and the tab's name as the workbook spells it."""
     problem = lambda message, tab_name=None: SheetError([SheetProblem(workbook, tab_name, None, None, message)])  # noqa: E731
+    ods = workbook.with_suffix(".ods")
     if not workbook.exists():
+        if workbook != ods and ods.is_file():
+            raise problem(f"the workbook does not exist, but {ods.name} does: set excelName = '{ods.name}'")
         raise problem("the workbook does not exist: check the excelName setting or the path")
     if workbook.is_dir():
-        raise problem("this is a folder, not a workbook: give the path of the .xlsx file")
-    if workbook.suffix.lower() not in (".xlsx", ".xlsm", ".xls"):
-        raise problem("not an Excel workbook: save it as .xlsx (Excel or LibreOffice 'Save As')")
+        raise problem("this is a folder, not a workbook: give the path of the .xlsx or .ods file")
+    if workbook.suffix.lower() not in WORKBOOK_SUFFIXES:
+        raise problem("not a workbook: save it as .xlsx or .ods (Excel or LibreOffice 'Save As')")
+    stale = _newer_ods(workbook, ods)
+    if stale:
+        raise problem(stale, tab)
     try:
         with warnings.catch_warnings():
             # The user's design card asks for xlrd for legacy .xls; pandas now prefers calamine.
@@ -122,6 +164,9 @@ def _load(workbook: Path, tab: str) -> tuple[pd.DataFrame, str]:
             book = pd.ExcelFile(workbook, engine=_engine(workbook))
     except PermissionError:
         raise problem("cannot be opened (permission denied): close it in Excel and try again") from None
+    except ImportError:
+        raise problem("reading .ods workbooks needs the odfpy package: install the packages again with "
+                      "pip install -r requirements.txt, or save the workbook as .xlsx") from None
     except (zipfile.BadZipFile, ValueError, OSError, KeyError) as exc:
         raise problem(f"cannot be read as a workbook ({type(exc).__name__}): open it in Excel or "
                       "LibreOffice and save it again as .xlsx") from None
@@ -204,8 +249,10 @@ def _scan_uncalculated(stream) -> dict[tuple[int, int], str]:
 
 def _uncalculated_formulas(workbook: Path, tab: str) -> dict[tuple[int, int], str]:
     """{(row number, column index from 0): formula} of the tab's formulas without a stored result."""
+    # .xls files always hold the results, and so do .ods files: LibreOffice stores every formula's
+    # value with it (office:value), and what pandas reads from an .ods is that value.
     if _engine(workbook) != "openpyxl":
-        return {}  # .xls files always hold the results
+        return {}
     try:
         with zipfile.ZipFile(workbook) as archive:
             part = _sheet_part(archive, tab)
@@ -224,6 +271,85 @@ def _never_calculated(workbook: Path, tab: str, row: int, column: int, formula: 
     return SheetProblem(workbook, tab, row, name, (
         f"cell {get_column_letter(column + 1)}{row} holds {what} that was never calculated, so it has no "
         "value: open the workbook in Excel or LibreOffice and save it, so its formulas are calculated"))
+
+
+# A merged range keeps its value in its first cell only: pandas reads the other rows as empty, so a
+# row of the range would drop out of the run or be reported as empty. The ranges are read from the
+# file, as (first row, first column from 0, last row, last column from 0), rows as the user counts.
+Merge = tuple[int, int, int, int]
+_MERGE_CELL = re.compile(rb'<(?:\w+:)?mergeCell\b[^>]*?\bref="([A-Za-z]+[0-9]+:[A-Za-z]+[0-9]+)"')
+_ODS_TABLE = "{urn:oasis:names:tc:opendocument:xmlns:table:1.0}"
+
+
+def _xlsx_merges(workbook: Path, tab: str) -> list[Merge]:
+    with zipfile.ZipFile(workbook) as archive:
+        part = _sheet_part(archive, tab)
+        data = archive.read(part) if part is not None else b""
+    merges = []
+    for reference in _MERGE_CELL.findall(data):
+        first_column, first_row, last_column, last_row = range_boundaries(reference.decode())
+        merges.append((first_row, first_column - 1, last_row, last_column - 1))
+    return merges
+
+
+def _ods_merges(workbook: Path, tab: str) -> list[Merge]:
+    with zipfile.ZipFile(workbook) as archive:
+        data = archive.read("content.xml")
+    if b"-spanned=" not in data:
+        return []
+    table = next((t for t in ET.fromstring(data).iter(_ODS_TABLE + "table") if t.get(_ODS_TABLE + "name") == tab),
+                 None)
+    merges: list[Merge] = []
+    row = 1
+    for line in table.iter(_ODS_TABLE + "table-row") if table is not None else ():
+        column = 0
+        for cell in line:
+            rows = int(cell.get(_ODS_TABLE + "number-rows-spanned", 1))
+            columns = int(cell.get(_ODS_TABLE + "number-columns-spanned", 1))
+            if rows > 1 or columns > 1:
+                merges.append((row, column, row + rows - 1, column + columns - 1))
+            column += int(cell.get(_ODS_TABLE + "number-columns-repeated", 1))
+        row += int(line.get(_ODS_TABLE + "number-rows-repeated", 1))
+    return merges
+
+
+def _xls_merges(workbook: Path, tab: str) -> list[Merge]:
+    import xlrd
+
+    book = xlrd.open_workbook(str(workbook), formatting_info=True, on_demand=True)
+    try:
+        return [(low + 1, left, high, right - 1) for low, high, left, right in book.sheet_by_name(tab).merged_cells]
+    finally:
+        book.release_resources()
+
+
+def _merged_ranges(workbook: Path, tab: str) -> list[Merge]:
+    readers = {"openpyxl": _xlsx_merges, "odf": _ods_merges, "xlrd": _xls_merges}
+    try:
+        return readers[_engine(workbook)](workbook, tab)
+    except Exception:  # noqa: BLE001 - pandas read the tab: this extra look must not make it unusable
+        return []
+
+
+def _merge_problems(workbook: Path, tab: str, merges: list[Merge], positions: dict[str, int],
+                    first_data_row: int, last_row: int) -> tuple[list[SheetProblem], set[tuple[int, int]]]:
+    """A problem per merged range that leaves a cell of a used column empty, and those cells."""
+    names = {position: name for name, position in positions.items()}
+    problems: list[SheetProblem] = []
+    covered: set[tuple[int, int]] = set()
+    for top, left, bottom, right in merges:
+        first, used = max(top, first_data_row), [column for column in range(left, right + 1) if column in names]
+        # Rows past the last one read still count (a range may reach below the data), but are not listed.
+        holding_value = int(top == first and left in names)
+        if first > bottom or (bottom - first + 1) * len(used) - holding_value == 0:
+            continue
+        covered.update((row, column) for row in range(first, min(bottom, last_row) + 1) for column in used
+                       if (row, column) != (top, left))
+        span = f"{get_column_letter(left + 1)}{top}:{get_column_letter(right + 1)}{bottom}"
+        problems.append(SheetProblem(workbook, tab, first, names[used[0]],
+                                     f"cells {span} are merged, so all but the first read as empty: unmerge "
+                                     "them and fill every row"))
+    return problems, covered
 
 
 def running_on_windows() -> bool:
@@ -250,12 +376,89 @@ def foreign_path_problem(name: str, text: str) -> str | None:
     return None
 
 
-def _path_value(value: Any, workbook: Path) -> Path:
-    # A folder typed as 001 arrives as the number 1; keep whole numbers readable.
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    path = Path(str(value).strip()).expanduser()
+def _path_value(text: str, workbook: Path) -> Path:
+    path = Path(text).expanduser()
     return path if path.is_absolute() else (workbook.parent / path)
+
+
+_QUOTE_PAIRS = ('"', '"'), ("“", "”"), ("”", "”"), ("„", "“"), ("'", "'"), ("‘", "’"), ("’", "’")
+
+
+def _unquoted(text: str) -> str:
+    """Explorer's "Copy as path" wraps the path in double quotes, and word processors curl them."""
+    for opening, closing in _QUOTE_PAIRS:
+        if len(text) >= 2 and text.startswith(opening) and text.endswith(closing):
+            return text[1:-1].strip()
+    return text
+
+
+# A spreadsheet turns some typed paths into numbers or dates (001 -> 1, 1.10 -> 1.1,
+# 2024-03-15 -> a date): the typed text is then lost, unless the cell's number format shows it
+# exactly (zeros only, such as 000 or 0.00, or an ISO date). Formats are looked up in .xlsx files
+# only (openpyxl, just for such cells); in .ods and .xls such a cell is refused with how to type
+# it as text.
+_ZEROS_FORMAT = re.compile(r"^(0+)(?:\.(0+))?$")
+_ISO_DATE_FORMAT = re.compile(r"^yyyy([-._/]?)mm\1dd$")
+
+
+def _is_typed(value: Any) -> bool:
+    """A non-blank cell a spreadsheet holds as something other than text."""
+    return not _blank(value) and not isinstance(value, str)
+
+
+def _as_shown(value: Any, number_format: str | None) -> str | None:
+    """The text a number or date cell shows when its format makes what was typed certain, or None."""
+    if not number_format:
+        return None
+    shape = re.sub(r"^\[\$[^\]]*\]", "", number_format).replace("\\", "").replace('"', "").lower()
+    if isinstance(value, datetime):
+        date = _ISO_DATE_FORMAT.match(shape)
+        if not date or value.time() != time():
+            return None
+        return value.strftime(f"%Y{date[1]}%m{date[1]}%d")
+    zeros = _ZEROS_FORMAT.match(shape)
+    if not zeros or isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        return None
+    decimals = len(zeros[2] or "")
+    text = f"{value:0{len(zeros[1]) + (decimals + 1 if decimals else 0)}.{decimals}f}"
+    return text if float(text) == value else None  # more digits than shown: not what was typed
+
+
+def _number_formats(workbook: Path, tab: str, cells: Iterable[tuple[int, int]]) -> dict[tuple[int, int], str]:
+    """{(row, column from 0): number format} of these cells of an .xlsx tab."""
+    from openpyxl import load_workbook
+
+    wanted = set(cells)
+    rows = [row for row, _ in wanted]
+    found: dict[tuple[int, int], str] = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            book = load_workbook(workbook, read_only=True)
+        try:
+            for line in book[tab].iter_rows(min_row=min(rows), max_row=max(rows)):
+                for cell in line:
+                    key = (getattr(cell, "row", None), getattr(cell, "column", 0) - 1)
+                    if key in wanted:
+                        found[key] = cell.number_format
+        finally:
+            book.close()
+    except Exception:  # noqa: BLE001 - without formats these cells are refused, not the workbook
+        return {}
+    return found
+
+
+def _typed_problem(row: SheetRow, name: str, reference: str, value: Any) -> SheetProblem:
+    if isinstance(value, datetime):
+        date = value.strftime("%Y-%m-%d") if value.time() == time() else str(value)
+        return row.problem(f"{name} in cell {reference} is the date {date}, not text: a spreadsheet turns a typed "
+                           f"2024-03-15 into a date. Type it as '{date}, with a leading apostrophe, so the "
+                           "spreadsheet keeps it as text", name)
+    shown = int(value) if isinstance(value, float) and value.is_integer() else value
+    return row.problem(f"{name} in cell {reference} is the number {shown}, not text: a spreadsheet turns a typed "
+                       "001 into 1, 1.10 into 1.1 and a date into a number such as 45366, so the path typed "
+                       "there is lost. Type it as '001, with a leading apostrophe, so the spreadsheet keeps it "
+                       "as text", name)
 
 
 def _flag_value(value: Any) -> int | None:
@@ -277,24 +480,27 @@ def _convert(row: SheetRow, column: Column, raw: Any, problems: list[SheetProble
         if flag is None:
             problems.append(row.problem(f"{name} is {raw!r}: write 1 for yes, 0 or nothing for no", name))
         return flag
-    if _blank(raw):
+    text = "" if _blank(raw) else str(raw).strip()
+    if column.kind in PATH_KINDS:
+        text = _unquoted(text)
+    if not text:
         if column.required:
             problems.append(row.problem(f"{name} is empty: fill it in or delete the row", name))
         return None
     if column.kind == TEXT:
-        return str(raw).strip()
+        return text
     if column.kind == DROPBOX_PATH:
-        text = str(raw).strip().replace("\\", "/")
+        text = text.replace("\\", "/")
         if not text.startswith("/"):
             problems.append(row.problem(
                 f"{name} is {text!r}: a Dropbox path starts with '/', for example /Data/2024", name))
             return None
         return "/" + "/".join(part for part in text.split("/") if part) if text != "/" else "/"
-    foreign = foreign_path_problem(name, str(raw).strip())
+    foreign = foreign_path_problem(name, text)
     if foreign:
         problems.append(row.problem(foreign, name))
         return None
-    path = _path_value(raw, row.workbook)
+    path = _path_value(text, row.workbook)
     if column.kind == LOCAL_PATH:
         return path
     if column.kind == LOCAL_DIR:
@@ -332,14 +538,9 @@ def _formulas_anywhere(workbook: Path, tab: str, uncalculated: dict[tuple[int, i
     return problems
 
 
-def read_tab(workbook: Path | str, tab: str, columns: Sequence[Column],
-             row_check: RowCheck | None = None) -> list[SheetRow]:
-    """Read and validate every row of one tab. Raises SheetError listing every problem."""
-    workbook = Path(workbook).resolve()
-    frame, sheet_name = _load(workbook, tab)
-    uncalculated = _uncalculated_formulas(workbook, sheet_name)
-    problems: list[SheetProblem] = []
-    cells = frame.values.tolist()
+def _header(workbook: Path, tab: str, columns: Sequence[Column], cells: list[list[Any]],
+            uncalculated: dict[tuple[int, int], str]) -> tuple[int, dict[str, int]]:
+    """The header row's index and each column's position in it; SheetError when they are not there."""
     header_index = next((i for i, line in enumerate(cells) if not all(_blank(v) for v in line)), None)
     if header_index is None:
         raise SheetError([SheetProblem(workbook, tab, None, None,
@@ -347,6 +548,7 @@ def read_tab(workbook: Path | str, tab: str, columns: Sequence[Column],
                                        + ", ".join(c.name for c in columns) + ", then one row per item"),
                           *_formulas_anywhere(workbook, tab, uncalculated)])
     header = ["" if _blank(v) else str(v).strip() for v in cells[header_index]]
+    problems: list[SheetProblem] = []
     positions: dict[str, int] = {}
     for column in columns:
         found = [i for i, title in enumerate(header) if title.lower() == column.name.lower()]
@@ -359,11 +561,57 @@ def read_tab(workbook: Path | str, tab: str, columns: Sequence[Column],
             positions[column.name] = found[0]
     if problems:
         raise SheetError(problems + _formulas_anywhere(workbook, tab, uncalculated))
+    return header_index, positions
 
-    rows: list[SheetRow] = []
-    clean: list[SheetRow] = []  # rows whose every cell converted: safe to check further
+
+def _typed_paths(workbook: Path, tab: str, cells: list[list[Any]], first_index: int, positions: dict[str, int],
+                 columns: Sequence[Column]) -> dict[tuple[int, int], tuple[Any, str | None]]:
+    """{(row, column from 0): (value, its text when certain)} of the path cells a spreadsheet holds
+    as numbers or dates."""
+    wanted = [positions[c.name] for c in columns if c.kind in PATH_KINDS]
+    typed = {(index + 1, pos): line[pos] for index, line in enumerate(cells) if index >= first_index
+             for pos in wanted if pos < len(line) and _is_typed(line[pos])}
+    formats = _number_formats(workbook, tab, typed) if typed and _engine(workbook) == "openpyxl" else {}
+    return {cell: (value, _as_shown(value, formats.get(cell))) for cell, value in typed.items()}
+
+
+def _read_row(row: SheetRow, columns: Sequence[Column], positions: dict[str, int], raw: dict[str, Any],
+              formulas: dict[str, str], covered: set[tuple[int, int]],
+              typed: dict[tuple[int, int], tuple[Any, str | None]], problems: list[SheetProblem]) -> None:
+    for column in columns:
+        cell = (row.row, positions[column.name])
+        row.values[column.name] = None
+        if column.name in formulas:
+            problems.append(_never_calculated(row.workbook, row.tab, row.row, cell[1], formulas[column.name],
+                                              column.name))
+        elif cell in covered:
+            continue  # its merged range is the problem
+        elif cell in typed and typed[cell][1] is None:
+            reference = f"{get_column_letter(cell[1] + 1)}{row.row}"
+            problems.append(_typed_problem(row, column.name, reference, raw[column.name]))
+        else:
+            value = typed[cell][1] if cell in typed else raw[column.name]
+            row.values[column.name] = _convert(row, column, value, problems)
+
+
+def read_tab_with_problems(workbook: Path | str, tab: str, columns: Sequence[Column],
+                           row_check: RowCheck | None = None) -> tuple[list[SheetRow], list[SheetProblem]]:
+    """Every row of one tab and every problem of every row, in one pass, in row order: a cell that
+    cannot be used is None in its row, and `row_check` sees every row, so it must accept None.
+    Raises SheetError only when the tab itself cannot be read (no workbook, tab or header)."""
+    workbook = Path(workbook).resolve()
+    frame, sheet_name = _load(workbook, tab)
+    _announce(workbook, sheet_name)
+    uncalculated = _uncalculated_formulas(workbook, sheet_name)
+    cells = frame.values.tolist()
+    header_index, positions = _header(workbook, tab, columns, cells, uncalculated)
     # Rows holding only formulas without values are missing from `cells`: go on to the last of them.
-    for index in range(header_index + 1, max([len(cells), *(number for number, _ in uncalculated)])):
+    end = max([len(cells), *(number for number, _ in uncalculated)])
+    problems, covered = _merge_problems(workbook, tab, _merged_ranges(workbook, sheet_name), positions,
+                                        header_index + 2, end)
+    typed = _typed_paths(workbook, sheet_name, cells, header_index + 1, positions, columns)
+    rows: list[SheetRow] = []
+    for index in range(header_index + 1, end):
         line = cells[index] if index < len(cells) else []
         raw = {name: (line[pos] if pos < len(line) else None) for name, pos in positions.items()}
         formulas = {name: uncalculated[(index + 1, pos)] for name, pos in positions.items()
@@ -371,23 +619,20 @@ def read_tab(workbook: Path | str, tab: str, columns: Sequence[Column],
         if not formulas and all(_blank(v) for v in raw.values()):
             continue
         row = SheetRow(workbook, tab, index + 1, {})
-        before = len(problems)
-        for column in columns:
-            if column.name in formulas:
-                problems.append(_never_calculated(workbook, tab, row.row, positions[column.name],
-                                                  formulas[column.name], column.name))
-                row.values[column.name] = None
-            else:
-                row.values[column.name] = _convert(row, column, raw[column.name], problems)
+        _read_row(row, columns, positions, raw, formulas, covered, typed, problems)
         rows.append(row)
-        if len(problems) == before:
-            clean.append(row)
     if not rows and not problems:
         problems.append(SheetProblem(workbook, tab, None, None,
                                      "the tab has no rows to work on: add one row per item under the header"))
-    if row_check is not None:
-        for row in clean:
-            problems.extend(row_check(row))
+    for row in rows if row_check is not None else ():
+        problems.extend(row_check(row))
+    return rows, sorted(problems, key=lambda problem: problem.row or 0)
+
+
+def read_tab(workbook: Path | str, tab: str, columns: Sequence[Column],
+             row_check: RowCheck | None = None) -> list[SheetRow]:
+    """Read and validate every row of one tab. Raises SheetError listing every problem."""
+    rows, problems = read_tab_with_problems(workbook, tab, columns, row_check)
     if problems:
         raise SheetError(problems)
     return rows

@@ -75,7 +75,7 @@ TABS = [
 @pytest.mark.parametrize("script, tab, header, row2, row3, flags", TABS, ids=[t[1] for t in TABS])
 def test_a_formula_never_calculated_stops_every_script_and_names_the_cell(tmp_path, script, tab, header,
                                                                           row2, row3, flags):
-    data = make_tree(tmp_path / "data", {"a/frame.tif": 1000, "b/frame.tif": 1000})
+    data = make_tree(tmp_path / "data", {"a/frame.tif": 1000, "b/frame.tif": 1000, "a/big.mrc_split_0001": 1000})
     (tmp_path / "Dropbox").mkdir()
     fill = lambda value: value.format(d=data.as_posix(), t=tmp_path.as_posix()) if isinstance(value, str) else value  # noqa: E731
     row3 = [concat_formula(data, "b")] + [fill(v) for v in row3[1:]]

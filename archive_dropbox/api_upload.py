@@ -36,6 +36,7 @@ from .errors import ArchiveError, AuthError, FileProblem
 from .journal import Item, Journal
 from .localfs import read_into
 from .prepare import Plan, case_key
+from .status import SLICE, every, locked, nap, result, shutdown, status_of, wait_futures
 from .units import MIB, human_bytes
 
 BATCH_LIMIT = 1000  # finish_batch_v2 takes at most 1000 entries
@@ -96,7 +97,7 @@ class ByteBudget:
             while self._used + count > self.capacity:
                 if not wait:
                     return False
-                self._condition.wait()
+                self._condition.wait(SLICE)  # in slices, so that Ctrl-C gets through on Windows
             self._used += count
             self._peak = max(self._peak, self._used)
             return True
@@ -160,30 +161,39 @@ class Pauser:
     """Holds every worker while Dropbox is full or the data-transport limit is reached, and
     re-checks every `sleep_seconds` until it is safe to go on."""
 
-    def __init__(self, client: DropboxClient, log: logging.Logger, sleep_seconds: float):
+    def __init__(self, client: DropboxClient, log: logging.Logger, sleep_seconds: float,
+                 stop: Callable[[], bool] = lambda: False):
+        """`stop`: true once the run is stopping (Ctrl-C, a fatal error): a pause then ends at once."""
         self._client = client
         self._log = log
+        self._status = status_of(log)
         self._sleep = sleep_seconds
+        self._stop = stop
         self._lock = threading.Lock()
 
     def wait_for_space(self, needed: int, reason: str) -> None:
-        with self._lock:
+        """Hold until Dropbox has `needed` bytes free; the status says the pause and what is left."""
+        with locked(self._lock):
             while True:
                 usage = self._client.space_usage()
                 if usage.free is None or usage.free >= needed:
-                    self._log.info("Dropbox has room again (%s free): continuing.",
-                                   "unlimited" if usage.free is None else human_bytes(usage.free))
+                    self._status.resumed("Dropbox has room again (%s free): continuing." % (
+                        "unlimited" if usage.free is None else human_bytes(usage.free)))
                     return
-                self._log.warning("PAUSED: %s: %s free in Dropbox, %s needed. Free some space or raise the "
-                                  "quota; checking again every %.0f min. Nothing is lost while paused.",
-                                  reason, human_bytes(usage.free), human_bytes(needed), self._sleep / 60)
-                time.sleep(self._sleep)
+                self._status.paused(f"PAUSED: {reason}: {human_bytes(usage.free)} free in Dropbox, "
+                                    f"{human_bytes(needed)} needed. Free some space or raise the quota; checking "
+                                    f"again every {every(self._sleep)}. Nothing is lost while paused")
+                nap(self._sleep, self._stop)
+                if self._stop():
+                    self._status.resumed()
+                    return
 
     def wait_transport(self) -> None:
-        with self._lock:
-            self._log.warning("PAUSED: Dropbox reports the team's monthly data-transport limit is reached. "
-                              "Trying again in %.0f min; nothing is lost while paused.", self._sleep / 60)
-            time.sleep(self._sleep)
+        with locked(self._lock):
+            self._status.paused(f"PAUSED: Dropbox reports the team's monthly data-transport limit is reached. "
+                                f"Trying again every {every(self._sleep)}; nothing is lost while paused")
+            nap(self._sleep, self._stop)
+            self._status.resumed()  # the next request tells whether the limit still holds
 
 
 class ApiUploader:
@@ -192,10 +202,12 @@ class ApiUploader:
         self.journal = journal
         self.options = options
         self.log = log
-        self.pauser = Pauser(client, log, options.sleep_seconds)
+        self.pauser = Pauser(client, log, options.sleep_seconds, stop=lambda: self._fatal is not None)
+        self.status = status_of(log)
         self.summary = Summary()
         self._progress: tqdm | None = None
         self._progress_lock = threading.Lock()
+        self._bytes_left = 0  # of this job, for the status line; tqdm counts nothing when hidden
         self._commit_lock = threading.Lock()  # Dropbox asks for one batch commit per account at a time
         self._pending_commits: list[tuple[Item, CommitRequest, float]] = []
         self._pending_lock = threading.Lock()
@@ -223,10 +235,15 @@ class ApiUploader:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _advance(self, count: int) -> None:
-        self.summary.bytes_sent += count
-        if self._progress is not None:
-            with self._progress_lock:
+    def _advance(self, count: int, *, sent: bool = True) -> None:
+        """Move the progress by `count` bytes (negative: taken back). `sent`: this run put them
+        on the wire; bytes Dropbox held from an earlier run move the bar but are not counted as
+        sent, so that the summary's amount and speed are this run's."""
+        with self._progress_lock:
+            if sent and count > 0:
+                self.summary.bytes_sent += count
+            self._bytes_left -= count
+            if self._progress is not None:
                 self._progress.update(count)
 
     def _retrying(self, what: str, call: Callable[[], object], *, needed: int = 0) -> object:
@@ -234,23 +251,32 @@ class ApiUploader:
         offset errors go back to the caller."""
         started = time.monotonic()
         delay = 1.0
+        failures = 0
+        transport_paused = False
         while True:
             if self._fatal is not None:
                 raise self._fatal
             try:
-                return call()
+                answer = call()
+                self.status.network_ok()
+                if transport_paused:
+                    self.log.info("Dropbox accepts transfers again (data-transport limit): continuing.")
+                return answer
             except NetworkProblem as exc:
                 if time.monotonic() - started > self.options.network_give_up_seconds:
                     raise FileProblem(f"{what}: the network failed for more than "
                                       f"{self.options.network_give_up_seconds / 60:.0f} min ({exc.message})") from None
+                failures += 1
                 self.log.debug("%s: %s; retrying in %.0f s", what, exc.message, delay)
-                time.sleep(delay)
+                self.status.network_trouble(exc.message, delay, failures)
+                nap(delay, lambda: self._fatal is not None)
                 delay = min(delay * 2, 60.0)
             except RateLimited as exc:
-                time.sleep(max(exc.retry_after, 0.5))
+                nap(max(exc.retry_after, 0.5), lambda: self._fatal is not None)
             except InsufficientSpace:
                 self.pauser.wait_for_space(max(needed, 1), "Dropbox is full")
             except TransportLimit:
+                transport_paused = True
                 self.pauser.wait_transport()
             except ContentHashMismatch as exc:
                 self.log.warning("%s", exc.message)
@@ -315,8 +341,9 @@ class ApiUploader:
         if hasher is not None and item.kind == "part":
             self._keep_part_hashes(item, hasher)
 
-    def _log_result(self, item: Item, result: str, seconds: float) -> None:
-        self.log.info("%s\t%s\t%.1fs\t%s\t->\t%s", result, human_bytes(item.length), seconds, item.source,
+    def _log_result(self, item: Item, result: str, seconds: float, size: int | None = None) -> None:
+        """`size`: bytes stored, when not the item's planned length (a manifest is planned as 0)."""
+        self.log.info("%s\t%s\t%.1fs\t%s\t->\t%s", result, _shown_size(item, size), seconds, item.source,
                       item.destination)
 
     # -- one item ----------------------------------------------------------------------------
@@ -342,7 +369,7 @@ class ApiUploader:
             # Rebuild the hash of what Dropbox already holds from the local disk, not the network.
             offset = item.confirmed_offset
             hasher = self._hasher_for(item, offset)
-            self._advance(offset)
+            self._advance(offset, sent=False)
             self.log.info("Resuming %s at %s of %s (upload session from an earlier run).", item.destination,
                           human_bytes(offset), human_bytes(item.length))
             # An empty append asks Dropbox where the session really stands (the journal may lag
@@ -354,7 +381,7 @@ class ApiUploader:
                 if exc.correct_offset > item.length:
                     session_id = None
                 elif exc.correct_offset != offset:
-                    self._advance(exc.correct_offset - offset)
+                    self._advance(exc.correct_offset - offset, sent=False)
                     offset = exc.correct_offset
                     hasher = self._hasher_for(item, offset)
                     self.journal.confirm_offset(item, offset)
@@ -364,7 +391,7 @@ class ApiUploader:
                 # answer the crash lost, or expired.
                 if isinstance(exc, SessionClosed) and self._finish_closed(
                         item, session_id, self._hasher_for(item, item.length), started):
-                    self._advance(item.length - offset)
+                    self._advance(item.length - offset, sent=False)
                     return
                 if self._committed_earlier(item, started):
                     return
@@ -387,10 +414,10 @@ class ApiUploader:
                 while True:
                     size = min(chunk, item.length - offset)
                     if ahead is not None and ahead[0] == offset:
-                        data = ahead[1].result()
+                        data = result(ahead[1])
                     else:
                         if ahead is not None:  # an offset jump made the read-ahead useless
-                            self.budget.give(len(ahead[1].result()))
+                            self.budget.give(len(result(ahead[1])))
                         data = read(offset, paid=False)
                     ahead = None
                     last = offset + len(data) >= item.length
@@ -483,7 +510,7 @@ class ApiUploader:
                         self.budget.give(held)
             finally:
                 if ahead is not None:
-                    self.budget.give(len(ahead[1].result()))
+                    self.budget.give(len(result(ahead[1])))
 
     def _upload_concurrent(self, item: Item) -> None:
         """Send one large item through a concurrent session: chunks are read and hashed in order
@@ -551,25 +578,25 @@ class ApiUploader:
                         request_hash = hasher.since_mark()
                         if index in confirmed:
                             self.budget.give(size)
-                            self._advance(size)
+                            self._advance(size, sent=False)
                             continue
                         if index == count - 1:
                             # The closing append must come after all the others succeeded.
-                            done, in_flight = futures.wait(in_flight), set()
+                            done, in_flight = wait_futures(in_flight), set()
                             for future in done.done:
                                 future.result()
                             send(index, [data], True, request_hash)
                             data = None
                             continue
                         while len(in_flight) >= self.options.appends_per_file:
-                            finished, in_flight = futures.wait(in_flight, return_when=futures.FIRST_COMPLETED)
+                            finished, in_flight = wait_futures(in_flight, futures.FIRST_COMPLETED)
                             for future in finished:
                                 future.result()
                         future = self._appends.submit(send, index, [data], False, request_hash)
                         in_flight.add(future)
                         queued_bytes[future] = size
                         data = None  # the sender owns it now; do not keep it alive past its refund
-                    for future in futures.wait(in_flight).done:
+                    for future in wait_futures(in_flight).done:
                         future.result()
                     if len(confirmed) != count:
                         raise FileProblem("not every chunk reached Dropbox", paths=[item.source])
@@ -581,7 +608,7 @@ class ApiUploader:
                 for future in in_flight:
                     if future.cancel():  # never sent, so never refunded by its sender
                         self.budget.give(queued_bytes[future])
-                futures.wait(in_flight)
+                wait_futures(in_flight)
                 self.log.info("The upload session of %s has expired; starting that file again.", item.destination)
                 self.journal.forget_session(item)
                 self._advance(-sum(pieces[i][1] for i in confirmed))
@@ -632,7 +659,7 @@ class ApiUploader:
         self._verified(item, remote, local)
         self.journal.mark_done([item])
         self.summary.items_uploaded += 1
-        self._advance(item.length - item.confirmed_offset)
+        self._advance(item.length - item.confirmed_offset, sent=False)
         self._log_result(item, "UPLOADED", time.monotonic() - started)
         return True
 
@@ -661,7 +688,7 @@ class ApiUploader:
     def flush_commits(self, only_full: bool = False) -> None:
         """Commit what waits; with `only_full`, only whole batches of 1000, so that commits
         stay few while other threads keep adding (the last, partial batch comes at the end)."""
-        with self._commit_lock:
+        with locked(self._commit_lock):
             while True:
                 with self._pending_lock:
                     if only_full and len(self._pending_commits) < BATCH_LIMIT:
@@ -736,8 +763,7 @@ class ApiUploader:
         message = problem.message if isinstance(problem, ArchiveError) else str(problem)
         self.journal.mark_failed(item, message)
         self.summary.failures.append((item.destination, message))
-        self.log.error("FAILED\t%s\t%s\t->\t%s: %s", human_bytes(item.length), item.source, item.destination,
-                       message)
+        self.log.error("FAILED\t%s\t%s\t->\t%s: %s", _shown_size(item), item.source, item.destination, message)
 
     def _check_existing(self, item: Item) -> str:
         """'upload', 'done' or 'conflict' for an item whose destination may already exist."""
@@ -770,7 +796,7 @@ class ApiUploader:
         if verdict == "done":
             self.journal.mark_done([item])
             self.summary.items_already_there += 1
-            self._advance(item.length)
+            self._advance(item.length, sent=False)
             self._log_result(item, "ALREADY IN DROPBOX", 0)
             return True
         if verdict == "conflict":
@@ -883,7 +909,7 @@ class ApiUploader:
                     # Sent and closed in an earlier run; only its commit was missing.
                     if item.content_hash is None:
                         item.content_hash = hash_range(Path(item.source), item.part_offset, item.length).content_hash()
-                    self._advance(item.length)
+                    self._advance(item.length, sent=False)
                     self._queue_commit(item, self._commit_request(item, item.session_id, item.length),
                                        time.monotonic())
                     continue
@@ -925,7 +951,7 @@ class ApiUploader:
         self._verified(manifest_item, remote)
         self.journal.mark_done([manifest_item])
         self.summary.items_uploaded += 1
-        self._log_result(manifest_item, "UPLOADED", time.monotonic() - started)
+        self._log_result(manifest_item, "UPLOADED", time.monotonic() - started, size=len(data))
 
     def create_empty_folders(self, folders: Iterable[str]) -> list[tuple[str, str]]:
         """Empty local folders exist in Dropbox too (creating an existing one is harmless)."""
@@ -995,12 +1021,15 @@ class ApiUploader:
         if job_items:
             # The journal says what was sent, not what Dropbox holds now: look, then decide.
             for folder in _topmost(list(remote_folders)):
-                self._remote.update({case_key(k): v for k, v in self.client.list_files(folder).items()})
+                listed = self._retrying("listing Dropbox", lambda: self.client.list_files(folder))
+                self._remote.update({case_key(k): v for k, v in listed.items()})
             self._reconcile(job_items)
         todo = {source: items for source, items in by_source.items() if any(i.state != "done" for i in items)}
         self.summary.items_done_before = sum(1 for i in job_items if i.state == "done")
         total_bytes = sum(i.length for i in job_items)
         remaining_bytes = sum(i.length for items in todo.values() for i in items if i.state != "done")
+        self._bytes_left = remaining_bytes
+        self.status.remaining(lambda: f"{human_bytes(max(0, self._bytes_left))} still to send")
         if todo:
             self.log.info("%d of %d files still to send (%s); %d items were finished in earlier runs and are in "
                           "Dropbox now.", len(todo), len(by_source), human_bytes(remaining_bytes),
@@ -1012,8 +1041,9 @@ class ApiUploader:
         else:
             self.log.info("Every file of this sheet is in Dropbox now, identical (checked by content hash); "
                           "nothing to send.")
-        self._progress = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="Uploading",
-                              disable=None, initial=total_bytes - remaining_bytes, dynamic_ncols=True)
+        self._progress = self.status.show(tqdm(
+            total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="Uploading", disable=None,
+            initial=total_bytes - remaining_bytes, dynamic_ncols=True))
         pool = futures.ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="upload")
         # Small files cost one round trip each and almost no bandwidth: many more of them travel
         # at once than large ones, or latency alone would bound the job.
@@ -1026,7 +1056,7 @@ class ApiUploader:
                 nonlocal pending
                 pending.add(executor.submit(work, argument))
                 if len(pending) >= (self.options.workers + self.options.small_file_workers) * 4:
-                    finished, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                    finished, pending = wait_futures(pending, futures.FIRST_COMPLETED)
                     _raise_bugs(finished)
 
             group: list[Item] = []
@@ -1046,7 +1076,7 @@ class ApiUploader:
                 submit(small_pool if small else pool, self._run_source, items)
             if group and self._fatal is None:
                 submit(small_pool, self._send_small_files, group)
-            finished, _ = futures.wait(pending)
+            finished, _ = wait_futures(pending)
             _raise_bugs(finished)
             if self._fatal is None:
                 self.flush_commits()
@@ -1059,19 +1089,24 @@ class ApiUploader:
             # the whole job; the journal already holds every confirmed chunk.
             if self._fatal is None:
                 self._fatal = exc if isinstance(exc, Exception) else KeyboardInterrupt()
-            pool.shutdown(wait=True, cancel_futures=True)
-            small_pool.shutdown(wait=True, cancel_futures=True)
             raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            small_pool.shutdown(wait=True, cancel_futures=True)
-            self._appends.shutdown(wait=True, cancel_futures=True)
-            self._readahead.shutdown(wait=True, cancel_futures=True)
+            for executor in (pool, small_pool, self._appends, self._readahead):
+                shutdown(executor)
+            self.status.hide(self._progress)
+            self.status.remaining(None)
             self._progress.close()
         if self._fatal is not None:
             raise self._fatal
         self.summary.seconds = time.monotonic() - started
         return self.summary
+
+
+def _shown_size(item: Item, size: int | None = None) -> str:
+    """The size for a log line; a manifest's is known only once it is written."""
+    if size is None and item.kind == "manifest":
+        return "manifest"
+    return human_bytes(item.length if size is None else size)
 
 
 def _raise_bugs(finished: Iterable[futures.Future]) -> None:

@@ -41,6 +41,7 @@ from .journal import Item, Journal
 from .localfs import legacy_temporary, temporary_sibling
 from .names import case_key
 from .prepare import Plan
+from .status import join, put, result, shutdown, status_of, wait_event
 from .units import GB, human_bytes, human_duration
 from .sheets import SheetRow
 
@@ -224,15 +225,16 @@ class _SideBySideHashes:
                 except BaseException as exc:  # noqa: BLE001 - re-raised by close()
                     self._errors.append(exc)
 
+    # The copy runs in the main thread: its waits on the hashers are sliced for Ctrl-C.
     def feed(self, block: bytes) -> None:
         for lane, _ in self._lanes:
-            lane.put(block)
+            put(lane, block)
 
     def close(self) -> None:
         for lane, _ in self._lanes:
-            lane.put(self._END)
+            put(lane, self._END)
         for _, thread in self._lanes:
-            thread.join()
+            join(thread)
         self._lanes = []
         if self._errors:
             raise self._errors[0]
@@ -300,7 +302,7 @@ class Waiter:
             time.sleep(seconds)
             return False
         self._listen()
-        woken = self._wake.wait(seconds)
+        woken = wait_event(self._wake, seconds)
         self._wake.clear()
         return woken
 
@@ -349,6 +351,7 @@ class AppUploader:
         self.options = options
         self.log = log
         self.waiter = Waiter(log)
+        self.status = status_of(log)
         self.summary = AppSummary()
         self._sources = {str(source.source): source for source in plan.sources}
         self._items_of: dict[str, list[Item]] = {}
@@ -390,19 +393,23 @@ class AppUploader:
         return None
 
     def wait_for_space(self, batch: Batch, to_copy: int) -> None:
-        paused = False
+        paused, failures = False, 0
         while True:
             try:
                 reason = self._no_room(2 * to_copy, to_copy)
+                self.status.network_ok()
             except (NetworkProblem, RateLimited) as exc:
-                reason = f"Dropbox's free space cannot be read right now ({exc.message})"
+                failures += 1
+                self.status.network_trouble(f"reading Dropbox's free space: {exc.message}",
+                                            self.options.sleep_seconds, failures)
+                self.waiter.sleep(self.options.sleep_seconds)
+                continue
             if reason is None:
-                if paused:
-                    self.log.info("Space is available again: batch %d continues.", batch.number)
+                self.status.resumed(f"Space is available again: batch {batch.number} continues." if paused else None)
                 return
             paused = True
-            self.log.warning("PAUSED before batch %d: %s. Checking again every %s; nothing is lost while paused.",
-                             batch.number, reason, every(self.options.sleep_seconds))
+            self.status.paused(f"PAUSED before batch {batch.number}: {reason}. Checking again every "
+                               f"{every(self.options.sleep_seconds)}; nothing is lost while paused")
             self.waiter.sleep(self.options.sleep_seconds)
 
     def check_disk_is_big_enough(self, batches: Sequence[Batch]) -> None:
@@ -424,10 +431,15 @@ class AppUploader:
         NFC on both sides."""
         found: dict[str, RemoteFile | RemoteFolder] = {}
         if len(items) <= METADATA_LOOKUP_LIMIT:
-            with futures.ThreadPoolExecutor(max_workers=LOOKUP_WORKERS, thread_name_prefix="lookup") as pool:
-                for item, remote in zip(items, pool.map(lambda i: self.client.metadata(i.destination), items)):
+            pool = futures.ThreadPoolExecutor(max_workers=LOOKUP_WORKERS, thread_name_prefix="lookup")
+            try:
+                asked = [pool.submit(self.client.metadata, item.destination) for item in items]
+                for item, answer in zip(items, asked):
+                    remote = result(answer)  # sliced: this is the main thread, Ctrl-C must get through
                     if remote is not None:
                         found[case_key(item.destination)] = remote
+            finally:
+                shutdown(pool)
             return found
         folders = _topmost({item.destination.rsplit("/", 1)[0] or "/" for item in items})
         for folder in folders:
@@ -659,8 +671,8 @@ class AppUploader:
         self.journal.set_batch_state(batch.number, "copying")
         remote = self._lookup_patiently(pending)
         touched: set[Path] = set()
-        with tqdm(total=to_copy, unit="B", unit_scale=True, unit_divisor=1024, desc=f"Batch {batch.number}",
-                  disable=None, dynamic_ncols=True) as progress:
+        with tqdm(total=to_copy, unit="B", unit_scale=True, unit_divisor=1000, desc=f"Batch {batch.number}",
+                  disable=None, dynamic_ncols=True) as progress, self.status.showing(progress):
             for item in pending:
                 if item.source in self._given_up:
                     continue
@@ -689,13 +701,17 @@ class AppUploader:
     # -- waiting for the app -----------------------------------------------------------------
 
     def _lookup_patiently(self, items: Sequence[Item]) -> dict[str, RemoteFile | RemoteFolder]:
+        failures = 0
         while True:
             try:
-                return self.lookup(items) if items else {}
+                found = self.lookup(items) if items else {}
             except (NetworkProblem, RateLimited) as exc:
-                self.log.warning("Dropbox cannot be asked right now (%s); trying again in %s.", exc.message,
-                                 every(self.options.sleep_seconds))
+                failures += 1
+                self.status.network_trouble(exc.message, self.options.sleep_seconds, failures)
                 self.waiter.sleep(self.options.sleep_seconds)
+                continue
+            self.status.network_ok()
+            return found
 
     def await_batch(self, batch: Batch) -> list[Item]:
         """Check every `sleep_seconds` until each copied item of the batch is in Dropbox with
@@ -710,11 +726,15 @@ class AppUploader:
         hint = " (press Enter to check at once)" if self.waiter.interactive else ""
         self.log.info("Batch %d: waiting for the Dropbox app to upload %d item(s); checking every %s%s.",
                       batch.number, len(waiting), every(self.options.sleep_seconds), hint)
+        failures = 0
         while True:
             try:
                 remote = self.lookup(waiting)
+                self.status.network_ok()
+                failures = 0
             except (NetworkProblem, RateLimited) as exc:
-                self.log.warning("Dropbox cannot be asked right now (%s); checking again later.", exc.message)
+                failures += 1
+                self.status.network_trouble(exc.message, self.options.sleep_seconds, failures)
                 remote = None
             if remote is not None:
                 arrived, wrong = [], []
@@ -836,6 +856,7 @@ class AppUploader:
         self.summary.items_total = sum(len(b.items) for b in batches)
         self.summary.files_total = len(self._items_of)
         self.summary.items_done_before = sum(1 for b in batches for i in b.items if i.state == "done")
+        self.status.remaining(lambda: _not_verified_yet(batches))
         for batch in batches:
             if batch.done:
                 self.summary.batches_verified += 1
@@ -876,7 +897,14 @@ class AppUploader:
                 self.journal.set_batch_state(batch.number, "deleted")
         self.summary.unfinished = sum(1 for b in batches for i in b.items if i.state != "done")
         self.summary.seconds = time.monotonic() - started
+        self.status.remaining(None)
         return self.summary
+
+
+def _not_verified_yet(batches: Sequence[Batch]) -> str:
+    """What is left of the job, for the status line (MB = 10^6 bytes)."""
+    left = [item for batch in batches for item in batch.items if item.state != "done"]
+    return f"{len(left)} item(s), {human_bytes(sum(item.length for item in left))}, not yet verified in Dropbox"
 
 
 def _same_content(remote: RemoteFile, content_hash: str | None, length: int | None) -> bool:
@@ -894,7 +922,9 @@ def _expected_length(item: Item) -> int | None:
 
 
 def every(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 60 else human_duration(seconds)
+    """How often a wait is re-checked, for "checking every ...": units.human_duration, whose
+    sub-minute form ("36 s", "0.6 s") keeps a sleepTime_min below 1 from reading as 0 min."""
+    return human_duration(seconds)
 
 
 def _corrupt_arrival(item: Item, found: RemoteFile | RemoteFolder) -> CorruptArrival:

@@ -47,7 +47,7 @@ from typing import Callable, Iterable, TypeVar
 import psutil
 from tqdm import tqdm
 
-from . import deletion, joining, sheets, split
+from . import deletion, joining, names, sheets, split
 from .cli import RunContext
 from .content_hash import ContentHasher, file_content_hash, hash_range
 from .dropbox_client import (DropboxClient, DropboxProblem, NetworkProblem, RangeNotSatisfiable, RateLimited, RemoteFile,
@@ -56,6 +56,7 @@ from .errors import EXIT_OK, EXIT_SOME_FAILED, AuthError, FileProblem, SheetErro
 from .localfs import legacy_temporary, rename_without_replacing, temporary_sibling
 from .journal import Item, Journal
 from .prepare import human_bytes
+from .status import every, locked, shutdown, status_of, wait_futures
 
 COLUMNS = [sheets.Column("dropboxPath", sheets.DROPBOX_PATH),
            sheets.Column("localDir", sheets.LOCAL_DIR),
@@ -67,8 +68,6 @@ READ_CHUNK = 4 * 1024 * 1024
 SPACE_MARGIN = 64 * 1024 * 1024
 # FAT and exFAT keep modification times in 2-second steps.
 MTIME_SLACK_S = 2
-# Characters Windows refuses in file names (Dropbox accepts some of them).
-WINDOWS_BAD_CHARS = set('<>:"|?*')
 
 T = TypeVar("T")
 
@@ -196,14 +195,21 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def local_name_problem(name: str) -> str | None:
-    """Why this system cannot hold a file of that name, or None."""
-    if os.name != "nt":
-        return None
-    bad = sorted(set(name) & WINDOWS_BAD_CHARS)
-    if bad or name.endswith((" ", ".")):
-        return (f"Windows cannot hold the name {name!r} ({' '.join(bad) or 'it ends in a space or a dot'}); "
-                "rename it in Dropbox, or download it on macOS or Linux")
+def _unwritable_name(row: sheets.SheetRow, dropbox_path: str, target: Path, seen: set[str]) -> SheetProblem | None:
+    """The first name on the way from the row's localDir to `target` that this computer cannot
+    hold (names.local_name_problem), as the Dropbox path holding it; each such path once."""
+    relative = target.relative_to(row["localDir"]).parts
+    remote = [p for p in dropbox_path.split("/") if p]
+    for depth, name in enumerate(relative, 1):
+        why = names.local_name_problem(name)
+        if why is None:
+            continue
+        place = "/" + "/".join(remote[:len(remote) - len(relative) + depth])
+        if place in seen:
+            return None
+        seen.add(place)
+        return row.problem(f"{place}: {why}. Rename it in Dropbox (on dropbox.com) and run again, or "
+                           "restore this row on macOS or Linux", "dropboxPath")
     return None
 
 
@@ -216,16 +222,21 @@ def _write_all(handle, data: bytes) -> None:
 
 def with_retries(what: str, call: Callable[[], T], log: logging.Logger, *, give_up_seconds: float = 600) -> T:
     """One metadata or listing call, riding out dropped connections and rate limits."""
-    started, delay = time.monotonic(), 1.0
+    started, delay, failures = time.monotonic(), 1.0, 0
+    status = status_of(log)
     while True:
         try:
-            return call()
+            answer = call()
+            status.network_ok()
+            return answer
         except RateLimited as exc:
             time.sleep(max(exc.retry_after, 0.5))
         except NetworkProblem as exc:
             if time.monotonic() - started > give_up_seconds:
                 raise
-            log.info("%s: %s; trying again in %.0f s", what, exc.message, delay)
+            failures += 1
+            log.debug("%s: %s; trying again in %.0f s", what, exc.message, delay)
+            status.network_trouble(f"{what}: {exc.message}", delay, failures)
             time.sleep(delay)
             delay = min(delay * 2, 60.0)
 
@@ -246,6 +257,7 @@ class DiskGuard:
 
     def __init__(self, log: logging.Logger, sleep_seconds: float, usage: Callable = psutil.disk_usage):
         self._log = log
+        self._status = status_of(log)
         self._sleep = sleep_seconds
         self._usage = usage
         self._lock = threading.Lock()
@@ -261,18 +273,23 @@ class DiskGuard:
         if self.has_room(folder, needed):
             return
         # One worker reports and waits; the others queue behind it and re-check after.
-        with self._lock:
+        with locked(self._lock):
+            paused = False
             while not self.has_room(folder, needed):
                 if stop():
+                    self._status.resumed()
                     return
-                self._log.warning("PAUSED: %s: %s free on the disk holding %s, %s needed (plus %s kept free). "
-                                  "Free some space; checking again every %.1f min. Nothing is lost while paused.",
-                                  reason, human_bytes(self.free(folder)), _existing_ancestor(folder),
-                                  human_bytes(needed), human_bytes(SPACE_MARGIN), self._sleep / 60)
+                paused = True
+                self._status.paused(
+                    f"PAUSED: {reason}: {human_bytes(self.free(folder))} free on the disk holding "
+                    f"{_existing_ancestor(folder)}, {human_bytes(needed)} needed (plus {human_bytes(SPACE_MARGIN)} "
+                    f"kept free). Free some space; checking again every {every(self._sleep)}. Nothing is lost "
+                    "while paused")
                 _sleep(self._sleep, stop)
                 self.paused_seconds += self._sleep
-            self._log.info("The disk holding %s has room again (%s free): continuing.",
-                           _existing_ancestor(folder), human_bytes(self.free(folder)))
+            if paused:
+                self._status.resumed(f"The disk holding {_existing_ancestor(folder)} has room again "
+                                     f"({human_bytes(self.free(folder))} free): continuing.")
 
 
 # -- stage 1: check the rows and list what to download -----------------------------------------
@@ -310,24 +327,30 @@ def _find_split_original(client: DropboxClient, path: str, log: logging.Logger
     return SplitOriginal(path, manifest, parts), None
 
 
-def check_rows(client: DropboxClient, rows: list[sheets.SheetRow], log: logging.Logger
-               ) -> dict[int, RemoteFile | RemoteFolder | SplitOriginal]:
+def check_rows(client: DropboxClient, rows: list[sheets.SheetRow], log: logging.Logger,
+               earlier: Iterable[SheetProblem] = ()) -> dict[int, RemoteFile | RemoteFolder | SplitOriginal]:
     """Every row's Dropbox path must exist and its localDir must be creatable; every problem is
-    listed together (SheetError) before anything is downloaded."""
-    problems: list[SheetProblem] = []
+    listed together (SheetError) before anything is downloaded, after `earlier` (the tab's own
+    problems, from sheets.read_tab_with_problems): a cell that could not be read is None, and the
+    rest of its row is still checked."""
+    problems: list[SheetProblem] = list(earlier)
+    troubled = {(problem.row, problem.column) for problem in problems}
     roots: dict[int, RemoteFile | RemoteFolder | SplitOriginal] = {}
     for row in rows:
+        local: Path | None = row["localDir"]
+        if local is not None and (row.row, "localDir") not in troubled:
+            ancestor = _existing_ancestor(local)
+            if not ancestor.is_dir():
+                problems.append(row.problem(f"localDir {local} cannot be created: {ancestor} is a file. Give a "
+                                            "folder", "localDir"))
+            elif not os.access(ancestor, os.W_OK | os.X_OK):
+                problems.append(row.problem(f"localDir {local} cannot be written to (no permission on "
+                                            f"{ancestor}). Choose another folder or ask for write access", "localDir"))
+        if row["dropboxPath"] is None:
+            continue
         # A path pasted from a Mac (Finder, a macOS file name) may be decomposed (NFD); Dropbox
         # finds an existing name only by its NFC form (see dropbox_client.lookup_path).
         path: str = unicodedata.normalize("NFC", row["dropboxPath"])
-        local: Path = row["localDir"]
-        ancestor = _existing_ancestor(local)
-        if not ancestor.is_dir():
-            problems.append(row.problem(f"localDir {local} cannot be created: {ancestor} is a file. Give a folder",
-                                        "localDir"))
-        elif not os.access(ancestor, os.W_OK | os.X_OK):
-            problems.append(row.problem(f"localDir {local} cannot be written to (no permission on {ancestor}). "
-                                        "Choose another folder or ask for write access", "localDir"))
         if path == "/":
             roots[row.row] = RemoteFolder("/", "/")
             continue
@@ -347,14 +370,14 @@ def check_rows(client: DropboxClient, rows: list[sheets.SheetRow], log: logging.
                 "dropboxPath"))
             continue
         roots[row.row] = remote
-        if isinstance(remote, RemoteFile):
+        if isinstance(remote, RemoteFile) and local is not None:
             name = (remote.path_display or path).rsplit("/", 1)[1]
             in_the_way = local / name
             if in_the_way.is_dir():
                 problems.append(row.problem(f"{in_the_way} is a folder, so the file {name} cannot be saved "
                                             "there. Rename the folder or choose another localDir", "localDir"))
     if problems:
-        raise SheetError(problems)
+        raise SheetError(sorted(problems, key=lambda problem: problem.row or 0))
     return roots
 
 
@@ -375,24 +398,40 @@ def _relative_parts(root_lower: str, entry: RemoteFile | RemoteFolder) -> list[s
 def expand(client: DropboxClient, rows: list[sheets.SheetRow],
            roots: dict[int, RemoteFile | RemoteFolder | SplitOriginal], log: logging.Logger) -> DownloadPlan:
     """Every file (and folder) each row brings, mapped to its local path; raises SheetError when
-    two rows would put different files at the same local path."""
+    two files would land at the same local path, or a name cannot be held here (names.py:
+    Windows refuses CON, aux.txt, a trailing dot...), before anything is written."""
     plan = DownloadPlan()
     claimed: dict[str, Task] = {}
     problems: list[SheetProblem] = []
     folders: dict[str, Path] = {}
+    unwritable: set[str] = set()
+
+    def check_name(row: sheets.SheetRow, dropbox_path: str, target: Path) -> None:
+        # Found here, a name Windows refuses stops the run before anything is written; found by
+        # open() it failed late, as "file not found" or by writing to a device (CON, NUL).
+        problem = _unwritable_name(row, dropbox_path, target, unwritable)
+        if problem is not None:
+            problems.append(problem)
 
     def add(row: sheets.SheetRow, remote: RemoteFile, target: Path) -> None:
+        check_name(row, remote.path_display or remote.path_lower, target)
         key = _case_key(target)
         other = claimed.get(key)
         if other is not None:
             if other.remote.path_lower == remote.path_lower:
                 plan.duplicates += 1
                 return
+            if other.row is row:
+                problems.append(row.problem(
+                    f"{remote.path_display} and {other.remote.path_display} differ only in case (or Unicode "
+                    f"form): both would be saved as {target}, and Windows and macOS keep such names as one "
+                    "file. Rename one of them in Dropbox and run again", "dropboxPath"))
+                return
             problems.append(row.problem(f"{remote.path_display} would be saved as {target}, where row "
                                         f"{other.row.row} already puts {other.remote.path_display}. Give one of "
                                         "the rows another localDir", "localDir"))
             return
-        task = Task(row, remote, target, problem=local_name_problem(target.name))
+        task = Task(row, remote, target)
         claimed[key] = task
         plan.tasks.append(task)
 
@@ -408,6 +447,7 @@ def expand(client: DropboxClient, rows: list[sheets.SheetRow],
         else:
             name = "" if root.path_lower == "/" else (root.path_display or root.path_lower).rsplit("/", 1)[1]
             base = local / name if name else local
+            check_name(row, root.path_display or root.path_lower, base)
             folders.setdefault(_case_key(base), base)
             entries = with_retries(f"listing {root.path_display}",
                                    lambda: list(client.iter_entries(root.path_lower)), log)
@@ -417,6 +457,7 @@ def expand(client: DropboxClient, rows: list[sheets.SheetRow],
                     continue
                 target = base.joinpath(*parts) if parts else base
                 if isinstance(entry, RemoteFolder):
+                    check_name(row, entry.path_display or entry.path_lower, target)
                     folders.setdefault(_case_key(target), target)
                 elif parts:
                     add(row, entry, target)
@@ -456,9 +497,11 @@ class Downloader:
         self.options = options
         self.log = log
         self.disk = disk or DiskGuard(log, options.sleep_seconds)
+        self.status = status_of(log)
         self.summary = Summary()
         self._progress: tqdm | None = None
         self._progress_lock = threading.Lock()
+        self._bytes_left = 0  # for the status line; tqdm counts nothing when hidden
         self._summary_lock = threading.Lock()
         self._fatal: BaseException | None = None
         self.failed_tasks: set[int] = set()
@@ -471,6 +514,7 @@ class Downloader:
     def _advance(self, count: int, received: int = 0) -> None:
         with self._progress_lock:
             self.summary.bytes_received += received
+            self._bytes_left -= count
             if self._progress is not None:
                 self._progress.update(count)
 
@@ -549,7 +593,7 @@ class Downloader:
         partial = task.partial
         trouble_since: float | None = None
         delay = self.options.first_retry_delay
-        restarts = 0
+        restarts = failures = 0
         with open(partial, "ab", buffering=0) as out:
             while offset < task.remote.size:
                 if self._stopping():
@@ -557,6 +601,7 @@ class Downloader:
                 try:
                     served, chunks = self.client.download_range(task.remote.path_lower, offset, None,
                                                                 chunk_size=READ_CHUNK)
+                    self.status.network_ok()
                     if served.rev != task.remote.rev:
                         chunks.close()
                         restarts += 1
@@ -593,14 +638,18 @@ class Downloader:
                     trouble_since, delay = None, self.options.first_retry_delay
                 except NetworkProblem as exc:
                     now = time.monotonic()
+                    first = trouble_since is None
                     trouble_since = trouble_since or now
                     if now - trouble_since > self.options.network_give_up_seconds:
                         raise FileProblem(f"the network failed for more than "
                                           f"{self.options.network_give_up_seconds / 60:.0f} min ({exc.message}); "
                                           "run again to continue from the bytes already downloaded",
                                           paths=[task.source]) from None
-                    self.log.info("%s: %s; continuing from byte %s in %.0f s.", task.source, exc.message,
-                                  f"{offset:,}", delay)
+                    failures = 1 if first else failures + 1
+                    # Each file says once where it continues; the shared status tells the rest.
+                    self.log.log(logging.INFO if first else logging.DEBUG, "%s: %s; continuing from byte %s in %.0f s.",
+                                 task.source, exc.message, f"{offset:,}", delay)
+                    self.status.network_trouble(exc.message, delay, failures)
                     _sleep(delay, self._stopping)
                     delay = min(delay * 2, 60.0)
                 except RateLimited as exc:
@@ -745,8 +794,10 @@ class Downloader:
         started = time.monotonic()
         self.summary.files_total = total_files
         total = sum(t.remote.size for t in tasks)
-        self._progress = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="Downloading",
-                              disable=None, dynamic_ncols=True)
+        self._bytes_left = total
+        self.status.remaining(lambda: f"{human_bytes(max(0, self._bytes_left))} still to download")
+        self._progress = self.status.show(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000,
+                                               desc="Downloading", disable=None, dynamic_ncols=True))
         pool = futures.ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="download")
         try:
             pending: set[futures.Future] = set()
@@ -754,11 +805,11 @@ class Downloader:
             for task in sorted(tasks, key=lambda t: -t.remote.size):
                 pending.add(pool.submit(self._run_task, task))
                 if len(pending) >= self.options.workers * 4:
-                    finished, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                    finished, pending = wait_futures(pending, futures.FIRST_COMPLETED)
                     _raise_bugs(finished)
                 if self._fatal is not None:
                     break
-            finished, _ = futures.wait(pending)
+            finished, _ = wait_futures(pending)
             _raise_bugs(finished)
         except BaseException as exc:
             # Ctrl-C or a bug: stop the workers between chunks; partial files stay for the next run.
@@ -766,7 +817,9 @@ class Downloader:
                 self._fatal = exc if isinstance(exc, Exception) else KeyboardInterrupt()
             raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            shutdown(pool)
+            self.status.hide(self._progress)
+            self.status.remaining(None)
             self._progress.close()
         if self._fatal is not None:
             raise self._fatal
@@ -849,11 +902,17 @@ def run(context: RunContext, sheet: str) -> int:
     from .app_runner import open_client
 
     settings, log = context.settings, context.log
-    rows = sheets.read_tab(settings.excelName, sheet, COLUMNS)
+    rows, problems = sheets.read_tab_with_problems(settings.excelName, sheet, COLUMNS)
     log.info("Download: %d row(s) in tab '%s' of %s.", len(rows), sheet, settings.excelName)
     with Journal(context.logs_root / "journal.sqlite3", sheet) as journal:
-        client = open_client(context, workers=settings.workers)
-        roots = check_rows(client, rows, log)
+        try:
+            client = open_client(context, workers=settings.workers)
+        except AuthError:
+            if problems:  # the tab's own problems first: they need no login to be fixed
+                raise SheetError(problems) from None
+            raise
+        # One pass: the tab's problems and the Dropbox side (paths that do not exist) together.
+        roots = check_rows(client, rows, log, problems)
         plan = expand(client, rows, roots, log)
         recorded = journal.items_by_key()
         plan.series = find_series(plan)

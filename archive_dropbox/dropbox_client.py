@@ -601,16 +601,37 @@ def start_login(app_key: str) -> tuple[str, Any]:
 
 
 def finish_login(flow: Any, code: str, *, ca_bundle: str | None = None, proxy: str | None = None) -> Credentials:
+    """Exchange the code the user pasted for a refresh token. The token endpoint answers a
+    refused code with HTTP 400 and `{"error": "invalid_grant"}` (RFC 6749 section 5.2; Dropbox's
+    codes are single-use and expire after 10 minutes, per its OAuth guide): that is the user's
+    code, not the network."""
     flow.requests_session = _make_session(2, ca_bundle, proxy)
     try:
         result = flow.finish(code.strip())
     except Exception as exc:  # noqa: BLE001
+        if _oauth_error(exc) == "invalid_grant":
+            raise AuthError("the code was not accepted (wrong, already used, or older than 10 minutes): run "
+                            "`python app.py --login` again and paste the new code.") from None
+        if _oauth_error(exc) == "invalid_client":
+            raise AuthError("Dropbox does not know that app key: check appKey (the App key in the Dropbox App "
+                            "Console), then run `python app.py --login` again.") from None
         if isinstance(exc, requests.exceptions.RequestException):
             raise _convert(exc, "logging in", None) from None
         raise AuthError(f"Dropbox did not accept that code ({type(exc).__name__}). Run "
                         "`python app.py --login` again and paste the new code.") from None
     return Credentials(refresh_token=result.refresh_token, app_key=flow.consumer_key,
                        where="login")
+
+
+def _oauth_error(exc: Exception) -> str | None:
+    """The `error` field of an OAuth token endpoint's 400 answer, or None."""
+    response = getattr(exc, "response", None)
+    if getattr(response, "status_code", None) != 400:
+        return None
+    try:
+        return response.json().get("error")
+    except (ValueError, AttributeError):
+        return None
 
 
 def sdk_environment() -> dict[str, str]:

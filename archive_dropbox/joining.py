@@ -35,6 +35,7 @@ from . import deletion
 from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED, ArchiveError, FileProblem, SheetError
 from .localfs import read_into as _read_into  # a module name of its own: tests replace it to corrupt a read
 from .localfs import TEMP_PREFIX, legacy_temporary, rename_without_replacing, temporary_sibling
+from .names import local_case_clashes, local_name_problem
 from .settings import Setting
 from .split import (CHUNK, Digester, Manifest, RangeCopier, SourceEnded, manifest_name, parse_manifest_name,
                     parse_part_name, read_manifest, sha256_file, fsync_folder)
@@ -753,8 +754,10 @@ def _unsafe_reason(info: zipfile.ZipInfo, parts: list[str]) -> str | None:
 def _checked_members(archive: zipfile.ZipFile, zip_path: Path, target: Path) -> list[_Member]:
     """Every entry, with its path split into safe components; raise before anything is
     extracted when one entry could land outside `target`, is a link pointing outside it (or
-    absolute), or is not a file, folder or link."""
+    absolute), is not a file, folder or link, or has a name this computer cannot hold (names.py:
+    CON, aux.txt, a trailing dot on Windows; A.txt beside a.txt on Windows and macOS)."""
     unsafe: list[str] = []
+    not_here = 0  # entries refused by this computer's name rules, not by the zip's own content
     members: list[_Member] = []
     seen: dict[tuple[str, ...], bool] = {}
     root = os.path.normpath(os.path.abspath(target))
@@ -771,6 +774,13 @@ def _checked_members(archive: zipfile.ZipFile, zip_path: Path, target: Path) -> 
                 reason = "would land outside the folder"
         if reason is None and tuple(parts) in seen:
             reason = "is listed twice"
+        if reason is None:
+            # Windows would fail on it mid-unzip, or write to a device (CON, NUL) or to a
+            # shortened name (a trailing dot): refused before anything is written.
+            local = next(filter(None, map(local_name_problem, parts)), None)
+            if local:
+                reason = f"cannot be written on this computer: {local}"
+                not_here += 1
         link_target = None
         if reason is None and parts and _is_link(info):
             link_target = archive.read(info).decode("utf-8", "surrogateescape")
@@ -787,9 +797,15 @@ def _checked_members(archive: zipfile.ZipFile, zip_path: Path, target: Path) -> 
         for depth in range(1, len(member.parts)):
             if seen.get(member.parts[:depth]) is False:
                 unsafe.append(f"'{'/'.join(member.parts[:depth])}' is both a file and a folder")
+    for first, second in local_case_clashes(m.parts for m in members):
+        unsafe.append(f"'{first}' and '{second}' differ only in case, and this computer's file system "
+                      "keeps them as one name: one would overwrite the other")
+        not_here += 1
     if unsafe:
+        what_to_do = ("\nExtract it on Linux (its file systems hold these names), or rename these entries "
+                      "inside the zip (7-Zip File Manager, F2) and run again.") if not_here else ""
         raise JoinProblem(f"{zip_path.name} was not unzipped: {len(unsafe)} entr{'y is' if len(unsafe) == 1 else 'ies are'} "
-                          f"unsafe, so nothing was extracted and the zip was kept:\n{_first_ten(unsafe)}",
+                          f"unsafe, so nothing was extracted and the zip was kept:\n{_first_ten(unsafe)}{what_to_do}",
                           paths=[zip_path])
     return members
 
@@ -854,14 +870,15 @@ def _sort_against_disk(members: list[_Member], target: Path, zip_path: Path) -> 
 
 def _extract_with_seven_zip(zip_path: Path, staging: Path) -> None:
     """For compression methods Python's zipfile cannot read (Deflate64, for instance)."""
-    from .zipping import find_seven_zip  # the zip stage's search: PATH, then the Windows install folders
+    from .zipping import CONSOLE_UTF8, find_seven_zip  # the zip stage's search: PATH, then Windows folders
 
     seven_zip = find_seven_zip()
     if seven_zip is None:
         raise JoinProblem(f"{zip_path.name} uses a compression method Python cannot read; install 7-Zip "
                           "(https://www.7-zip.org) and run again. The zip was kept.", paths=[zip_path])
-    result = subprocess.run([str(seven_zip), "x", "-y", "-bd", f"-o{staging}", "--", str(zip_path)],
-                            capture_output=True, text=True, errors="replace")
+    # Without -sccUTF-8 7-Zip answers in the console's code page, which no text mode here decodes.
+    result = subprocess.run([str(seven_zip), "x", "-y", "-bd", *CONSOLE_UTF8, f"-o{staging}", "--",
+                             str(zip_path)], capture_output=True, encoding="utf-8", errors="replace")
     if result.returncode != 0:
         detail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-3:]
         raise JoinProblem(f"7-Zip could not extract {zip_path.name} (exit status {result.returncode}: "
@@ -1063,19 +1080,24 @@ class JoinJob:
     row: SheetRow | None = None
 
 
-def _row_path(value: str, workbook: Path) -> Path:
-    path = Path(str(value).strip()).expanduser()
-    return path if path.is_absolute() else workbook.parent / path
-
-
 def _jobs_from_sheet(workbook: Path, tab: str) -> list[JoinJob]:
+    """The tab's rows as jobs; SheetError lists the problems of the cells and, in the same pass, those
+    the preflight finds in the rows whose inputFile could be read."""
     # Imported here: pandas takes half a second to load, and a part dropped on the script needs no sheet.
-    from .sheets import FLAG, TEXT, Column, read_tab
+    from .sheets import FLAG, LOCAL_PATH, Column, read_tab_with_problems
 
-    rows = read_tab(workbook, tab, [Column("inputFile", TEXT), Column("deleteFlag", FLAG),
-                                    Column("unzipFlag", FLAG)])
-    return [JoinJob(_row_path(row["inputFile"], row.workbook), bool(row["deleteFlag"]),
-                    bool(row["unzipFlag"]), f"row {row.row}", row) for row in rows]
+    # LOCAL_PATH, as in every script: quotes from "Copy as path" go, Windows paths and numbers are caught.
+    columns = [Column("inputFile", LOCAL_PATH), Column("deleteFlag", FLAG), Column("unzipFlag", FLAG)]
+    rows, problems = read_tab_with_problems(workbook, tab, columns)
+    jobs = [JoinJob(row["inputFile"], bool(row["deleteFlag"]), bool(row["unzipFlag"]), f"row {row.row}", row)
+            for row in rows if row["inputFile"] is not None]
+    if not problems:
+        return jobs
+    try:
+        _preflight(jobs)
+    except SheetError as exc:
+        problems = sorted([*problems, *exc.problems], key=lambda problem: problem.row or 0)
+    raise SheetError(problems)
 
 
 def _preflight(jobs: list[JoinJob]) -> list[tuple[JoinJob, SplitSeries | None]]:
@@ -1151,7 +1173,7 @@ def run_join_files(context) -> int:
             counts[_unzip_only(job, log)] += 1
             continue
         bar = tqdm(total=series.size if series.state != DONE_BEFORE else 0, unit="B", unit_scale=True,
-                   unit_divisor=1024, desc=series.name[:40], leave=False, disable=None, file=sys.stderr)
+                   unit_divisor=1000, desc=series.name[:40], leave=False, disable=None, file=sys.stderr)
         try:
             outcome = process_series(series, delete_parts=job.delete_parts, unzip=job.unzip, log=log,
                                      progress=bar.update)

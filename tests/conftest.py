@@ -75,6 +75,30 @@ def make_tree(root: Path, files: dict[str, bytes | int]) -> Path:
     return root
 
 
+def _system_ca_bundle() -> str:
+    """The machine's CA bundle (the build machines point REQUESTS_CA_BUNDLE and friends at it;
+    tests check that the caBundle setting wins over them). Windows has no /etc/ssl: certifi's."""
+    path = "/etc/ssl/certs/ca-certificates.crt"
+    if os.path.exists(path):
+        return path
+    import certifi
+
+    return certifi.where()
+
+
+SYSTEM_CA = SYSTEM_BUNDLE = _system_ca_bundle()
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A local Dropbox API test server (tests/dropbox_server) for one test."""
+    from tests.dropbox_server import DropboxTestServer
+
+    instance = DropboxTestServer(tmp_path / "server")
+    yield instance
+    instance.stop()
+
+
 def log_files(logs_root: Path, subdir: str) -> list[Path]:
     return sorted((logs_root / subdir).glob("*.log"))
 

@@ -18,21 +18,13 @@ from pathlib import Path
 import pytest
 
 from archive_dropbox.content_hash import file_content_hash
-from conftest import REPO, make_tree, script_env, write_xlsx
+from conftest import REPO, make_tree, script_env, write_xlsx, SYSTEM_CA
 from tests.dropbox_server import DropboxTestServer, FailRule, FaultConfig
 
 READ_ONLY_ROUTES = ("files/get_metadata", "files/list_folder", "files/list_folder/continue")
-SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 MIB = 1024 * 1024
 UPLOAD_ROUTES = ("files/upload", "files/upload_session/start", "files/upload_session/append_v2",
                  "files/upload_session/finish", "files/upload_session/append_batch")
-
-
-@pytest.fixture
-def server(tmp_path):
-    instance = DropboxTestServer(tmp_path / "server")
-    yield instance
-    instance.stop()
 
 
 def app_env(server: DropboxTestServer, credentials: bool = True, **extra: str) -> dict[str, str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import REPO, log_files, make_tree, script_env, write_xlsx
+from conftest import REPO, log_files, make_tree, script_env, write_xlsx, SYSTEM_CA
 from tests.dropbox_server import DesktopAppSimulator, DropboxTestServer
 
 from archive_dropbox.app_upload import DropboxFolder, assign_batches, count_batches, is_inside
@@ -34,7 +34,6 @@ from archive_dropbox.journal import Item
 APP = REPO / "app.py"
 TAB = "dropboxUpload_APP"
 HEADER = ["inputFile", "outputDir", "deleteAfterUpload"]
-SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 KB = 1000
 
 # Loaded by every Python started with this folder on PYTHONPATH; each patch is switched on by

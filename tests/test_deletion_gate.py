@@ -17,18 +17,10 @@ import pytest
 from archive_dropbox import deletion
 from archive_dropbox.content_hash import bytes_content_hash, file_content_hash
 from archive_dropbox.journal import Item, Journal
-from conftest import REPO, make_tree, script_env, write_xlsx
+from conftest import REPO, make_tree, script_env, write_xlsx, SYSTEM_CA
 from tests.dropbox_server import DropboxTestServer
 
-SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 TAB = "dropboxUpload_API"
-
-
-@pytest.fixture
-def server(tmp_path):
-    instance = DropboxTestServer(tmp_path / "server")
-    yield instance
-    instance.stop()
 
 
 def run_app(book: Path, logs: Path, server: DropboxTestServer, *extra: str, env: dict | None = None,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import REPO, log_files, make_tree, run_script, script_env, write_xlsx
+from conftest import REPO, log_files, make_tree, run_script, script_env, write_xlsx, SYSTEM_BUNDLE
 from tests.dropbox_server import DropboxTestServer
 
 from archive_dropbox import download
@@ -32,7 +32,6 @@ HEADER = ["dropboxPath", "localDir", "joinFlag"]
 MIB = 1024 * 1024
 # requests lets these variables replace the SDK's CA bundle; the build machines set them, so the
 # tests keep them at the system bundle and rely on --caBundle to reach the test server.
-SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 
 # -- fixtures and helpers ----------------------------------------------------------------------

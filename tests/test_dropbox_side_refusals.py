@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, log_files, make_tree, script_env, write_xlsx
+from conftest import REPO, log_files, make_tree, script_env, write_xlsx, SYSTEM_CA
 from tests.dropbox_server import DesktopAppSimulator, DropboxTestServer
 
-SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 HEADER = ["inputFile", "outputDir", "deleteAfterUpload"]
 UPLOAD_ROUTES = ("files/upload", "files/upload_session/start", "files/upload_session/start_batch",
                  "files/upload_session/append_v2", "files/upload_session/append_batch",
@@ -35,13 +34,6 @@ def nfd(text: str) -> str:
 
 def nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
-
-
-@pytest.fixture
-def server(tmp_path):
-    instance = DropboxTestServer(tmp_path / "server")
-    yield instance
-    instance.stop()
 
 
 @pytest.fixture

@@ -11,17 +11,9 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from conftest import REPO, script_env, write_xlsx
+from conftest import REPO, script_env, write_xlsx, SYSTEM_CA
 from tests.dropbox_server import DropboxTestServer
 
-SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
-
-
-@pytest.fixture
-def server(tmp_path):
-    instance = DropboxTestServer(tmp_path / "server")
-    yield instance
-    instance.stop()
 
 
 def start_login(tmp_path: Path, server: DropboxTestServer) -> tuple[subprocess.Popen, str]:

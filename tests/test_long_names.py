@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import log_files, make_tree, run_script, write_xlsx
+from conftest import log_files, make_tree, run_script, write_xlsx, SYSTEM_BUNDLE
 from tests.dropbox_server import DropboxTestServer
 
 from archive_dropbox import joining, localfs, prepare, zipping
@@ -24,7 +24,6 @@ ASCII_NAME = ("scan of sample 0042 " * 13)[:246] + ".bin"
 ACCENTED_NAME = "é" * 123 + ".txt"
 UPLOAD_HEADER = ["inputFile", "outputDir", "deleteAfterUpload"]
 DOWNLOAD_HEADER = ["dropboxPath", "localDir", "joinFlag"]
-SYSTEM_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 ZIP_SCRIPT = "preProcess/2_zipDir.py"
 
 

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 from tqdm import tqdm
 
-from conftest import REPO, log_files, make_tree, script_env, write_xlsx
+from conftest import REPO, log_files, make_tree, script_env, write_xlsx, SYSTEM_CA
 from tests.dropbox_server import DropboxTestServer, FailRule
 
 from archive_dropbox import api_upload, app_upload, download, status
@@ -33,7 +33,6 @@ from archive_dropbox.dropbox_client import NetworkProblem, RemoteFile, SpaceUsag
 from archive_dropbox.units import human_bytes
 
 MIB = 1024 * 1024
-SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 BOUND = 10.0  # seconds: generous limit for anything that should take a moment
 
 
@@ -376,13 +375,6 @@ def test_every_progress_bar_counts_in_decimal_units_like_the_settings():
 
 
 # -- item 4: honest numbers after a resume; a manifest's real size -------------------------------
-
-@pytest.fixture
-def server(tmp_path):
-    instance = DropboxTestServer(tmp_path / "server")
-    yield instance
-    instance.stop()
-
 
 def _upload(tmp_path: Path, server: DropboxTestServer, book: Path, *flags: str) -> subprocess.CompletedProcess:
     env = server.client_env(credentials=True)

@@ -14,16 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from conftest import REPO, make_tree, script_env, write_xlsx
-from tests.dropbox_server import DropboxTestServer
+from conftest import REPO, SYSTEM_CA, make_tree, script_env, write_xlsx
 
 from archive_dropbox.sheets import contains_path
 
 HEADER = ["inputFile", "outputDir", "deleteAfterUpload"]
 READ_ONLY_ROUTES = ("files/get_metadata", "files/list_folder", "files/list_folder/continue")
-SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 NO_LOGIN = {"DROPBOX_REFRESH_TOKEN": "", "DROPBOX_ACCESS_TOKEN": ""}
 
 
@@ -53,13 +49,6 @@ def run(script: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedPr
     return subprocess.run([sys.executable, str(script), *args], cwd=str(script.parent.parent),
                           env=script_env(env), capture_output=True, text=True, encoding="utf-8",
                           timeout=240, stdin=subprocess.DEVNULL)
-
-
-@pytest.fixture
-def server(tmp_path):
-    instance = DropboxTestServer(tmp_path / "server")
-    yield instance
-    instance.stop()
 
 
 def test_api_rows_holding_the_tool_its_logs_or_the_workbook_are_refused(tmp_path, server):

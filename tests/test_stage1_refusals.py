@@ -16,22 +16,14 @@ import pytest
 
 from archive_dropbox import sheets
 from archive_dropbox.errors import SheetError
-from conftest import REPO, log_files, make_tree, run_script, script_env, write_xlsx
+from conftest import REPO, log_files, make_tree, run_script, script_env, write_xlsx, SYSTEM_CA
 from tests.dropbox_server import DropboxTestServer
 
-SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 API = "dropboxUpload_API"
 APP = "dropboxUpload_APP"
 HEADER = ["inputFile", "outputDir", "deleteAfterUpload"]
 UPLOAD_ROUTES = ("files/upload", "files/upload_session/start", "files/upload_session/append_v2",
                  "files/upload_session/start_batch", "files/upload_session/append_batch")
-
-
-@pytest.fixture
-def server(tmp_path):
-    instance = DropboxTestServer(tmp_path / "server")
-    yield instance
-    instance.stop()
 
 
 def run_app(tmp_path: Path, rows: list[list], *extra: str, tab: str = API, server: DropboxTestServer | None = None,

@@ -14,20 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, log_files, make_tree, script_env, write_xlsx
+from conftest import REPO, log_files, make_tree, script_env, write_xlsx, SYSTEM_CA
 from tests.dropbox_server import DropboxTestServer, FailRule
 
 MIB = 1024 * 1024
-SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 UPLOAD_ROUTES = ("files/upload", "files/upload_session/start", "files/upload_session/append_v2",
                  "files/upload_session/finish", "files/upload_session/append_batch")
-
-
-@pytest.fixture
-def server(tmp_path):
-    instance = DropboxTestServer(tmp_path / "server")
-    yield instance
-    instance.stop()
 
 
 def command(book: Path, logs: Path, server: DropboxTestServer, *extra: str) -> list[str]:

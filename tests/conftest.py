@@ -89,6 +89,15 @@ def _system_ca_bundle() -> str:
 SYSTEM_CA = SYSTEM_BUNDLE = _system_ca_bundle()
 
 
+def client_env(server) -> dict[str, str]:
+    """What a script needs to reach `server` with credentials; the machine's CA variables point
+    at the system bundle, as on the build machines, so the caBundle setting must win over them."""
+    env = server.client_env(credentials=True)
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
+        env[name] = SYSTEM_CA
+    return env
+
+
 @pytest.fixture
 def server(tmp_path):
     """A local Dropbox API test server (tests/dropbox_server) for one test."""

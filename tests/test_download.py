@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import REPO, log_files, make_tree, run_script, script_env, write_xlsx, SYSTEM_BUNDLE
+from conftest import REPO, log_files, make_tree, run_script, script_env, write_xlsx, client_env
 from tests.dropbox_server import DropboxTestServer
 
 from archive_dropbox import download
@@ -49,18 +49,6 @@ def dropbox(server):
     server.clear_log()
     yield server
     server.set_faults()
-
-
-def client_env(server: DropboxTestServer) -> dict[str, str]:
-    env = server.client_env(credentials=True)
-    bundle = SYSTEM_BUNDLE
-    if not Path(bundle).exists():
-        import certifi
-
-        bundle = certifi.where()
-    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
-        env[name] = bundle
-    return env
 
 
 def app_args(server: DropboxTestServer, book: Path, logs: Path, sheet: str = SHEET, *extra: str) -> list[str]:

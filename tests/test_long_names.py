@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import log_files, make_tree, run_script, write_xlsx, SYSTEM_BUNDLE
+from conftest import log_files, make_tree, run_script, write_xlsx, client_env
 from tests.dropbox_server import DropboxTestServer
 
 from archive_dropbox import joining, localfs, prepare, zipping
@@ -29,18 +29,6 @@ ZIP_SCRIPT = "preProcess/2_zipDir.py"
 
 def name_bytes(name: str) -> int:
     return len(name.encode("utf-8"))
-
-
-def client_env(server: DropboxTestServer) -> dict[str, str]:
-    env = server.client_env(credentials=True)
-    bundle = SYSTEM_BUNDLE
-    if not Path(bundle).exists():
-        import certifi
-
-        bundle = certifi.where()
-    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
-        env[name] = bundle
-    return env
 
 
 def run_app(server: DropboxTestServer, book: Path, sheet: str, logs: Path):

@@ -66,3 +66,60 @@ def _quick_edit_off(kernel32) -> int | None:
     if not kernel32.SetConsoleMode(handle, (mode.value & ~ENABLE_QUICK_EDIT_MODE) | ENABLE_EXTENDED_FLAGS):
         return None
     return mode.value
+
+
+# -- child processes (7-Zip) die with the script ---------------------------------------------------
+# A job object whose last handle closes kills its processes: this script holds that handle until
+# it ends, however it ends (a closed window, kill, a crash), so 7-Zip never goes on writing an
+# archive that the next run removes. Linux does the same with PR_SET_PDEATHSIG (zipping.py).
+# Source: https://learn.microsoft.com/windows/win32/procthread/job-objects
+# (JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE = 0x2000, JobObjectExtendedLimitInformation = 9).
+JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE = 0x2000
+JOB_OBJECT_EXTENDED_LIMIT_INFORMATION_CLASS = 9
+_job = None
+
+
+def _job_limit_structure():
+    import ctypes
+
+    class BasicLimits(ctypes.Structure):
+        _fields_ = [("PerProcessUserTimeLimit", ctypes.c_int64), ("PerJobUserTimeLimit", ctypes.c_int64),
+                    ("LimitFlags", ctypes.c_uint32), ("MinimumWorkingSetSize", ctypes.c_size_t),
+                    ("MaximumWorkingSetSize", ctypes.c_size_t), ("ActiveProcessLimit", ctypes.c_uint32),
+                    ("Affinity", ctypes.c_size_t), ("PriorityClass", ctypes.c_uint32),
+                    ("SchedulingClass", ctypes.c_uint32)]
+
+    class IoCounters(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_uint64) for name in ("ReadOperationCount", "WriteOperationCount",
+                                                           "OtherOperationCount", "ReadTransferCount",
+                                                           "WriteTransferCount", "OtherTransferCount")]
+
+    class ExtendedLimits(ctypes.Structure):
+        _fields_ = [("BasicLimitInformation", BasicLimits), ("IoInfo", IoCounters),
+                    ("ProcessMemoryLimit", ctypes.c_size_t), ("JobMemoryLimit", ctypes.c_size_t),
+                    ("PeakProcessMemoryUsed", ctypes.c_size_t), ("PeakJobMemoryUsed", ctypes.c_size_t)]
+
+    return ExtendedLimits
+
+
+def kill_with_this_script(process) -> bool:
+    """Put a child process (subprocess.Popen) in this script's kill-on-close job (Windows);
+    False where that is not possible or not needed."""
+    global _job
+    if sys.platform != "win32":
+        return False
+    import ctypes
+
+    kernel32 = _kernel32()
+    if _job is None:
+        job = kernel32.CreateJobObjectW(None, None)
+        if not job:
+            return False
+        limits = _job_limit_structure()()
+        limits.BasicLimitInformation.LimitFlags = JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
+        if not kernel32.SetInformationJobObject(job, JOB_OBJECT_EXTENDED_LIMIT_INFORMATION_CLASS,
+                                                ctypes.byref(limits), ctypes.sizeof(limits)):
+            kernel32.CloseHandle(job)
+            return False
+        _job = job
+    return bool(kernel32.AssignProcessToJobObject(_job, int(process._handle)))

@@ -54,6 +54,7 @@ from .errors import FileProblem, SheetProblem
 from .deletion import discard_temporary, discard_temporary_quietly
 from .localfs import fsync_folder, is_link_entry, legacy_temporary, rename_without_replacing, temporary_sibling
 from .settings import Setting
+from .winconsole import kill_with_this_script
 from .sheets import FLAG, LOCAL_DIR, Column, RowCheck, SheetRow, read_tab, tool_files_check
 
 # Chosen by bench/bench_zip.py on a microscope-like mix (incompressible frames, noisy 16-bit
@@ -614,6 +615,7 @@ class SevenZip:
             process = subprocess.Popen(command, cwd=str(cwd), stdin=subprocess.DEVNULL,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        **_die_with_parent())
+            kill_with_this_script(process)  # Windows: the job object does what _die_with_parent does on Linux
         except OSError as exc:
             raise FileProblem(f"7-Zip ({self.executable}) could not be started for {what}: "
                               f"{exc.strerror or exc}", title="7-Zip failed") from None

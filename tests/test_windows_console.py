@@ -131,3 +131,35 @@ def test_positioned_reads_without_pread_do_not_serialise_different_files(monkeyp
     for thread in threads:
         thread.join(20)
     assert results == {"a": b"34", "b": b"de"}
+
+
+def test_seven_zip_is_put_in_a_job_that_dies_with_the_script(windows, monkeypatch):
+    """Issue 14: 7-Zip killed with the script on Windows (a kill-on-close job object)."""
+    recorded = {}
+
+    class JobKernel32(FakeKernel32):
+        def CreateJobObjectW(self, attributes, name):
+            return 99
+
+        def SetInformationJobObject(self, job, kind, pointer, size):
+            limits = ctypes.cast(pointer, ctypes.POINTER(winconsole._job_limit_structure())).contents
+            recorded["flags"] = limits.BasicLimitInformation.LimitFlags
+            recorded["kind"] = kind
+            return 1
+
+        def AssignProcessToJobObject(self, job, handle):
+            recorded.setdefault("assigned", []).append((job, handle))
+            return 1
+
+    windows(JobKernel32(mode=0))
+    monkeypatch.setattr(winconsole, "_job", None)
+    first, second = type("P", (), {"_handle": 1234})(), type("P", (), {"_handle": 5678})()
+    assert winconsole.kill_with_this_script(first) and winconsole.kill_with_this_script(second)
+    assert recorded["flags"] == winconsole.JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE and recorded["kind"] == 9
+    assert recorded["assigned"] == [(99, 1234), (99, 5678)]  # one job for the whole run
+
+
+def test_the_size_of_the_job_limits_matches_windows_x64():
+    # JOBOBJECT_EXTENDED_LIMIT_INFORMATION is 144 bytes on 64-bit Windows.
+    if ctypes.sizeof(ctypes.c_void_p) == 8:
+        assert ctypes.sizeof(winconsole._job_limit_structure()) == 144

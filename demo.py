@@ -86,11 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=REPO / "sample_data",
                         help="where the sample data, workbooks and test server live (default: sample_data/)")
-    parser.add_argument("--logs", type=Path, default=None, help="logs folder (default: logs/)")
+    parser.add_argument("--logs", type=Path, default=None, help="logs folder (default: logs/demo/, apart from real jobs)")
     args = parser.parse_args(argv)
     work = args.workdir.resolve()
-    log_flags = ["--logs", str(args.logs.resolve())] if args.logs else []
-    logs_root = args.logs.resolve() if args.logs else REPO / "logs"
+    # Its own logs and journal: a demo must never touch the journal of a real job (nor be refused
+    # while one runs).
+    logs_root = args.logs.resolve() if args.logs else REPO / "logs" / "demo"
+    log_flags = ["--logs", str(logs_root)]
 
     say(__doc__.split("\n\n")[2])
     if work.exists():

@@ -12,7 +12,7 @@ from .cli import RunContext
 from .credentials import default_token_file, load_credentials, save_credentials
 from .errors import EXIT_OK, EXIT_SOME_FAILED, ArchiveError, AuthError, EnvironmentProblem, SettingsError, SheetError
 from .logs import close_log, start_log
-from .settings import Setting
+from .settings import Setting, existing_file
 
 SHEETS = ("dropboxUpload_APP", "dropboxUpload_API", "dropboxDownload_API")
 MIB = 1024 * 1024
@@ -37,7 +37,7 @@ SETTINGS = [
     Setting("accessToken", "", str, "an access token (discouraged)", optional=True, secret=True),
     Setting("tokenFile", "", Path, "where --login keeps the login", optional=True),
     Setting("teamSpace", True, bool, "use the team space root on Dropbox Business"),
-    Setting("caBundle", "", Path, "CA certificate bundle for TLS", optional=True),
+    Setting("caBundle", "", Path, "CA certificate bundle for TLS", optional=True, check=existing_file),
     Setting("proxy", "", str, "HTTPS proxy URL", optional=True),
 ]
 

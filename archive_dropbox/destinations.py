@@ -127,9 +127,10 @@ def client_for_dry_run(open_client: Callable[[], object], log: logging.Logger):
     try:
         return open_client()
     except (AuthError, NetworkProblem, RateLimited) as exc:
-        log.warning("Dry run: the Dropbox-side check of the destinations was skipped (%s). It runs "
-                    "before anything is sent in the real run, or here once `python app.py --login` is done.",
-                    exc.message)
+        hint = ("log in once with `python app.py --login`" if isinstance(exc, AuthError) else
+                "check the network, and the proxy and caBundle settings")
+        log.warning("Dry run: the Dropbox-side check of the destinations was skipped (%s). It runs before "
+                    "anything is sent in the real run; to have it here, %s.", exc.message, hint)
         return None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -151,3 +152,17 @@ def on_network_drive(path: Path) -> bool:
     except OSError:
         return False
     return kind in NETWORK_FILE_SYSTEMS
+
+
+_DRIVE_PATH = re.compile(r"^[A-Za-z]:([\\/]|$)")  # D:\data, D:/data, D:
+_UNC_PATH = re.compile(r"^\\\\[^\\/]+")  # \\nas01\lab\data
+
+
+def windows_path_kind(text: str) -> str | None:
+    """'unc' for \\\\server\\share..., 'drive' for D:\\... or D:/..., else None. Elsewhere than on
+    Windows such a text is a relative name: it would make a folder literally called 'D:\\x'."""
+    if _UNC_PATH.match(text):
+        return "unc"
+    if _DRIVE_PATH.match(text):
+        return "drive"
+    return None

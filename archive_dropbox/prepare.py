@@ -210,6 +210,9 @@ class _Namespace:
 def _file_clash(path: str, destination: str, other: tuple[str, str, SheetRow]) -> str:
     other_destination, other_path, other_row = other
     both = f"{path} and {other_path} (row {other_row.row})"
+    if os.path.realpath(path) == os.path.realpath(other_path):
+        return (f"{path} is given twice: row {other_row.row} sends it to {destination} already (a file row "
+                "inside a folder row?): remove one of the two rows")
     if destination == other_destination:
         return (f"{both} would both be {destination} in Dropbox: rename one, or send them to different "
                 "folders")

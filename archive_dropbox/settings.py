@@ -10,12 +10,16 @@ line break.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import SettingsError
+from .localfs import windows_path_kind
+
+WINDOWS = os.name == "nt"
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,13 @@ def _convert(setting: Setting, value: Any, from_flag: bool, base_dir: Path) -> A
             raise ValueError("contains a control character (a line break or tab?): a backslash in the path "
                              "was read as an escape. Write the path exactly as Windows shows it, between quotes, "
                              "in the settings block")
+        kind = windows_path_kind(str(value).strip()) if not WINDOWS else None
+        if kind == "unc":
+            raise ValueError("is a Windows network path (UNC), which this computer cannot open: mount the share "
+                             "and give its local path (for example /mnt/nas01/lab)")
+        if kind == "drive":
+            raise ValueError("looks like a Windows drive path, but this computer does not run Windows: give the "
+                             "path as this computer sees it (for example /mnt/d/data or /home/you/Dropbox)")
         path = Path(str(value).strip()).expanduser()
         return path if path.is_absolute() else (base_dir / path)
     return str(value) if from_flag else value
@@ -193,7 +204,7 @@ def resolve(spec: Iterable[Setting], script_values: Mapping[str, Any], args: arg
                 if message:
                     raise ValueError(message)
         except ValueError as exc:
-            problems.append(f"  - setting '{setting.name}' = {raw!r} {exc}. Fix {where}.")
+            problems.append(f"  - setting '{setting.name}' = {_as_typed(raw)} {exc}. Fix {where}.")
             continue
         values[setting.name] = value
     if problems:
@@ -203,6 +214,19 @@ def resolve(spec: Iterable[Setting], script_values: Mapping[str, Any], args: arg
             paths=[script],
         )
     return Settings(values=values, script=script.name)
+
+
+def _as_typed(value: Any) -> str:
+    """A value in a message as the user typed it: quoted text without Python's doubled backslashes."""
+    return f"'{value}'" if isinstance(value, str) else repr(value)
+
+
+def existing_file(value: Path) -> str | None:
+    if not Path(value).exists():
+        return "does not exist: give a file that exists"
+    if Path(value).is_dir():
+        return "is a folder, not a file"
+    return None
 
 
 def existing_directory(value: Path) -> str | None:

@@ -22,7 +22,7 @@ import pandas as pd
 from openpyxl.utils.cell import coordinate_to_tuple, get_column_letter, range_boundaries
 
 from .errors import SheetError, SheetProblem
-from .localfs import temporary_sibling
+from .localfs import temporary_sibling, windows_path_kind
 
 # Column kinds understood by `read_tab`.
 EXISTING_PATH = "existing_path"  # a file or a folder that exists
@@ -357,20 +357,17 @@ def running_on_windows() -> bool:
     return os.name == "nt"
 
 
-_DRIVE_PATH = re.compile(r"^[A-Za-z]:([\\/]|$)")  # D:\data, D:/data, D:
-_UNC_PATH = re.compile(r"^\\\\[^\\/]+")  # \\nas01\lab\data
-
-
 def foreign_path_problem(name: str, text: str) -> str | None:
     """Why a Windows path typed in a cell cannot be used on this Linux or macOS computer, or None.
     Elsewhere it would be taken as a relative name: a folder literally called 'D:\\restore' would
     appear beside the workbook."""
     if running_on_windows():
         return None
-    if _UNC_PATH.match(text):
+    kind = windows_path_kind(text)
+    if kind == "unc":
         return (f"{name} is '{text}', a Windows network path (UNC), which this computer cannot open: mount "
                 "the share and give its local path (for example /mnt/nas01/lab/data)")
-    if _DRIVE_PATH.match(text):
+    if kind == "drive":
         return (f"{name} is '{text}', which looks like a Windows drive path, but this computer does not run "
                 "Windows: give the path of that folder on this computer (for example /mnt/d/restore)")
     return None

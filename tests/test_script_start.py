@@ -136,3 +136,15 @@ def test_names_outside_the_console_code_page_never_drop_a_line(tmp_path):
     assert result.returncode == 2
     assert "Logging error" not in output and "UnicodeEncodeError" not in output
     assert "\\u65e5\\u672c donn\u00e9es" in output  # escaped, and the line is there
+
+
+def test_a_windows_path_or_a_missing_ca_bundle_in_the_settings_is_a_message(tmp_path):
+    """Found by a newcomer: a Windows path in a settings line on Linux was joined to the script's
+    folder ('/…/C:\\Users\\me\\Dropbox does not exist'), a missing caBundle gave a traceback."""
+    result = subprocess.run([sys.executable, str(REPO / "app.py"), "--dry-run", "--logs", str(tmp_path / "logs"),
+                             "--sheet", "dropboxUpload_APP", "--dropboxDir", r"C:\Users\me\Dropbox",
+                             "--caBundle", str(tmp_path / "missing.pem")],
+                            env=script_env(), capture_output=True, text=True, encoding="utf-8", timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert r"'dropboxDir' = 'C:\Users\me\Dropbox' looks like a Windows drive path" in result.stderr
+    assert "'caBundle'" in result.stderr and "does not exist" in result.stderr and "Traceback" not in result.stderr

@@ -293,3 +293,12 @@ def test_row14_a_zip_dir_row_that_is_a_link_is_refused_and_its_target_kept(tmp_p
     assert f"inputDir {link} is a symbolic link (to {real}); links are never followed" in result.stdout
     assert sorted(p.name for p in real.iterdir()) == ["a.tif", "b.tif"]
     assert not list(tmp_path.rglob("*.zip"))
+
+
+def test_a_file_given_twice_is_named_as_such_not_as_a_name_clash(tmp_path):
+    """Found by a newcomer: a file row inside a folder row was called two files with one name."""
+    data = make_tree(tmp_path / "data", {"run/a.txt": b"a", "run/b.txt": b"b"})
+    result = run_app(tmp_path, [[str(data / "run"), "/Lab/run", 0], [str(data / "run" / "a.txt"), "/Lab/run", 0]],
+                     "--dry-run")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "is given twice" in output and "rename one" not in output, output

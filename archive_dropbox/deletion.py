@@ -41,6 +41,9 @@ from .names import case_key
 # recursive list_folder of their topmost folders costs pages (2,000 entries each), not calls.
 METADATA_LOOKUP_LIMIT = 200
 LOOKUP_WORKERS = 8
+# Originals deleted per journal transaction: the write-ahead marks cost two transactions per
+# batch instead of two per file (measured: 10,000 originals in 1.0 s with one file per transaction).
+WRITE_AHEAD_BATCH = 1000
 
 WINDOWS = os.name == "nt"
 DELETED = "deleted"
@@ -91,7 +94,7 @@ class LocalIdentity:
 # ============================================================================ the unlink itself
 
 
-def _unlink(path: Path) -> None:
+def _unlink(path: Path | str) -> None:
     try:
         os.unlink(path)
     except PermissionError:
@@ -116,7 +119,7 @@ def delete_unchanged(path: Path | str, expected: LocalIdentity) -> tuple[str, st
     if not stat.S_ISREG(info.st_mode) or not expected.same_file(LocalIdentity.from_stat(info)):
         return CHANGED, "it changed since it was checked"
     try:
-        _unlink(Path(path))
+        _unlink(path)
     except FileNotFoundError:
         return ALREADY_GONE, None
     except OSError as exc:
@@ -141,8 +144,9 @@ def remove_empty_folders(folders: Iterable[Path], *, keep: Path | None = None) -
     """Remove these folders, deepest first, where they are empty; `keep` itself stays. Only
     empty folders can go (rmdir refuses others), so files that were not deleted stay."""
     removed = 0
-    for folder in sorted(set(folders), key=lambda p: len(Path(p).parts), reverse=True):
-        if keep is not None and Path(folder) == keep:
+    keep_text = os.fspath(keep) if keep is not None else None
+    for folder in sorted(set(os.fspath(f) for f in folders), key=lambda f: f.count(os.sep), reverse=True):
+        if folder == keep_text:
             continue
         try:
             os.rmdir(folder)
@@ -152,13 +156,15 @@ def remove_empty_folders(folders: Iterable[Path], *, keep: Path | None = None) -
     return removed
 
 
-def parents_up_to(path: Path, root: Path) -> list[Path]:
-    """The folders between `path` and `root` (root excluded), for remove_empty_folders."""
+def parents_up_to(path: Path | str, root: Path | str) -> list[str]:
+    """The folders between `path` and `root` (root excluded), for remove_empty_folders; plain
+    strings, since this runs once per deleted file (pathlib costs 20 us a step here)."""
     result = []
-    parent = Path(path).parent
-    while parent != root and root in parent.parents:
+    root = os.fspath(root).rstrip(os.sep) or os.sep
+    parent = os.path.dirname(os.fspath(path))
+    while parent != root and parent.startswith(root + os.sep if root != os.sep else os.sep):
         result.append(parent)
-        parent = parent.parent
+        parent = os.path.dirname(parent)
     return result
 
 
@@ -292,16 +298,20 @@ class RemoteSnapshot:
         return self._found.get(path_key(dropbox_path))
 
 
-def judge(original: UploadedOriginal, snapshot: RemoteSnapshot) -> Verdict:
-    """Is `original` proven to be in Dropbox now, identical, and unchanged on disk?"""
-    try:
-        now = LocalIdentity.of(original.path)
-    except FileNotFoundError:
-        return Verdict(original.path, False, "it is no longer on the disk")
-    except OSError as exc:
-        return Verdict(original.path, False, f"it cannot be checked ({exc.strerror})")
-    if not original.identity.same_file(now):
-        return Verdict(original.path, False, "it changed since it was uploaded; it is sent again on the next run")
+def judge(original: UploadedOriginal, snapshot: RemoteSnapshot, *, check_disk: bool = True) -> Verdict:
+    """Is `original` proven to be in Dropbox now, identical, and unchanged on disk?
+
+    `check_disk` False leaves the disk to the caller when the hashes came from the disk: the
+    deletion itself checks the file's identity right before the unlink (delete_unchanged)."""
+    if check_disk or not original.hashes_local:
+        try:
+            now = LocalIdentity.of(original.path)
+        except FileNotFoundError:
+            return Verdict(original.path, False, "it is no longer on the disk")
+        except OSError as exc:
+            return Verdict(original.path, False, f"it cannot be checked ({exc.strerror})")
+        if not original.identity.same_file(now):
+            return Verdict(original.path, False, "it changed since it was uploaded; it is sent again on the next run")
     for expected in original.expected:
         remote = snapshot.get(expected.dropbox_path)
         content_hash = getattr(remote, "content_hash", None)
@@ -322,11 +332,12 @@ def judge(original: UploadedOriginal, snapshot: RemoteSnapshot) -> Verdict:
             if local.content_hash() != content_hash:
                 return Verdict(original.path, False, f"the local bytes differ from {expected.dropbox_path} in "
                                                      "Dropbox (content hash)")
-    try:
-        if not original.identity.same_file(LocalIdentity.of(original.path)):
-            return Verdict(original.path, False, "it changed while it was being checked")
-    except OSError:
-        return Verdict(original.path, False, "it vanished while it was being checked")
+    if not original.hashes_local:  # the file was read just now: it must not have changed meanwhile
+        try:
+            if not original.identity.same_file(LocalIdentity.of(original.path)):
+                return Verdict(original.path, False, "it changed while it was being checked")
+        except OSError:
+            return Verdict(original.path, False, "it vanished while it was being checked")
     return Verdict(original.path, True)
 
 
@@ -341,12 +352,11 @@ class DeletionReport:
 
 
 class DeletionJournal:
-    """What the gate needs from the journal: write-ahead marks around each unlink. The real
+    """What the gate needs from the journal: write-ahead marks around the unlinks. The real
     one is journal.Journal; tests and the zip stage may pass None (no journal)."""
 
-    def mark_source_deleting(self, source: str) -> None: ...
-    def mark_source_deleted(self, source: str) -> None: ...
-    def clear_source_deleting(self, source: str) -> None: ...
+    def mark_sources_deleting(self, sources: Sequence[str]) -> None: ...
+    def settle_sources(self, deleted: Sequence[str], kept: Sequence[str]) -> None: ...
 
 
 def delete_uploaded_originals(client, originals: Sequence[UploadedOriginal], *, journal, log: logging.Logger,
@@ -368,42 +378,56 @@ def delete_uploaded_originals(client, originals: Sequence[UploadedOriginal], *, 
     report.remote_calls = snapshot.calls
     report.remote_seconds = time.monotonic() - started
     started = time.monotonic()
-    emptied: dict[Path, set[Path]] = {}
+    emptied: dict[Path, set[str]] = {}
+    seen_folders: set[str] = set()
+    proven: list[UploadedOriginal] = []
     for original in originals:
         if protected is not None and protected(original.path):
             report.kept.append((original.path, "it lies inside a folder this tool never deletes from"))
             continue
-        verdict = judge(original, snapshot)
-        if not verdict.proven:
-            report.kept.append((original.path, verdict.reason or "not proven"))
-            if verdict.missing:
-                report.missing.append(original.path)
+        verdict = judge(original, snapshot, check_disk=False)
+        if verdict.proven:
+            proven.append(original)
             continue
-        outcome, reason = _delete_with_journal(original.path, original.identity, journal)
-        if outcome in (DELETED, ALREADY_GONE):
-            report.deleted.append(original.path)
-            log.info("DELETED\t%s (Dropbox holds identical bytes now: checked by content hash)", original.path)
-            if original.row_root is not None and original.row_root != original.path:
-                emptied.setdefault(original.row_root, set()).update(parents_up_to(original.path, original.row_root))
-        else:
-            report.kept.append((original.path, reason or outcome))
+        report.kept.append((original.path, verdict.reason or "not proven"))
+        if verdict.missing:
+            report.missing.append(original.path)
+    for first in range(0, len(proven), WRITE_AHEAD_BATCH):
+        for original, (outcome, reason) in _delete_batch(proven[first:first + WRITE_AHEAD_BATCH], journal):
+            if outcome in (DELETED, ALREADY_GONE):
+                report.deleted.append(original.path)
+                # One line per file in the log only: 300,000 of them would drown the screen.
+                log.debug("DELETED\t%s (Dropbox holds identical bytes now: checked by content hash)", original.path)
+                if original.row_root is not None and original.row_root != original.path:
+                    folder = os.path.dirname(os.fspath(original.path))
+                    if folder not in seen_folders:  # files of one folder come together: once per folder
+                        seen_folders.add(folder)
+                        emptied.setdefault(original.row_root, set()).update(parents_up_to(original.path,
+                                                                                          original.row_root))
+            else:
+                report.kept.append((original.path, "it changed since it was uploaded; it is sent again on the "
+                                    "next run" if outcome == CHANGED else reason or outcome))
     for root, folders in emptied.items():
         remove_empty_folders(folders, keep=root)
+    if report.deleted:
+        log.info("DELETED %d original(s): Dropbox holds identical bytes now (content hash), and each was unchanged "
+                 "on disk (the log lists them).", len(report.deleted))
     report.local_seconds = time.monotonic() - started
     return report
 
 
-def _delete_with_journal(path: Path, identity: LocalIdentity, journal) -> tuple[str, str | None]:
-    """Write ahead 'deleting', unlink, then record 'deleted' (or take the mark back)."""
+def _delete_batch(originals: Sequence[UploadedOriginal], journal) -> list[tuple[UploadedOriginal, tuple]]:
+    """Write ahead 'deleting' for the whole batch (one transaction), unlink each, then record
+    'deleted' or take the mark back (one transaction). A crash in between leaves marks that the
+    next run settles by looking at the disk (Journal.finish_interrupted_deletions)."""
+    paths = [str(original.path) for original in originals]
     if journal is not None:
-        journal.mark_source_deleting(str(path))
-    outcome, reason = delete_unchanged(path, identity)
+        journal.mark_sources_deleting(paths)
+    results = [(original, delete_unchanged(original.path, original.identity)) for original in originals]
     if journal is not None:
-        if outcome in (DELETED, ALREADY_GONE):
-            journal.mark_source_deleted(str(path))
-        else:
-            journal.clear_source_deleting(str(path))
-    return outcome, reason
+        journal.settle_sources([str(o.path) for o, (outcome, _) in results if outcome in (DELETED, ALREADY_GONE)],
+                               [str(o.path) for o, (outcome, _) in results if outcome not in (DELETED, ALREADY_GONE)])
+    return results
 
 
 # ============================================================================ joins and unzips

@@ -372,6 +372,32 @@ class Journal:
         self._write("UPDATE items SET source_deleted = 0, updated = ? WHERE job = ? AND source = ? "
                     "AND source_deleted = 2", (time.time(), self.job, source))
 
+    def mark_sources_deleting(self, sources: Iterable[str]) -> None:
+        """mark_source_deleting for many sources in one transaction."""
+        self._in_one_transaction([("UPDATE items SET source_deleted = 2, updated = ? WHERE job = ? AND source = ?",
+                                   [(time.time(), self.job, source) for source in sources])])
+
+    def settle_sources(self, deleted: Iterable[str], kept: Iterable[str]) -> None:
+        """After the unlinks: 'deleted' for these, the 'deleting' mark taken back for those."""
+        now = time.time()
+        self._in_one_transaction([
+            ("UPDATE items SET source_deleted = 1, updated = ? WHERE job = ? AND source = ?",
+             [(now, self.job, source) for source in deleted]),
+            ("UPDATE items SET source_deleted = 0, updated = ? WHERE job = ? AND source = ? AND source_deleted = 2",
+             [(now, self.job, source) for source in kept])])
+
+    def _in_one_transaction(self, statements: list[tuple[str, list]]) -> None:
+        with self._mutex:
+            try:
+                self._db.execute("BEGIN")
+                for sql, rows in statements:
+                    self._db.executemany(sql, rows)
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._db.execute("ROLLBACK")
+                raise JournalError(f"cannot write to the journal {self.path} ({exc}); is the disk full?",
+                                   paths=[self.path]) from None
+
     def finish_interrupted_deletions(self) -> list[tuple[str, bool]]:
         """Settle the 'deleting' marks an interrupted run left: gone -> deleted, still there ->
         kept (its deletion is proven again). Returns (source, was deleted) pairs."""

@@ -565,6 +565,8 @@ def case_small(bench: Bench) -> list[dict]:
         _row(f"6. same: checking each original on disk and deleting it ({proof['deleted']} deleted)",
              proof["local"], "s", "the upload of the same files (3.)", many.seconds, f"<= {TARGET_PROOF_LOCAL:g}",
              bench.meets(proof["ok"], proof["local"] <= TARGET_PROOF_LOCAL * many.seconds)),
+        _row("6. same, against deleting the files with nothing proven", proof["local"], "s",
+             "find -type f -delete on the same files", proof["rm"], "info", proof["ok"]),
     ]
 
 
@@ -583,6 +585,12 @@ def _deletion_proof(bench: Bench, server: DropboxTestServer, folder: Path, rows:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         os.rename(aside, folder)
+    # Reference: deleting the same files with nothing proven (find -delete on a hard-linked copy).
+    subprocess.run(["cp", "-al", str(folder), str(aside)], check=True)
+    started = time.monotonic()
+    subprocess.run(["find", str(aside), "-type", "f", "-delete"], check=True)
+    rm_seconds = time.monotonic() - started
+    shutil.rmtree(aside, ignore_errors=True)
     match = re.search(r"Deletion proof: (\d+) original\(s\) checked against Dropbox with (\d+) lookup\(s\) in "
                       r"([\d.]+) s, then on disk and deleted in ([\d.]+) s; (\d+) deleted", run.output)
     # The run lists the destination twice: once before sending (is everything still there?)
@@ -591,7 +599,7 @@ def _deletion_proof(bench: Bench, server: DropboxTestServer, folder: Path, rows:
     deleted = int(match.group(5)) if match else 0
     return {"remote": float(match.group(3)) if match else float("inf"),
             "local": float(match.group(4)) if match else float("inf"), "deleted": deleted,
-            "pages": pages // 2, "metadata": server.count_calls("files/get_metadata"),
+            "pages": pages // 2, "metadata": server.count_calls("files/get_metadata"), "rm": rm_seconds,
             "ok": bool(match) and deleted == bench.sizes.small_count}
 
 

@@ -11,6 +11,7 @@ request log, just as the real app's traffic is not API traffic. Local deletions 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import secrets
@@ -53,6 +54,8 @@ class DesktopAppSimulator(threading.Thread):
         self.throughput_bps = throughput_bps
         self.poll_interval_s = poll_interval_s
         self.team_space = team_space
+        # True: each pass's uploads appear in Dropbox at once (tests that count lookups need that).
+        self.atomic = False
         self.uploaded: list[tuple[str, str]] = []     # (relative path, dropbox path), in order
         self.errors: list[tuple[str, str]] = []       # (relative path, message)
         self._synced: dict[str, tuple] = {}           # relative path -> signature uploaded
@@ -148,13 +151,15 @@ class DesktopAppSimulator(threading.Thread):
             seen = self._pending.get(rel)
             if seen is None or seen[0] != sig:
                 self._pending[rel] = (sig, now)
-        for rel, (sig, first_seen) in sorted(self._pending.items()):
-            if self._halt.is_set() or self.stalled:
-                return True
-            if time.monotonic() - first_seen < self.delay_s:
-                continue
-            if self._upload(rel, sig):
-                self._pending.pop(rel, None)
+        # atomic: the whole pass under the store's lock, so an API client sees all of it or none.
+        with self.server.store.lock if self.atomic else contextlib.nullcontext():
+            for rel, (sig, first_seen) in sorted(self._pending.items()):
+                if self._halt.is_set() or self.stalled:
+                    return True
+                if time.monotonic() - first_seen < self.delay_s:
+                    continue
+                if self._upload(rel, sig):
+                    self._pending.pop(rel, None)
         return bool(self._pending)
 
     def _upload(self, rel: str, sig: tuple) -> bool:

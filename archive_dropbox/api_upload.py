@@ -1020,7 +1020,7 @@ class ApiUploader:
         self.summary.files_total = len(by_source)
         if job_items:
             # The journal says what was sent, not what Dropbox holds now: look, then decide.
-            for folder in _topmost(list(remote_folders)):
+            for folder in deletion.topmost_folders(remote_folders):
                 listed = self._retrying("listing Dropbox", lambda: self.client.list_files(folder))
                 self._remote.update({case_key(k): v for k, v in listed.items()})
             self._reconcile(job_items)
@@ -1112,15 +1112,6 @@ def _shown_size(item: Item, size: int | None = None) -> str:
 def _raise_bugs(finished: Iterable[futures.Future]) -> None:
     for future in finished:
         future.result()
-
-
-def _topmost(folders: list[str]) -> list[str]:
-    """Drop folders that lie inside another listed folder (whole path components)."""
-    result: list[str] = []
-    for folder in sorted(set(case_key(f) for f in folders)):
-        if not any(folder == top or folder.startswith(top.rstrip("/") + "/") for top in result):
-            result.append(folder)
-    return result
 
 
 def delete_verified_sources(client: DropboxClient, plan: Plan, journal: Journal,

@@ -441,7 +441,7 @@ class AppUploader:
             finally:
                 shutdown(pool)
             return found
-        folders = _topmost({item.destination.rsplit("/", 1)[0] or "/" for item in items})
+        folders = deletion.topmost_folders({deletion.parent_folder(item.destination) for item in items})
         for folder in folders:
             for remote in self.client.list_files(folder).values():
                 found[case_key(remote.path_display)] = remote
@@ -936,17 +936,6 @@ def _corrupt_arrival(item: Item, found: RemoteFile | RemoteFolder) -> CorruptArr
         what = f"a file with content hash {found.content_hash} instead of {item.content_hash}"
     return CorruptArrival(f"Dropbox holds {what} at {item.destination} (checked twice): the upload by the Dropbox "
                           "app is not the file that was copied. The original is kept", paths=[item.source])
-
-
-def _topmost(folders: Iterable[str]) -> list[str]:
-    """Drop folders inside another listed folder (whole components, ignoring case); the
-    folders keep their own spelling, since case folding can change a name (ß -> ss)."""
-    by_key = {case_key(f): f for f in folders}
-    kept: list[str] = []
-    for key in sorted(by_key, key=lambda k: (k.count("/"), k)):
-        if not any(top == "/" or key == top or key.startswith(top + "/") for top in kept):
-            kept.append(key)
-    return [by_key[key] for key in kept]
 
 
 # ============================================================================ entry point

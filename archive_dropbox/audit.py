@@ -28,6 +28,7 @@ from . import deletion, prepare
 from .content_hash import bytes_content_hash, hash_range
 from .errors import EXIT_OK, EXIT_SOME_FAILED
 from .journal import Item, Journal
+from .names import case_key
 
 IDENTICAL = "identical"
 MISSING = "missing"
@@ -101,7 +102,7 @@ def audit(plan: prepare.Plan, journal: Journal, client, folders: list[str], log)
     deleted = {source: items for source, items in by_source.items()
                if source not in planned and any(i.source_deleted == 1 for i in items)}
     # Rows whose every original was deleted plan nothing: their folders are listed all the same.
-    folders = list(folders) + [i.remote_key_path.rsplit("/", 1)[0] or "/" for items in deleted.values() for i in items]
+    folders = list(folders) + [deletion.parent_folder(i.remote_key_path) for items in deleted.values() for i in items]
     snapshot = deletion.RemoteSnapshot.of_folders(client, folders)
     log.info("Dropbox listed: %d entries, %d recursive listing(s).", len(snapshot.entries()), snapshot.calls)
     findings: list[Finding] = []
@@ -118,7 +119,7 @@ def audit(plan: prepare.Plan, journal: Journal, client, folders: list[str], log)
                 findings.append(Finding(DIFFERENT, str(source.source), source.destination,
                                         f"the original cannot be read ({exc.strerror})"))
                 continue
-        accounted.update(deletion.path_key(e.dropbox_path) for e in original.expected)
+        accounted.update(case_key(e.dropbox_path) for e in original.expected)
         verdict = deletion.judge(original, snapshot)
         if verdict.proven and manifest_problem is None:
             findings.append(Finding(IDENTICAL, str(source.source), source.destination))
@@ -127,7 +128,7 @@ def audit(plan: prepare.Plan, journal: Journal, client, folders: list[str], log)
             findings.append(Finding(status, str(source.source), source.destination,
                                     verdict.reason or manifest_problem or ""))
     for source_path, items in deleted.items():
-        accounted.update(deletion.path_key(i.remote_key_path) for i in items)
+        accounted.update(case_key(i.remote_key_path) for i in items)
         wrong = [i.remote_key_path for i in items
                  if getattr(snapshot.get(i.remote_key_path), "content_hash", None) != i.content_hash]
         if wrong:
@@ -137,7 +138,7 @@ def audit(plan: prepare.Plan, journal: Journal, client, folders: list[str], log)
         else:
             findings.append(Finding(DELETED_IDENTICAL, source_path, items[0].destination))
     for remote in snapshot.entries():
-        if hasattr(remote, "content_hash") and deletion.path_key(remote.path_display) not in accounted:
+        if hasattr(remote, "content_hash") and case_key(remote.path_display) not in accounted:
             findings.append(Finding(ONLY_IN_DROPBOX, "", remote.path_display))
     return findings
 

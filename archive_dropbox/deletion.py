@@ -240,21 +240,20 @@ def uploaded_original(items: Sequence, row_root: Path | None = None) -> Uploaded
                             row_root)
 
 
-def path_key(path: str) -> str:
-    """How Dropbox compares paths (names.case_key: NFC, then lower case character by character)."""
-    return case_key(path)
-
-
-def topmost_folders(paths: Iterable[str]) -> list[str]:
-    """The fewest folders whose recursive listings cover the parents of `paths` (whole path
-    components compared ignoring case; each keeps its own spelling, since case folding can
-    change a name, e.g. ß -> ss)."""
-    by_key = {path_key(p.rsplit("/", 1)[0] or "/"): (p.rsplit("/", 1)[0] or "/") for p in paths}
+def topmost_folders(folders: Iterable[str]) -> list[str]:
+    """The fewest of these Dropbox folders whose recursive listings cover them all (whole path
+    components compared as Dropbox does); each keeps its own spelling, since case folding can
+    change a name (ß -> ss)."""
+    by_key = {case_key(f): f for f in folders}
     kept: list[str] = []
     for key in sorted(by_key, key=lambda k: (k.count("/"), k)):
         if not any(top == "/" or key == top or key.startswith(top + "/") for top in kept):
             kept.append(key)
     return [by_key[key] for key in kept]
+
+
+def parent_folder(dropbox_path: str) -> str:
+    return dropbox_path.rsplit("/", 1)[0] or "/"
 
 
 class RemoteSnapshot:
@@ -273,29 +272,29 @@ class RemoteSnapshot:
             with futures.ThreadPoolExecutor(max_workers=LOOKUP_WORKERS, thread_name_prefix="proof") as pool:
                 for path, remote in zip(paths, pool.map(client.metadata, paths)):
                     if remote is not None:
-                        self._found[path_key(path)] = remote
+                        self._found[case_key(path)] = remote
             self.calls = len(paths)
             return
-        self._list(client, topmost_folders(paths))
+        self._list(client, topmost_folders(parent_folder(p) for p in paths))
 
     @classmethod
     def of_folders(cls, client, folders: Iterable[str]) -> "RemoteSnapshot":
         """Everything below these Dropbox folders (recursive listings)."""
         snapshot = cls(client, [])
-        snapshot._list(client, topmost_folders(f.rstrip("/") + "/x" for f in folders))
+        snapshot._list(client, topmost_folders(f.rstrip("/") or "/" for f in folders))
         return snapshot
 
     def _list(self, client, folders: Sequence[str]) -> None:
         for folder in folders:
             for remote in client.iter_entries_or_empty(folder):
-                self._found[path_key(remote.path_display)] = remote
+                self._found[case_key(remote.path_display)] = remote
             self.calls += 1
 
     def entries(self) -> list:
         return list(self._found.values())
 
     def get(self, dropbox_path: str):
-        return self._found.get(path_key(dropbox_path))
+        return self._found.get(case_key(dropbox_path))
 
 
 def judge(original: UploadedOriginal, snapshot: RemoteSnapshot, *, check_disk: bool = True) -> Verdict:

@@ -67,6 +67,10 @@ CREATE TABLE IF NOT EXISTS accounts (
 ADDED_COLUMNS = (("confirmed_chunks", "TEXT"), ("source_id", "TEXT"),
                  ("hash_local", "INTEGER NOT NULL DEFAULT 0"), ("remote_path", "TEXT"))
 
+# What an item forgets when Dropbox no longer holds what the journal says (local hashes stay).
+_FORGET_DROPBOX = ("state = 'pending', session_id = NULL, session_started = NULL, confirmed_offset = 0, "
+                   "confirmed_chunks = NULL, remote_rev = NULL, remote_path = NULL")
+
 ITEM_COLUMNS = ("id", "job", "source", "destination", "kind", "part_offset", "length", "source_size",
                 "source_mtime_ns", "state", "session_id", "session_started", "confirmed_offset",
                 "content_hash", "sha256", "remote_rev", "error", "source_deleted", "confirmed_chunks", "source_id",
@@ -424,9 +428,7 @@ class Journal:
             for item in items:
                 item.state, item.session_id, item.session_started = "pending", None, None
                 item.confirmed_offset, item.confirmed_chunks, item.remote_rev, item.remote_path = 0, None, None, None
-                self._db.execute("UPDATE items SET state = 'pending', session_id = NULL, session_started = NULL, "
-                                 "confirmed_offset = 0, confirmed_chunks = NULL, remote_rev = NULL, "
-                                 "remote_path = NULL, updated = ? WHERE id = ?", (now, item.id))
+                self._db.execute(f"UPDATE items SET {_FORGET_DROPBOX}, updated = ? WHERE id = ?", (now, item.id))
             self._db.execute("COMMIT")
 
     # -- whose Dropbox -----------------------------------------------------------------------
@@ -441,9 +443,8 @@ class Journal:
                                    (self.job,)).fetchone()
         previous = tuple(row) if row else None
         if previous is not None and previous != (account_id, root_namespace):
-            self._write("UPDATE items SET state = 'pending', session_id = NULL, session_started = NULL, "
-                        "confirmed_offset = 0, confirmed_chunks = NULL, remote_rev = NULL, remote_path = NULL, "
-                        "updated = ? WHERE job = ? AND state != 'pending'", (time.time(), self.job))
+            self._write(f"UPDATE items SET {_FORGET_DROPBOX}, updated = ? WHERE job = ? AND state != 'pending'",
+                        (time.time(), self.job))
         if previous != (account_id, root_namespace):
             self._write("INSERT INTO accounts (job, account_id, root_namespace, updated) VALUES (?, ?, ?, ?) "
                         "ON CONFLICT (job) DO UPDATE SET account_id = excluded.account_id, "

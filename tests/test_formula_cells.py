@@ -109,12 +109,14 @@ def test_calculated_formulas_are_read_as_their_values_and_unused_ones_are_ignore
         [None, None, "=NOW()"],  # a row with a formula in an unused column only: still a blank row
         [concat_formula(data, "c"), 0, None],  # never calculated
     ]
-    book = write_xlsx(tmp_path / "zipDir.xlsx", {"zipDir": rows})
-    cache_values(book, {"A2": ("str", f"{data.as_posix()}/a"), "B2": ("n", "1"), "B3": ("str", "")})
+    def dry_run():
+        """The tab as Excel would have saved it: rows 2 and 3 calculated, the rest as written."""
+        book = write_xlsx(tmp_path / "zipDir.xlsx", {"zipDir": rows})
+        cache_values(book, {"A2": ("str", f"{data.as_posix()}/a"), "B2": ("n", "1"), "B3": ("str", "")})
+        return run_script("preProcess/2_zipDir.py", "--excelName", str(book), "--logs", str(tmp_path / "logs"),
+                          "--dry-run")
 
-    result = run_script("preProcess/2_zipDir.py", "--excelName", str(book), "--logs", str(tmp_path / "logs"),
-                        "--dry-run")
-
+    result = dry_run()
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     problems = problem_lines(output)
@@ -124,10 +126,7 @@ def test_calculated_formulas_are_read_as_their_values_and_unused_ones_are_ignore
                            "it, so its formulas are calculated"]
 
     rows[4] = [str(data / "c"), 0, None]  # as if Excel had calculated it
-    book = write_xlsx(tmp_path / "zipDir.xlsx", {"zipDir": rows})
-    cache_values(book, {"A2": ("str", f"{data.as_posix()}/a"), "B2": ("n", "1"), "B3": ("str", "")})
-    result = run_script("preProcess/2_zipDir.py", "--excelName", str(book), "--logs", str(tmp_path / "logs"),
-                        "--dry-run")
+    result = dry_run()
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert f"[row 2] would zip {data / 'a'} into {data / 'a.zip'} and then delete the originals" in output

@@ -26,13 +26,15 @@ from typing import Callable, Iterable
 
 from tqdm import tqdm
 
-from . import deletion, split
+from . import deletion, destinations, prepare, split, units
+from .cli import RunContext
 from .content_hash import ContentHasher, bytes_content_hash, hash_range
 from .dropbox_client import (CommitRequest, ContentHashMismatch, DropboxClient,
                              IncorrectOffset, InsufficientSpace, NetworkProblem, RateLimited,
                              RemoteConflict, RemoteFile, SessionClosed, SessionGone, TransportLimit,
                              mtime_to_client_modified)
-from .errors import ArchiveError, AuthError, FileProblem
+from .errors import EXIT_OK, EXIT_SOME_FAILED, ArchiveError, AuthError, FileProblem, SheetError
+from .job_setup import bind_account, open_client, plan_rows, prepare_rows, settle_interrupted_deletions, with_dropbox_side
 from .journal import Item, Journal
 from .localfs import read_into
 from .prepare import Plan, case_key
@@ -1138,3 +1140,75 @@ def delete_verified_sources(client: DropboxClient, plan: Plan, journal: Journal,
                  "disk and deleted in %.2f s; %d deleted.", len(originals), report.remote_calls, report.remote_seconds,
                  report.local_seconds, len(report.deleted))
     return len(report.deleted), [(str(path), reason) for path, reason in report.kept]
+
+
+# ============================================================================ entry point
+
+
+def run(context: RunContext, sheet: str) -> int:
+    """app.py with sheetName = 'dropboxUpload_API'."""
+    settings = context.settings
+    chunk = max(4, settings.chunkSize_MB // 4 * 4) * MIB  # 4 MiB multiples match Dropbox's hash blocks
+    if settings.chunkSize_MB % 4:
+        context.log.info("chunkSize_MB %d is used as %d (a multiple of 4 MiB).", settings.chunkSize_MB, chunk // MIB)
+    part_limit = int(min(settings.fileSizeLimit_GB * units.GB, prepare.DROPBOX_API_MAX_FILE))
+    with Journal(context.logs_root / "journal.sqlite3", sheet) as journal:
+        settle_interrupted_deletions(journal, context.log)
+        workers = settings.workers * (settings.connectionsPerFile + 1)
+        try:
+            plan = prepare_rows(context, sheet, destination_of_row=lambda row: row["outputDir"],
+                                part_limit=part_limit, already_done=journal.deleted_sources(), mode="API",
+                                bytes_per_second=50e6)
+        except SheetError as exc:
+            # All of Stage 1's problems in one pass: the Dropbox side of what could be planned too.
+            raise with_dropbox_side(exc, context, lambda: open_client(context, workers=workers)) from None
+        if context.args.dry_run:
+            client = destinations.client_for_dry_run(lambda: open_client(context, workers=workers), context.log)
+            if client is not None:
+                destinations.refuse_blocked(client, plan, destination_of_row=lambda row: row["outputDir"],
+                                            log=context.log)
+            context.log.info("Dry run: nothing was sent.")
+            return EXIT_OK
+        client = open_client(context, workers=workers)
+        # Before the first byte: Dropbox would refuse a blocked destination only at commit time.
+        destinations.refuse_blocked(client, plan, destination_of_row=lambda row: row["outputDir"], log=context.log)
+        bind_account(journal, client, context.log)
+        items = journal.sync_plan(prepare.iter_items(plan, sheet))
+        options = UploadOptions(chunk_size=chunk, workers=settings.workers, if_exists=settings.ifExists,
+                                checksum=settings.checksum, sleep_seconds=settings.sleepTime_min * 60,
+                                appends_per_file=settings.connectionsPerFile,
+                                concurrent_above=4 * chunk,
+                                memory_budget=max(settings.memoryLimit_MB * MIB, 2 * chunk))
+        uploader = ApiUploader(client, journal, options, context.log)
+        uploader.sources_to_delete = {str(s.source) for s in plan.sources if s.delete_after}
+        context.log.info("Stage 2, upload through the Dropbox API with %d workers, %d MiB chunks.",
+                         settings.workers, chunk // MIB)
+        summary = uploader.run(items, {row["outputDir"] for row in plan_rows(plan)})
+        summary.failures.extend(uploader.create_empty_folders(plan.empty_folders))
+        deleted, delete_failures = delete_verified_sources(client, plan, journal, context.log)
+        summary.deleted_sources = deleted
+        for path, message in delete_failures:
+            summary.failures.append((path, message))
+            context.log.error("NOT DELETED\t%s: %s", path, message)
+        _log_summary(context, summary)
+        return EXIT_OK if summary.ok else EXIT_SOME_FAILED
+
+
+def _log_summary(context: RunContext, summary) -> None:
+    log = context.log
+    summary.failures.extend(context.stage1_failures)
+    speed = summary.bytes_sent / summary.seconds if summary.seconds else 0
+    log.info("Summary: %d files in the sheet; %d items sent now, %d already in Dropbox, %d done in earlier runs; "
+             "%s sent in %.0f s (%s/s); %d originals deleted after verification; %d failed.",
+             summary.files_total, summary.items_uploaded, summary.items_already_there, summary.items_done_before,
+             units.human_bytes(summary.bytes_sent), summary.seconds, units.human_bytes(speed),
+             summary.deleted_sources, len(summary.failures))
+    for destination, message in summary.failures[:50]:
+        log.error("  failed: %s: %s", destination, message)
+    if summary.failures:
+        log.error("Some files did not reach Dropbox. Fix what the messages say and run app.py again: finished "
+                  "files are not sent twice.")
+    else:
+        log.info("Everything is in Dropbox and verified by content hash.")
+    log.info("Log: %s", context.log_path)
+    sys.stdout.flush()

@@ -54,6 +54,7 @@ from .dropbox_client import (DropboxClient, DropboxProblem, NetworkProblem, Rang
                              RemoteFolder)
 from .errors import EXIT_OK, EXIT_SOME_FAILED, AuthError, FileProblem, SheetError, SheetProblem
 from .localfs import legacy_temporary, rename_without_replacing, temporary_sibling
+from .job_setup import open_client
 from .journal import Item, Journal
 from .prepare import human_bytes
 from .status import every, locked, shutdown, status_of, wait_futures
@@ -899,8 +900,6 @@ def _log_plan(plan: DownloadPlan, todo: list[Task], log: logging.Logger) -> None
 
 def run(context: RunContext, sheet: str) -> int:
     """app.py with sheetName = 'dropboxDownload_API'."""
-    from .app_runner import open_client
-
     settings, log = context.settings, context.log
     rows, problems = sheets.read_tab_with_problems(settings.excelName, sheet, COLUMNS)
     log.info("Download: %d row(s) in tab '%s' of %s.", len(rows), sheet, settings.excelName)

@@ -147,7 +147,7 @@ def test_another_account_gets_the_files_before_any_original_is_deleted(tmp_path,
 
 @pytest.fixture
 def world(tmp_path: Path):
-    from tests.test_app_upload import _world
+    from tests.test_desktop_upload import _world
 
     yield from _world(tmp_path, team=False)
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from conftest import REPO, log_files, make_tree, script_env, write_xlsx, SYSTEM_CA
 from tests.dropbox_server import DropboxTestServer, FailRule
 
-from archive_dropbox import api_upload, app_upload, download, status
+from archive_dropbox import api_upload, desktop_upload, download, status
 from archive_dropbox.content_hash import bytes_content_hash
 from archive_dropbox.dropbox_client import NetworkProblem, RemoteFile, SpaceUsage
 from archive_dropbox.units import human_bytes
@@ -301,7 +301,7 @@ def test_desktop_app_copies_and_lookups_wait_in_slices(windows_waits):
         assert windows_waits.wait(BOUND), "the main thread never waited"
         seen.append(len(block))
 
-    hashes = app_upload._SideBySideHashes([slow_hasher])
+    hashes = desktop_upload._SideBySideHashes([slow_hasher])
     for _ in range(5):  # more blocks than the lane holds: the copy waits for the hasher
         hashes.feed(b"x" * 10)
     hashes.close()
@@ -315,7 +315,7 @@ def test_desktop_app_copies_and_lookups_wait_in_slices(windows_waits):
 
     asker = SimpleNamespace(client=SimpleNamespace(metadata=metadata))
     items = [SimpleNamespace(destination=f"/x/{i}.bin") for i in range(3)]
-    found = app_upload.AppUploader.lookup(asker, items)
+    found = desktop_upload.AppUploader.lookup(asker, items)
     assert sorted(found) == ["/x/0.bin", "/x/1.bin", "/x/2.bin"]
 
 

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import make_tree, run_script
-from archive_dropbox import app_upload, cli, download, joining, localfs, names, prepare, scan, zipping
+from archive_dropbox import desktop_upload, cli, download, joining, localfs, names, prepare, scan, zipping
 from archive_dropbox.dropbox_client import RemoteFile, RemoteFolder
 from archive_dropbox.errors import FileProblem, SheetError
 from archive_dropbox.settings import Setting
@@ -321,5 +321,5 @@ def test_durations_read_as_people_say_them(seconds, text):
 
 
 def test_a_sleep_time_below_one_minute_is_not_every_0_min():
-    assert app_upload.every(0.5 * 60) == "30 s"
-    assert app_upload.every(0.01 * 60) == "0.6 s"
+    assert desktop_upload.every(0.5 * 60) == "30 s"
+    assert desktop_upload.every(0.01 * 60) == "0.6 s"

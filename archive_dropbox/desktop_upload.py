@@ -37,6 +37,7 @@ from .content_hash import ContentHasher, bytes_content_hash
 from .dropbox_client import NetworkProblem, RateLimited, RemoteFile, RemoteFolder
 from .errors import (EXIT_OK, EXIT_SOME_FAILED, ArchiveError, EnvironmentProblem, FileProblem, SettingsError,
                      SheetProblem)
+from .job_setup import bind_account, open_client, prepare_rows, settle_interrupted_deletions
 from .journal import Item, Journal
 from .localfs import legacy_temporary, temporary_sibling
 from .names import case_key
@@ -943,8 +944,6 @@ def _corrupt_arrival(item: Item, found: RemoteFile | RemoteFolder) -> CorruptArr
 
 def run(context: RunContext, sheet: str) -> int:
     """app.py with sheetName = 'dropboxUpload_APP'."""
-    from .app_runner import bind_account, open_client, prepare_rows, settle_interrupted_deletions
-
     settings = context.settings
     log = context.log
     folder = check_dropbox_dir(settings.dropboxDir, context.script)
@@ -996,7 +995,7 @@ def run(context: RunContext, sheet: str) -> int:
 
 def _log_summary(context: RunContext, summary: AppSummary) -> None:
     log = context.log
-    summary.failures.extend(context.stage1_failures)  # set by app_runner.prepare_rows
+    summary.failures.extend(context.stage1_failures)  # set by job_setup.prepare_rows
     speed = summary.bytes_copied / summary.seconds if summary.seconds else 0
     log.info("Summary: %d files in the sheet (%d items in %d batches); %d verified in Dropbox now, %d done in earlier "
              "runs; %d copied into the Dropbox folder (%s at %s/s), %d already there; %d originals deleted after "

@@ -1,0 +1,330 @@
+"""The machinery the three transfer engines share (API upload, desktop-app upload, download).
+
+- `RetryPolicy` / `Retrier`: one answer to "what now?" for every request: network trouble is
+  retried with doubling back-off up to a give-up time, a rate limit waits what Dropbox's
+  Retry-After says, a full Dropbox or the team's data-transport limit pauses every worker,
+  anything else goes back to the caller. Shape learnt from rclone's lib/pacer (one policy, one
+  classifier per backend); here the classifier is dropbox_client's error classes.
+- `Pauses`: one pause policy (Dropbox full, transport limit, local disk full) that holds every
+  worker behind one lock and says so on the one status line of the run (status.Status).
+- `JobRunner`: a bounded number of jobs in flight, a worker's unexpected error re-raised in the
+  main thread, and Ctrl-C stopping workers between chunks instead of after the whole job.
+- `ByteProgress`: the bytes bar and the "still to send" of the status line.
+- `log_result` / `log_failures`: the tab-separated result line every engine writes per file,
+  and the end-of-run failure list.
+
+Nothing here knows about items, batches or the journal: engines pass callables.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence, TypeVar
+
+import psutil
+from tqdm import tqdm
+
+from .dropbox_client import ContentHashMismatch, InsufficientSpace, NetworkProblem, RateLimited, TransportLimit
+from .errors import FileProblem
+from .status import every, locked, nap, shutdown, status_of, wait_futures
+from .units import human_bytes
+
+T = TypeVar("T")
+
+SPACE_MARGIN = 64 * 1024 * 1024  # bytes kept free on a local disk: room for the journal, logs and the OS
+
+
+# -- retries ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How one request rides out trouble. Seconds throughout."""
+
+    give_up_seconds: float = 3600.0  # continuous network failure before the file is given up (FileProblem)
+    first_delay: float = 1.0         # first wait after a network failure, doubled each time...
+    max_delay: float = 60.0          # ...up to this
+    min_rate_wait: float = 0.5       # shortest wait after a rate limit (Retry-After may say 0)
+
+
+class Backoff:
+    """The waits between retries of one request (or one resumable stream): doubling from
+    `first_delay` to `max_delay`; `expired()` once trouble has lasted `give_up_seconds` since
+    the first failure after the last success."""
+
+    def __init__(self, policy: RetryPolicy):
+        self.policy = policy
+        self.failures = 0
+        self._since: float | None = None
+        self._delay = policy.first_delay
+
+    def failed(self) -> float:
+        """Record a failure; returns how long to wait before the next try."""
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        self.failures += 1
+        delay = self._delay
+        self._delay = min(self._delay * 2, self.policy.max_delay)
+        return delay
+
+    def expired(self) -> bool:
+        return self._since is not None and time.monotonic() - self._since > self.policy.give_up_seconds
+
+    def succeeded(self) -> None:
+        self.failures, self._since, self._delay = 0, None, self.policy.first_delay
+
+    @property
+    def first(self) -> bool:
+        """True right after the first failure of a spell of trouble."""
+        return self.failures == 1
+
+
+class Retrier:
+    """Runs requests under one RetryPolicy, reporting network trouble to the run's status line and
+    pausing through `pauses` when Dropbox is full or the transport limit is reached.
+
+    `stop()`: true once the run is stopping (Ctrl-C, a fatal error): waits end at once and
+    `call` raises `stopped()` (the run's fatal error)."""
+
+    def __init__(self, log: logging.Logger, policy: RetryPolicy, pauses: "Pauses | None" = None,
+                 stop: Callable[[], BaseException | None] = lambda: None):
+        self.log = log
+        self.policy = policy
+        self.pauses = pauses
+        self._stop = stop
+        self.status = status_of(log)
+
+    def stopping(self) -> bool:
+        return self._stop() is not None
+
+    def call(self, what: str, request: Callable[[], T], *, needed: int = 0,
+             give_up: Callable[[NetworkProblem], BaseException] | None = None) -> T:
+        """`request()`'s answer, retried through network trouble, rate limits and pauses.
+
+        `what` names the request in messages; `needed`: bytes the request stores (for a pause
+        when Dropbox is full). After `give_up_seconds` of network failure raises
+        `give_up(error)` (default: FileProblem "<what>: the network failed for more than N min").
+        Every other error (per-file problems, offset errors, auth) goes back to the caller."""
+        backoff = Backoff(self.policy)
+        transport_paused = False
+        while True:
+            fatal = self._stop()
+            if fatal is not None:
+                raise fatal
+            try:
+                answer = request()
+            except NetworkProblem as exc:
+                if backoff.expired():
+                    if give_up is not None:
+                        raise give_up(exc) from None
+                    raise FileProblem(f"{what}: the network failed for more than "
+                                      f"{self.policy.give_up_seconds / 60:.0f} min ({exc.message})") from None
+                delay = backoff.failed()
+                self.log.debug("%s: %s; retrying in %.0f s", what, exc.message, delay)
+                self.status.network_trouble(exc.message, delay, backoff.failures)
+                nap(delay, self.stopping)
+            except RateLimited as exc:
+                nap(max(exc.retry_after, self.policy.min_rate_wait), self.stopping)
+            except InsufficientSpace:
+                if self.pauses is None:
+                    raise
+                self.pauses.wait_for_dropbox_space(max(needed, 1), "Dropbox is full")
+            except TransportLimit:
+                if self.pauses is None:
+                    raise
+                transport_paused = True
+                self.pauses.wait_for_transport()
+            except ContentHashMismatch as exc:
+                # Bytes changed on the wire: the same request again, after a pause like a network failure.
+                self.log.warning("%s", exc.message)
+                nap(backoff.failed(), self.stopping)
+            else:
+                self.status.network_ok()
+                if transport_paused:
+                    self.log.info("Dropbox accepts transfers again (data-transport limit): continuing.")
+                return answer
+
+
+# -- pauses ----------------------------------------------------------------------------------------
+
+def existing_ancestor(path: Path) -> Path:
+    """The nearest folder of `path` that exists (what a disk-usage query can be asked about)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+class Pauses:
+    """Holds every worker while the run cannot go on (Dropbox full, the team's data-transport
+    limit, a full local disk) and re-checks every `sleep_seconds`; one worker reports and waits,
+    the others queue behind it and re-check after. `paused_seconds` adds up the waits."""
+
+    def __init__(self, log: logging.Logger, sleep_seconds: float, *, client=None,
+                 stop: Callable[[], bool] = lambda: False, usage: Callable = psutil.disk_usage):
+        """`client`: a DropboxClient (for its space_usage); `usage`: psutil.disk_usage or a stand-in."""
+        self._client = client
+        self._status = status_of(log)
+        self._sleep = sleep_seconds
+        self._stop = stop
+        self._usage = usage
+        self._lock = threading.Lock()
+        self.paused_seconds = 0.0
+
+    def _nap(self) -> None:
+        started = time.monotonic()
+        nap(self._sleep, self._stop)
+        self.paused_seconds += time.monotonic() - started
+
+    def wait_for_dropbox_space(self, needed: int, reason: str) -> None:
+        """Hold until Dropbox has `needed` bytes free; the status says the pause and what is left."""
+        with locked(self._lock):
+            while True:
+                usage = self._client.space_usage()
+                if usage.free is None or usage.free >= needed:
+                    self._status.resumed("Dropbox has room again (%s free): continuing." % (
+                        "unlimited" if usage.free is None else human_bytes(usage.free)))
+                    return
+                self._status.paused(f"PAUSED: {reason}: {human_bytes(usage.free)} free in Dropbox, "
+                                    f"{human_bytes(needed)} needed. Free some space or raise the quota; checking "
+                                    f"again every {every(self._sleep)}. Nothing is lost while paused")
+                self._nap()
+                if self._stop():
+                    self._status.resumed()
+                    return
+
+    def wait_for_transport(self) -> None:
+        with locked(self._lock):
+            self._status.paused(f"PAUSED: Dropbox reports the team's monthly data-transport limit is reached. "
+                                f"Trying again every {every(self._sleep)}; nothing is lost while paused")
+            self._nap()
+            self._status.resumed()  # the next request tells whether the limit still holds
+
+    def disk_free(self, folder: Path) -> int:
+        return int(self._usage(str(existing_ancestor(folder))).free)
+
+    def disk_has_room(self, folder: Path, needed: int) -> bool:
+        return self.disk_free(folder) >= needed + SPACE_MARGIN
+
+    def wait_for_disk(self, folder: Path, needed: int, reason: str) -> None:
+        """Hold until the disk holding `folder` has `needed` bytes free plus SPACE_MARGIN."""
+        if self.disk_has_room(folder, needed):
+            return
+        with locked(self._lock):
+            paused = False
+            while not self.disk_has_room(folder, needed):
+                if self._stop():
+                    self._status.resumed()
+                    return
+                paused = True
+                self._status.paused(
+                    f"PAUSED: {reason}: {human_bytes(self.disk_free(folder))} free on the disk holding "
+                    f"{existing_ancestor(folder)}, {human_bytes(needed)} needed (plus {human_bytes(SPACE_MARGIN)} "
+                    f"kept free). Free some space; checking again every {every(self._sleep)}. Nothing is lost "
+                    "while paused")
+                self._nap()
+            if paused:
+                self._status.resumed(f"The disk holding {existing_ancestor(folder)} has room again "
+                                     f"({human_bytes(self.disk_free(folder))} free): continuing.")
+
+
+# -- running many jobs -----------------------------------------------------------------------------
+
+class JobRunner:
+    """Thread pools for one run's jobs, with at most `in_flight` jobs submitted and not finished
+    (memory depends on what is in flight, not on the number of files).
+
+    Use as a context manager. A job's unexpected exception (a bug; per-file problems are the
+    job's own business) is re-raised in the submitting thread. Any exception there, Ctrl-C
+    included, becomes `fatal`, which workers poll (`stopping()`) to stop between chunks; on exit
+    every pool is shut down without waiting for queued jobs."""
+
+    def __init__(self, pools: dict[str, int], in_flight: int, extra: Sequence[futures.Executor] = ()):
+        """`pools`: name -> worker threads; `extra`: other executors to shut down with these."""
+        self.pools = {name: futures.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix=name)
+                      for name, workers in pools.items()}
+        self._extra = list(extra)
+        self._in_flight = max(1, in_flight)
+        self._pending: set[futures.Future] = set()
+        self.fatal: BaseException | None = None
+
+    def stopping(self) -> bool:
+        return self.fatal is not None
+
+    def fail(self, exc: BaseException) -> None:
+        """Make `exc` the run's fatal error (the first one wins)."""
+        if self.fatal is None:
+            self.fatal = exc if isinstance(exc, Exception) else KeyboardInterrupt()
+
+    def submit(self, pool: str, job: Callable, *args) -> None:
+        self._pending.add(self.pools[pool].submit(job, *args))
+        if len(self._pending) >= self._in_flight:
+            finished, self._pending = wait_futures(self._pending, futures.FIRST_COMPLETED)
+            raise_bugs(finished)
+
+    def wait_all(self) -> None:
+        finished, _ = wait_futures(self._pending)
+        self._pending = set()
+        raise_bugs(finished)
+
+    def __enter__(self) -> "JobRunner":
+        return self
+
+    def __exit__(self, kind, exc, trace) -> None:
+        if exc is not None:
+            self.fail(exc)
+        for executor in [*self.pools.values(), *self._extra]:
+            shutdown(executor)
+
+    def raise_if_failed(self) -> None:
+        if self.fatal is not None:
+            raise self.fatal
+
+
+def raise_bugs(finished: Iterable[futures.Future]) -> None:
+    """Re-raise the exception of the first finished future that had one."""
+    for future in finished:
+        future.result()
+
+
+# -- progress and results --------------------------------------------------------------------------
+
+class ByteProgress:
+    """The run's bytes bar and the status line's "<amount> still to <verb>"; thread-safe.
+
+    `advance(count)` moves both (negative: taken back, e.g. a download restarted)."""
+
+    def __init__(self, log: logging.Logger, *, total: int, done: int = 0, desc: str, verb: str):
+        self._status = status_of(log)
+        self._lock = threading.Lock()
+        self.left = total - done  # kept here: tqdm counts nothing when hidden
+        self._status.remaining(lambda: f"{human_bytes(max(0, self.left))} still to {verb}")
+        self.bar = self._status.show(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc,
+                                          disable=None, initial=done, dynamic_ncols=True))
+
+    def advance(self, count: int) -> None:
+        with self._lock:
+            self.left -= count
+            self.bar.update(count)
+
+    def close(self) -> None:
+        self._status.hide(self.bar)
+        self._status.remaining(None)
+        self.bar.close()
+
+
+def log_result(log: logging.Logger, result: str, size: str, seconds: float, source: object, destination: object,
+               level: int = logging.INFO) -> None:
+    """One tab-separated result line per file: RESULT, size, seconds, source -> destination."""
+    log.log(level, "%s\t%s\t%.1fs\t%s\t->\t%s", result, size, seconds, source, destination)
+
+
+def log_failures(log: logging.Logger, failures: Sequence[tuple[object, str]], shown: int = 50) -> None:
+    """The first `shown` failures of a run, one per line, at the end of its summary."""
+    for where, message in failures[:shown]:
+        log.error("  failed: %s: %s", where, message)

@@ -10,21 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import destinations, prepare, sheets
+from . import destinations, prepare, sheets, tabs
 from .cli import RunContext
 from .credentials import default_token_file, load_credentials
 from .dropbox_client import DropboxClient
 from .errors import ArchiveError, SheetError
 from .logs import close_log, start_log
 
-UPLOAD_COLUMNS = {
-    "dropboxUpload_API": [sheets.Column("inputFile", sheets.LOCAL_PATH),
-                          sheets.Column("outputDir", sheets.DROPBOX_PATH),
-                          sheets.Column("deleteAfterUpload", sheets.FLAG)],
-    "dropboxUpload_APP": [sheets.Column("inputFile", sheets.LOCAL_PATH),
-                          sheets.Column("outputDir", sheets.LOCAL_DIR),
-                          sheets.Column("deleteAfterUpload", sheets.FLAG)],
-}
+UPLOAD_COLUMNS = {tab.name: list(tab.columns) for tab in (tabs.UPLOAD_API, tabs.UPLOAD_APP)}
 
 
 def token_file(context: RunContext) -> Path:

@@ -19,30 +19,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
+from openpyxl import load_workbook
 from openpyxl.utils.cell import coordinate_to_tuple, get_column_letter, range_boundaries
 
 from .errors import SheetError, SheetProblem
 from .localfs import temporary_sibling, windows_path_kind
-
-# Column kinds understood by `read_tab`.
-EXISTING_PATH = "existing_path"  # a file or a folder that exists
-EXISTING_DIR = "existing_dir"
-EXISTING_FILE = "existing_file"
-LOCAL_DIR = "local_dir"  # a folder that may not exist yet
-LOCAL_PATH = "local_path"  # a file or folder that may be gone (checked by the caller)
-DROPBOX_PATH = "dropbox_path"  # /Data/2024
-FLAG = "flag"  # 0 / 1, blank = 0
-TEXT = "text"
-PATH_KINDS = (EXISTING_PATH, EXISTING_DIR, EXISTING_FILE, LOCAL_DIR, LOCAL_PATH, DROPBOX_PATH)
+# Column kinds and Column live with the tab definitions; readers keep importing them from here.
+from .tabs import (DROPBOX_PATH, EXISTING_DIR, EXISTING_FILE, EXISTING_PATH, FLAG, LOCAL_DIR,  # noqa: F401
+                   LOCAL_PATH, PATH_KINDS, TEXT, Column)
 
 WORKBOOK_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods")
-
-
-@dataclass(frozen=True)
-class Column:
-    name: str
-    kind: str
-    required: bool = True  # the cell must not be blank (flags never are: blank means 0)
 
 
 @dataclass(frozen=True)
@@ -314,7 +300,7 @@ def _ods_merges(workbook: Path, tab: str) -> list[Merge]:
 
 
 def _xls_merges(workbook: Path, tab: str) -> list[Merge]:
-    import xlrd
+    import xlrd  # only old .xls workbooks need it: not loaded at every start
 
     book = xlrd.open_workbook(str(workbook), formatting_info=True, on_demand=True)
     try:
@@ -423,8 +409,6 @@ def _as_shown(value: Any, number_format: str | None) -> str | None:
 
 def _number_formats(workbook: Path, tab: str, cells: Iterable[tuple[int, int]]) -> dict[tuple[int, int], str]:
     """{(row, column from 0): number format} of these cells of an .xlsx tab."""
-    from openpyxl import load_workbook
-
     wanted = set(cells)
     rows = [row for row, _ in wanted]
     found: dict[tuple[int, int], str] = {}

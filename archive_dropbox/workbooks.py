@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import tabs
 from .sheets import write_workbook
 
 Tab = tuple[Sequence[str], list[Sequence[Any]]]
@@ -50,33 +51,24 @@ INPUTS_README = [
     ("Logs", "Every run writes logs named by date and time in logs/dataPrep and logs/upload."),
 ]
 
-# Example rows point at folders under an 'example' folder that does not exist, so running a
-# template by mistake stops at the preflight with a clear message and touches nothing.
-EXAMPLE_DIR = "C:\\example\\replace-me"
+def _tab(tab: tabs.Tab, rows) -> Tab:
+    return (tab.headers, rows if rows is not None else [list(tab.example)])
 
 
 def zip_dir_tabs(list_rows=None, zip_rows=None) -> dict[str, Tab]:
     return {
-        "listDirToZip": (["inputDir"], list_rows if list_rows is not None else [[EXAMPLE_DIR]]),
-        "zipDir": (["inputDir", "deleteFlag"],
-                   zip_rows if zip_rows is not None else [[EXAMPLE_DIR + "\\001", 0]]),
+        "listDirToZip": _tab(tabs.LIST_DIR_TO_ZIP, list_rows),
+        "zipDir": _tab(tabs.ZIP_DIR, zip_rows),
         "README": (["topic", "explanation"], ZIP_DIR_README),
     }
 
 
 def inputs_tabs(app_rows=None, api_rows=None, download_rows=None, join_rows=None) -> dict[str, Tab]:
     return {
-        "dropboxUpload_APP": (["inputFile", "outputDir", "deleteAfterUpload"],
-                              app_rows if app_rows is not None
-                              else [[EXAMPLE_DIR, "C:\\Users\\me\\Dropbox (Lab)\\Archive", 0]]),
-        "dropboxUpload_API": (["inputFile", "outputDir", "deleteAfterUpload"],
-                              api_rows if api_rows is not None else [[EXAMPLE_DIR, "/Archive/example", 0]]),
-        "dropboxDownload_API": (["dropboxPath", "localDir", "joinFlag"],
-                                download_rows if download_rows is not None
-                                else [["/Archive/example", EXAMPLE_DIR + "-restored", 1]]),
-        "joinFiles": (["inputFile", "deleteFlag", "unzipFlag"],
-                      join_rows if join_rows is not None
-                      else [[EXAMPLE_DIR + "\\big.mrc_split_0001", 0, 0]]),
+        "dropboxUpload_APP": _tab(tabs.UPLOAD_APP, app_rows),
+        "dropboxUpload_API": _tab(tabs.UPLOAD_API, api_rows),
+        "dropboxDownload_API": _tab(tabs.DOWNLOAD_API, download_rows),
+        "joinFiles": _tab(tabs.JOIN_FILES, join_rows),
         "README": (["topic", "explanation"], INPUTS_README),
     }
 

@@ -14,24 +14,131 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from enum import Enum, IntEnum
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .errors import JournalError, JournalLocked
 from .localfs import on_network_drive
 
+
+class _Stored(str, Enum):
+    """A value the journal stores as text. A member IS that text: it compares and hashes equal to
+    it (so `item.state == "done"` holds), and shows as it in f-strings, logs and SQL parameters.
+    (enum.StrEnum would do this, but only from Python 3.11; the tool supports 3.9.)"""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class State(_Stored):
+    """Where one item stands (items.state), and which engine sets it.
+
+    PENDING      nothing of it is in Dropbox (or on disk) as far as the journal knows: newly planned,
+                 its source changed, or reopened because Dropbox no longer holds it (every engine)
+    UPLOADING    API upload: an upload session is open; session_id, confirmed_offset and
+                 confirmed_chunks say how far Dropbox has it
+    COPIED       desktop-app upload: complete under its real name in the local Dropbox folder, its
+                 hashes recorded; the app has yet to upload it and Dropbox to report them
+    DOWNLOADING  download: a partial file is being written from Dropbox revision remote_rev
+    DONE         finished: in Dropbox with content_hash (both uploads; hash_local says whether it
+                 was checked against the local bytes), on disk with the content hash Dropbox
+                 reports (download), or joined from its parts (download, kind JOINED)
+    FAILED       given up on in this run (error says why); every engine tries it again next run
+    """
+
+    PENDING = "pending"
+    UPLOADING = "uploading"
+    COPIED = "copied"
+    DOWNLOADING = "downloading"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Kind(_Stored):
+    """What one item is (items.kind).
+
+    FILE      a whole file: uploaded as it is, or (download) one Dropbox file written to disk
+    PART      one part of a split file: the source's bytes part_offset .. part_offset + length
+    MANIFEST  a split file's manifest, made from its parts' SHA-256s (length 0 in the plan)
+    JOINED    download: a split file joined from its downloaded parts (content_hash holds the
+              series' signature), so a rerun neither downloads nor joins it again
+    """
+
+    FILE = "file"
+    PART = "part"
+    MANIFEST = "manifest"
+    JOINED = "joined"
+
+
+class BatchState(_Stored):
+    """Where one batch of the desktop-app upload stands (batches.state; set by that engine only).
+
+    COPYING   its items are being copied into the local Dropbox folder
+    WAITING   copied; waiting for the app to upload them and Dropbox to report their hashes
+    FAILED    Dropbox holds a different file than the one copied: nothing of it was deleted
+    VERIFIED  every copied item is in Dropbox with the expected hash; its originals may go
+    DELETED   finished: every item done and the originals deleted (when the settings ask)
+    """
+
+    COPYING = "copying"
+    WAITING = "waiting"
+    FAILED = "failed"
+    VERIFIED = "verified"
+    DELETED = "deleted"
+
+
+class SourceDeleted(IntEnum):
+    """Whether an item's local original was deleted (items.source_deleted; set by the deletion
+    gate of the uploads). DELETING is written ahead of the unlink, so a rerun after a crash
+    between the unlink and the bookkeeping finds it and settles it (finish_interrupted_deletions)."""
+
+    KEPT = 0
+    DELETED = 1
+    DELETING = 2
+
+    def __str__(self) -> str:  # "2", not "SourceDeleted.DELETING" (Python < 3.11)
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+# Stored value -> member, for every Item built: a dict lookup costs a tenth of State(text), and
+# a journal holds up to millions of items.
+_STATE_OF = {member.value: member for member in State}
+_KIND_OF = {member.value: member for member in Kind}
+_SOURCE_DELETED_OF = {member.value: member for member in SourceDeleted}
+
+
+def _member(members: dict, enum: type, value):
+    """The member stored as `value` (or `value` itself when a member); ValueError for a value no
+    release writes (a bug)."""
+    member = members.get(value)
+    return member if member is not None else enum(value)
+
+
+# The schema this release writes; PRAGMA user_version holds it. Version 0 is a journal written
+# before the version was recorded (or a new, empty file). Raise it with a step in _UPGRADES.
+SCHEMA_VERSION = 1
+
+# A new journal's tables. The comments list every value of the enums above (a test holds them
+# to it) and hold no ';' (the text is split on it to run in one transaction).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY,
     job TEXT NOT NULL,
     source TEXT NOT NULL,
     destination TEXT NOT NULL,
-    kind TEXT NOT NULL,              -- file | part | manifest
+    kind TEXT NOT NULL,              -- file | part | manifest | joined
     part_offset INTEGER NOT NULL,    -- where this item's bytes start in the source
     length INTEGER NOT NULL,         -- how many bytes this item holds
     source_size INTEGER NOT NULL,
     source_mtime_ns INTEGER NOT NULL,
-    state TEXT NOT NULL,             -- pending | uploading | done | failed
+    state TEXT NOT NULL,             -- pending | uploading | copied | downloading | done | failed
     session_id TEXT,
     session_started REAL,
     confirmed_offset INTEGER NOT NULL DEFAULT 0,
@@ -51,7 +158,7 @@ CREATE INDEX IF NOT EXISTS items_job_state ON items (job, state);
 CREATE TABLE IF NOT EXISTS batches (
     job TEXT NOT NULL,
     number INTEGER NOT NULL,
-    state TEXT NOT NULL,             -- copying | waiting | verified | deleted
+    state TEXT NOT NULL,             -- copying | waiting | failed | verified | deleted
     started REAL,
     updated REAL NOT NULL,
     PRIMARY KEY (job, number)
@@ -62,14 +169,85 @@ CREATE TABLE IF NOT EXISTS accounts (
     root_namespace TEXT NOT NULL,    -- the root namespace its paths were relative to
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS batch_items (
+    item_id INTEGER PRIMARY KEY,     -- items.id
+    job TEXT NOT NULL,
+    batch INTEGER NOT NULL           -- the desktop-app batch the item was given when first planned
+);
 """
-# Columns added after the first journals were written: (name, definition).
+# Columns a version-0 journal may lack, added by releases before the version was recorded.
 ADDED_COLUMNS = (("confirmed_chunks", "TEXT"), ("source_id", "TEXT"),
                  ("hash_local", "INTEGER NOT NULL DEFAULT 0"), ("remote_path", "TEXT"))
 
+
+def _upgrade_from_0(db: sqlite3.Connection) -> None:
+    """Version 0 -> 1. Every version-0 journal has items and batches; the earliest lack the
+    added columns and accounts, and batch_items was created only once the desktop-app mode first
+    ran. The tables are written out here, not taken from SCHEMA, so that this step stays
+    true when SCHEMA moves on."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(items)")}
+    for name, definition in ADDED_COLUMNS:
+        if name not in columns:
+            db.execute(f"ALTER TABLE items ADD COLUMN {name} {definition}")
+    db.execute("CREATE TABLE IF NOT EXISTS accounts (job TEXT PRIMARY KEY, account_id TEXT NOT NULL, "
+               "root_namespace TEXT NOT NULL, updated REAL NOT NULL)")
+    db.execute("CREATE TABLE IF NOT EXISTS batch_items (item_id INTEGER PRIMARY KEY, job TEXT NOT NULL, "
+               "batch INTEGER NOT NULL)")
+
+
+# version -> the step that brings a journal of that version to the next one.
+_UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {0: _upgrade_from_0}
+
+
+def _schema_version(db: sqlite3.Connection, path: Path) -> int:
+    """The journal's schema version; JournalError when a newer release wrote it."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise JournalError(
+            f"the journal {path} was written by a newer release of this tool (journal version "
+            f"{version}; this release knows up to version {SCHEMA_VERSION}). Use that newer release; "
+            "or, to go on with this one, move the journal aside (finished files will then be checked "
+            "against Dropbox again).", paths=[path])
+    return version
+
+
+def _bring_schema_up_to_date(db: sqlite3.Connection, path: Path) -> None:
+    """Create a new journal, or upgrade one an earlier release wrote, in one transaction (an
+    interrupted upgrade leaves the journal as it was). JournalError for a newer journal;
+    sqlite3.DatabaseError when the file cannot be read or written."""
+    if _schema_version(db, path) == SCHEMA_VERSION:
+        return
+    # IMMEDIATE: another sheet's script opening the same file waits here, then finds the
+    # version current.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = _schema_version(db, path)
+        if version < SCHEMA_VERSION:
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'items'").fetchone():
+                for step in range(version, SCHEMA_VERSION):
+                    _UPGRADES[step](db)
+            else:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:  # SQLite may have rolled back already (disk full)
+            db.execute("ROLLBACK")
+        raise
+
 # What an item forgets when Dropbox no longer holds what the journal says (local hashes stay).
-_FORGET_DROPBOX = ("state = 'pending', session_id = NULL, session_started = NULL, confirmed_offset = 0, "
+_FORGET_DROPBOX = (f"state = '{State.PENDING}', session_id = NULL, session_started = NULL, confirmed_offset = 0, "
                    "confirmed_chunks = NULL, remote_rev = NULL, remote_path = NULL")
+# An item whose bytes go into an upload session (parameters: state first, as the columns).
+_START_SESSION = ("UPDATE items SET state = ?, session_id = ?, session_started = ?, confirmed_offset = ?, "
+                  "confirmed_chunks = NULL, content_hash = ?, sha256 = ?, error = NULL, updated = ? WHERE id = ?")
+# The deletion marks of a source's items (parameters: updated, job, source).
+_MARK_DELETING = f"UPDATE items SET source_deleted = {SourceDeleted.DELETING}, updated = ? WHERE job = ? AND source = ?"
+_MARK_DELETED = f"UPDATE items SET source_deleted = {SourceDeleted.DELETED}, updated = ? WHERE job = ? AND source = ?"
+_TAKE_BACK_DELETING = (f"UPDATE items SET source_deleted = {SourceDeleted.KEPT}, updated = ? "
+                       f"WHERE job = ? AND source = ? AND source_deleted = {SourceDeleted.DELETING}")
 
 ITEM_COLUMNS = ("id", "job", "source", "destination", "kind", "part_offset", "length", "source_size",
                 "source_mtime_ns", "state", "session_id", "session_started", "confirmed_offset",
@@ -80,18 +258,20 @@ ITEM_COLUMNS = ("id", "job", "source", "destination", "kind", "part_offset", "le
 @dataclass
 class Item:
     """One thing to put at one Dropbox path: a whole file, one part of a split file, or a
-    split file's manifest."""
+    split file's manifest; for a download, one Dropbox file to write to disk, or a split file
+    joined from its downloaded parts (see Kind). kind, state and source_deleted may be given as
+    their stored values; the item holds the enum members."""
 
     id: int | None
     job: str
     source: str
     destination: str
-    kind: str
+    kind: Kind
     part_offset: int
     length: int
     source_size: int
     source_mtime_ns: int
-    state: str = "pending"
+    state: State = State.PENDING
     session_id: str | None = None
     session_started: float | None = None
     confirmed_offset: int = 0
@@ -99,13 +279,19 @@ class Item:
     sha256: str | None = None
     remote_rev: str | None = None
     error: str | None = None
-    source_deleted: int = 0
+    source_deleted: SourceDeleted = SourceDeleted.KEPT
     # "@<piece size>;0,1,5": pieces of a concurrent session already in Dropbox ("0,1,5" in
     # journals written before the piece size was recorded: pieces were then chunkSize_MB).
     confirmed_chunks: str | None = None
     source_id: str | None = None   # "st_dev:st_ino" when planned; compared when known
     hash_local: int = 0            # content_hash came from the local bytes (not from Dropbox)
     remote_path: str | None = None  # the path Dropbox answered with (autorename may change it)
+
+    def __post_init__(self) -> None:
+        # Rows and engines give the stored text ("file"); an item always carries the members.
+        self.kind = _member(_KIND_OF, Kind, self.kind)
+        self.state = _member(_STATE_OF, State, self.state)
+        self.source_deleted = _member(_SOURCE_DELETED_OF, SourceDeleted, self.source_deleted)
 
     @property
     def remote_key_path(self) -> str:
@@ -171,6 +357,7 @@ class Journal:
         safe_job = "".join(c if c.isalnum() or c in "-_" else "_" for c in job)
         self._lock_file = _JobLock(self.path.with_name(f"{self.path.stem}_{safe_job}.lock"))
         self._mutex = threading.Lock()
+        self._db: sqlite3.Connection | None = None
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=60,
                                        isolation_level=None)
@@ -179,13 +366,13 @@ class Journal:
             self.wal = not on_network_drive(self.path.parent)
             self._db.execute("PRAGMA journal_mode=WAL" if self.wal else "PRAGMA journal_mode=DELETE")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(items)")}
-            for name, definition in ADDED_COLUMNS:  # journals written by earlier versions
-                if name not in columns:
-                    self._db.execute(f"ALTER TABLE items ADD COLUMN {name} {definition}")
-        except sqlite3.DatabaseError as exc:
+            _bring_schema_up_to_date(self._db, self.path)
+        except (sqlite3.DatabaseError, JournalError) as exc:
+            if self._db is not None:
+                self._db.close()
             self._lock_file.release()
+            if isinstance(exc, JournalError):
+                raise
             raise JournalError(f"the journal {self.path} cannot be opened ({exc}). If the disk "
                                "is full, free some space; if the file is damaged, move it aside "
                                "(finished files will then be checked against Dropbox again).",
@@ -212,15 +399,15 @@ class Journal:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def items(self, state: str | None = None) -> list[Item]:
+    def items(self, state: State | str | None = None) -> list[Item]:
         sql = f"SELECT {', '.join(ITEM_COLUMNS)} FROM items WHERE job = ?"
         params: list = [self.job]
         if state is not None:
             sql += " AND state = ?"
-            params.append(state)
+            params.append(State(state).value)
         with self._mutex:
             rows = self._db.execute(sql + " ORDER BY id", params).fetchall()
-        return [Item(*row) for row in rows]
+        return [Item(*row) for row in rows]  # Item converts the stored text to members
 
     def items_by_key(self) -> dict[tuple[str, str], Item]:
         return {item.key: item for item in self.items()}
@@ -229,14 +416,14 @@ class Journal:
         """For every source: True when all of its items are done."""
         with self._mutex:
             rows = self._db.execute(
-                "SELECT source, MIN(state = 'done'), MAX(source_deleted) FROM items WHERE job = ? "
-                "GROUP BY source", (self.job,)).fetchall()
+                "SELECT source, MIN(state = ?), MAX(source_deleted) FROM items WHERE job = ? "
+                "GROUP BY source", (State.DONE.value, self.job)).fetchall()
         return {source: bool(done) for source, done, _ in rows}
 
     def deleted_sources(self) -> set[str]:
         with self._mutex:
-            rows = self._db.execute("SELECT DISTINCT source FROM items WHERE job = ? AND source_deleted != 0",
-                                    (self.job,)).fetchall()
+            rows = self._db.execute("SELECT DISTINCT source FROM items WHERE job = ? AND source_deleted != ?",
+                                    (self.job, SourceDeleted.KEPT.value)).fetchall()
         return {row[0] for row in rows}
 
     # -- planning ----------------------------------------------------------------------------
@@ -272,19 +459,19 @@ class Journal:
                 for item in inserts:
                     cursor = self._db.execute(
                         "INSERT INTO items (job, source, destination, kind, part_offset, length, source_size, "
-                        "source_mtime_ns, state, updated, source_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-                        (self.job, item.source, item.destination, item.kind, item.part_offset, item.length,
-                         item.source_size, item.source_mtime_ns, now, item.source_id))
+                        "source_mtime_ns, state, updated, source_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (self.job, item.source, item.destination, item.kind.value, item.part_offset, item.length,
+                         item.source_size, item.source_mtime_ns, State.PENDING.value, now, item.source_id))
                     item.id = cursor.lastrowid
                 for item in resets:
                     self._db.execute(
                         "UPDATE items SET kind = ?, part_offset = ?, length = ?, source_size = ?, "
-                        "source_mtime_ns = ?, state = 'pending', session_id = NULL, session_started = NULL, "
+                        "source_mtime_ns = ?, state = ?, session_id = NULL, session_started = NULL, "
                         "confirmed_offset = 0, content_hash = NULL, sha256 = NULL, remote_rev = NULL, "
-                        "error = NULL, source_deleted = 0, confirmed_chunks = NULL, source_id = ?, hash_local = 0, "
+                        "error = NULL, source_deleted = ?, confirmed_chunks = NULL, source_id = ?, hash_local = 0, "
                         "remote_path = NULL, updated = ? WHERE id = ?",
-                        (item.kind, item.part_offset, item.length, item.source_size, item.source_mtime_ns,
-                         item.source_id, now, item.id))
+                        (item.kind.value, item.part_offset, item.length, item.source_size, item.source_mtime_ns,
+                         State.PENDING.value, SourceDeleted.KEPT.value, item.source_id, now, item.id))
                 for item in ids:
                     self._db.execute("UPDATE items SET source_id = ? WHERE id = ?", (item.source_id, item.id))
                 self._db.execute("COMMIT")
@@ -298,12 +485,10 @@ class Journal:
 
     def start_session(self, item: Item, session_id: str, started: float, offset: int) -> None:
         item.session_id, item.session_started, item.confirmed_offset = session_id, started, offset
-        item.state, item.confirmed_chunks = "uploading", None
+        item.state, item.confirmed_chunks = State.UPLOADING, None
         # The item's hashes go along: a closed small session is known complete in one write.
-        self._write("UPDATE items SET state = 'uploading', session_id = ?, session_started = ?, "
-                    "confirmed_offset = ?, confirmed_chunks = NULL, content_hash = ?, sha256 = ?, error = NULL, "
-                    "updated = ? WHERE id = ?",
-                    (session_id, started, offset, item.content_hash, item.sha256, time.time(), item.id))
+        self._write(_START_SESSION, (State.UPLOADING.value, session_id, started, offset, item.content_hash,
+                                     item.sha256, time.time(), item.id))
 
     def record_closed_sessions(self, sessions: Iterable[tuple[Item, str]], started: float) -> None:
         """Small files whose whole content sits in a closed session, waiting for their batch
@@ -313,12 +498,9 @@ class Journal:
             self._db.execute("BEGIN")
             for item, session_id in sessions:
                 item.session_id, item.session_started, item.confirmed_offset = session_id, started, item.length
-                item.state, item.confirmed_chunks = "uploading", None
-                self._db.execute(
-                    "UPDATE items SET state = 'uploading', session_id = ?, session_started = ?, "
-                    "confirmed_offset = ?, confirmed_chunks = NULL, content_hash = ?, sha256 = ?, error = NULL, "
-                    "updated = ? WHERE id = ?",
-                    (session_id, started, item.length, item.content_hash, item.sha256, now, item.id))
+                item.state, item.confirmed_chunks = State.UPLOADING, None
+                self._db.execute(_START_SESSION, (State.UPLOADING.value, session_id, started, item.length,
+                                                  item.content_hash, item.sha256, now, item.id))
             self._db.execute("COMMIT")
 
     def confirm_offset(self, item: Item, offset: int) -> None:
@@ -345,18 +527,18 @@ class Journal:
         with self._mutex:
             self._db.execute("BEGIN")
             for item in items:
-                item.state, item.error = "done", None
+                item.state, item.error = State.DONE, None
                 self._db.execute(
-                    "UPDATE items SET state = 'done', content_hash = ?, sha256 = ?, remote_rev = ?, "
+                    "UPDATE items SET state = ?, content_hash = ?, sha256 = ?, remote_rev = ?, "
                     "error = NULL, session_id = NULL, hash_local = ?, remote_path = ?, updated = ? WHERE id = ?",
-                    (item.content_hash, item.sha256, item.remote_rev, item.hash_local, item.remote_path, now,
-                     item.id))
+                    (State.DONE.value, item.content_hash, item.sha256, item.remote_rev, item.hash_local,
+                     item.remote_path, now, item.id))
             self._db.execute("COMMIT")
 
     def mark_failed(self, item: Item, error: str) -> None:
-        item.state, item.error = "failed", error
-        self._write("UPDATE items SET state = 'failed', error = ?, updated = ? WHERE id = ?",
-                    (error, time.time(), item.id))
+        item.state, item.error = State.FAILED, error
+        self._write("UPDATE items SET state = ?, error = ?, updated = ? WHERE id = ?",
+                    (State.FAILED.value, error, time.time(), item.id))
 
     def set_hashes(self, item: Item) -> None:
         self._write("UPDATE items SET content_hash = ?, sha256 = ?, updated = ? WHERE id = ?",
@@ -365,30 +547,24 @@ class Journal:
     def mark_source_deleting(self, source: str) -> None:
         """Written ahead of the unlink: a rerun after a crash between the unlink and
         mark_source_deleted finds the mark and finishes the bookkeeping."""
-        self._write("UPDATE items SET source_deleted = 2, updated = ? WHERE job = ? AND source = ?",
-                    (time.time(), self.job, source))
+        self._write(_MARK_DELETING, (time.time(), self.job, source))
 
     def mark_source_deleted(self, source: str) -> None:
-        self._write("UPDATE items SET source_deleted = 1, updated = ? WHERE job = ? AND source = ?",
-                    (time.time(), self.job, source))
+        self._write(_MARK_DELETED, (time.time(), self.job, source))
 
     def clear_source_deleting(self, source: str) -> None:
-        self._write("UPDATE items SET source_deleted = 0, updated = ? WHERE job = ? AND source = ? "
-                    "AND source_deleted = 2", (time.time(), self.job, source))
+        self._write(_TAKE_BACK_DELETING, (time.time(), self.job, source))
 
     def mark_sources_deleting(self, sources: Iterable[str]) -> None:
         """mark_source_deleting for many sources in one transaction."""
-        self._in_one_transaction([("UPDATE items SET source_deleted = 2, updated = ? WHERE job = ? AND source = ?",
-                                   [(time.time(), self.job, source) for source in sources])])
+        self._in_one_transaction([(_MARK_DELETING, [(time.time(), self.job, source) for source in sources])])
 
     def settle_sources(self, deleted: Iterable[str], kept: Iterable[str]) -> None:
         """After the unlinks: 'deleted' for these, the 'deleting' mark taken back for those."""
         now = time.time()
         self._in_one_transaction([
-            ("UPDATE items SET source_deleted = 1, updated = ? WHERE job = ? AND source = ?",
-             [(now, self.job, source) for source in deleted]),
-            ("UPDATE items SET source_deleted = 0, updated = ? WHERE job = ? AND source = ? AND source_deleted = 2",
-             [(now, self.job, source) for source in kept])])
+            (_MARK_DELETED, [(now, self.job, source) for source in deleted]),
+            (_TAKE_BACK_DELETING, [(now, self.job, source) for source in kept])])
 
     def _in_one_transaction(self, statements: list[tuple[str, list]]) -> None:
         with self._mutex:
@@ -406,8 +582,8 @@ class Journal:
         """Settle the 'deleting' marks an interrupted run left: gone -> deleted, still there ->
         kept (its deletion is proven again). Returns (source, was deleted) pairs."""
         with self._mutex:
-            rows = self._db.execute("SELECT DISTINCT source FROM items WHERE job = ? AND source_deleted = 2",
-                                    (self.job,)).fetchall()
+            rows = self._db.execute("SELECT DISTINCT source FROM items WHERE job = ? AND source_deleted = ?",
+                                    (self.job, SourceDeleted.DELETING.value)).fetchall()
         settled = []
         for (source,) in rows:
             gone = not os.path.lexists(source)
@@ -426,7 +602,7 @@ class Journal:
         with self._mutex:
             self._db.execute("BEGIN")
             for item in items:
-                item.state, item.session_id, item.session_started = "pending", None, None
+                item.state, item.session_id, item.session_started = State.PENDING, None, None
                 item.confirmed_offset, item.confirmed_chunks, item.remote_rev, item.remote_path = 0, None, None, None
                 self._db.execute(f"UPDATE items SET {_FORGET_DROPBOX}, updated = ? WHERE id = ?", (now, item.id))
             self._db.execute("COMMIT")
@@ -443,8 +619,8 @@ class Journal:
                                    (self.job,)).fetchone()
         previous = tuple(row) if row else None
         if previous is not None and previous != (account_id, root_namespace):
-            self._write(f"UPDATE items SET {_FORGET_DROPBOX}, updated = ? WHERE job = ? AND state != 'pending'",
-                        (time.time(), self.job))
+            self._write(f"UPDATE items SET {_FORGET_DROPBOX}, updated = ? WHERE job = ? AND state != ?",
+                        (time.time(), self.job, State.PENDING.value))
         if previous != (account_id, root_namespace):
             self._write("INSERT INTO accounts (job, account_id, root_namespace, updated) VALUES (?, ?, ?, ?) "
                         "ON CONFLICT (job) DO UPDATE SET account_id = excluded.account_id, "
@@ -454,39 +630,35 @@ class Journal:
 
     # -- batches (desktop-app mode) ----------------------------------------------------------
 
-    def batch_state(self, number: int) -> str | None:
+    def batch_state(self, number: int) -> BatchState | None:
         with self._mutex:
             row = self._db.execute("SELECT state FROM batches WHERE job = ? AND number = ?",
                                    (self.job, number)).fetchone()
-        return row[0] if row else None
+        return BatchState(row[0]) if row else None
 
-    def set_batch_state(self, number: int, state: str) -> None:
+    def set_batch_state(self, number: int, state: BatchState | str) -> None:
+        """ValueError for a state BatchState does not have (a bug)."""
         self._write("INSERT INTO batches (job, number, state, started, updated) VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT (job, number) DO UPDATE SET state = excluded.state, updated = excluded.updated",
-                    (self.job, number, state, time.time(), time.time()))
+                    (self.job, number, BatchState(state).value, time.time(), time.time()))
 
     # -- desktop-app mode: copied items and batch membership ------------------------------------
 
     def mark_copied(self, item: Item) -> None:
         """The item sits complete under its real name in the local Dropbox folder; its hashes
         (computed while copying) are what Dropbox must later report."""
-        item.state, item.error = "copied", None
-        self._write("UPDATE items SET state = 'copied', content_hash = ?, sha256 = ?, error = NULL, updated = ? "
-                    "WHERE id = ?", (item.content_hash, item.sha256, time.time(), item.id))
+        item.state, item.error = State.COPIED, None
+        self._write("UPDATE items SET state = ?, content_hash = ?, sha256 = ?, error = NULL, updated = ? "
+                    "WHERE id = ?", (State.COPIED.value, item.content_hash, item.sha256, time.time(), item.id))
 
     def mark_pending(self, item: Item) -> None:
         """Forget an item's copy (it is to be copied again)."""
-        item.state, item.error, item.content_hash, item.sha256 = "pending", None, None, None
-        self._write("UPDATE items SET state = 'pending', content_hash = NULL, sha256 = NULL, error = NULL, "
-                    "updated = ? WHERE id = ?", (time.time(), item.id))
-
-    def _ensure_batch_items(self) -> None:
-        self._write("CREATE TABLE IF NOT EXISTS batch_items (item_id INTEGER PRIMARY KEY, job TEXT NOT NULL, "
-                    "batch INTEGER NOT NULL)")
+        item.state, item.error, item.content_hash, item.sha256 = State.PENDING, None, None, None
+        self._write("UPDATE items SET state = ?, content_hash = NULL, sha256 = NULL, error = NULL, "
+                    "updated = ? WHERE id = ?", (State.PENDING.value, time.time(), item.id))
 
     def item_batches(self) -> dict[int, int]:
         """Item id -> the batch it was given when first planned (stable across reruns)."""
-        self._ensure_batch_items()
         with self._mutex:
             rows = self._db.execute("SELECT item_id, batch FROM batch_items WHERE job = ?", (self.job,)).fetchall()
         return dict(rows)
@@ -495,7 +667,6 @@ class Journal:
         """Record the batch of newly planned items, all in one transaction."""
         if not batches:
             return
-        self._ensure_batch_items()
         with self._mutex:
             try:
                 self._db.execute("BEGIN")
@@ -512,12 +683,12 @@ class Journal:
     def mark_downloading(self, item: Item, remote_rev: str) -> None:
         """A download into a partial file has started from this Dropbox revision; a rerun
         continues the partial only while Dropbox still holds the same revision."""
-        item.state, item.remote_rev, item.error = "downloading", remote_rev, None
-        self._write("UPDATE items SET state = 'downloading', remote_rev = ?, error = NULL, updated = ? WHERE id = ?",
-                    (remote_rev, time.time(), item.id))
+        item.state, item.remote_rev, item.error = State.DOWNLOADING, remote_rev, None
+        self._write("UPDATE items SET state = ?, remote_rev = ?, error = NULL, updated = ? WHERE id = ?",
+                    (State.DOWNLOADING.value, remote_rev, time.time(), item.id))
 
-    def iter_states(self) -> Iterator[tuple[str, int]]:
+    def iter_states(self) -> Iterator[tuple[State, int]]:
         with self._mutex:
             rows = self._db.execute("SELECT state, COUNT(*) FROM items WHERE job = ? GROUP BY state",
                                     (self.job,)).fetchall()
-        yield from rows
+        yield from ((State(state), count) for state, count in rows)

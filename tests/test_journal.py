@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from archive_dropbox.errors import JournalLocked
-from archive_dropbox.journal import Item, Journal
+from archive_dropbox.errors import JournalError, JournalLocked
+from archive_dropbox.journal import SCHEMA, SCHEMA_VERSION, BatchState, Item, Journal, Kind, SourceDeleted, State
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -100,3 +101,169 @@ def test_network_mounts_are_recognised_from_the_mount_table():
     assert mount_type(Path("/mnt/my share/x"), table) == "cifs"
     assert mount_type(Path("/mnt/lab/local/x"), table) == "ext4"  # the deepest mount wins
     assert mount_type(Path("/mnt/labx"), table) == "ext4"  # whole path components only
+
+
+# -- states and kinds as enums; the schema and its version ---------------------------------------
+
+# Every value the engines store, found on 2026-11 by grepping archive_dropbox/ for `state ==`,
+# `.state in`, `kind=`, `mark_*` and `set_batch_state(`: items.state is written only by the
+# journal's mark_*/start_session/reopen methods, items.kind by the plans (prepare.py: file, part,
+# manifest; download.py: file, joined), batches.state by the desktop-app engine. A new value
+# must be added to the enum (and the schema comment) and here.
+ITEM_STATES = ["pending", "uploading", "copied", "downloading", "done", "failed"]
+ITEM_KINDS = ["file", "part", "manifest", "joined"]
+BATCH_STATES = ["copying", "waiting", "failed", "verified", "deleted"]
+
+# The schema the first release wrote (commit 838b876): no confirmed_chunks, source_id,
+# hash_local or remote_path, no accounts, no batch_items, user_version 0.
+FIRST_RELEASE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY, job TEXT NOT NULL, source TEXT NOT NULL, destination TEXT NOT NULL,
+    kind TEXT NOT NULL, part_offset INTEGER NOT NULL, length INTEGER NOT NULL, source_size INTEGER NOT NULL,
+    source_mtime_ns INTEGER NOT NULL, state TEXT NOT NULL, session_id TEXT, session_started REAL,
+    confirmed_offset INTEGER NOT NULL DEFAULT 0, content_hash TEXT, sha256 TEXT, remote_rev TEXT, error TEXT,
+    source_deleted INTEGER NOT NULL DEFAULT 0, updated REAL NOT NULL, UNIQUE (job, source, destination));
+CREATE INDEX IF NOT EXISTS items_job_state ON items (job, state);
+CREATE TABLE IF NOT EXISTS batches (job TEXT NOT NULL, number INTEGER NOT NULL, state TEXT NOT NULL,
+    started REAL, updated REAL NOT NULL, PRIMARY KEY (job, number));
+"""
+
+
+def test_enum_members_are_their_stored_text():
+    assert [m.value for m in State] == ITEM_STATES
+    assert [m.value for m in Kind] == ITEM_KINDS
+    assert [m.value for m in BatchState] == BATCH_STATES
+    assert [(m.name, m.value) for m in SourceDeleted] == [("KEPT", 0), ("DELETED", 1), ("DELETING", 2)]
+    for member in [*State, *Kind, *BatchState]:
+        assert member == member.value and member.value == member and hash(member) == hash(member.value)
+        # Shown as the text everywhere: f-strings, %-formatting (logging), str(), a padded format.
+        assert (f"{member}", "%s" % member, str(member), f"{member:>12}") == (
+            member.value, member.value, member.value, f"{member.value:>12}")
+    assert {"done": 1}[State.DONE] == 1 and State.DONE in ("done",) and State("done") is State.DONE
+    assert (f"{SourceDeleted.DELETING}", str(SourceDeleted.DELETING), SourceDeleted.DELETED == 1) == ("2", "2", True)
+    assert not SourceDeleted.KEPT
+
+
+def test_schema_comments_list_every_state_and_kind():
+    def listed(column: str, table_starts: str) -> list[str]:
+        line = next(line for line in SCHEMA[SCHEMA.index(table_starts):].splitlines()
+                    if line.strip().startswith(column + " "))
+        return [word.strip() for word in line.split("--")[1].split("|")]
+
+    assert listed("kind", "CREATE TABLE IF NOT EXISTS items") == ITEM_KINDS
+    assert listed("state", "CREATE TABLE IF NOT EXISTS items") == ITEM_STATES
+    assert listed("state", "CREATE TABLE IF NOT EXISTS batches") == BATCH_STATES
+
+
+def test_items_carry_members_and_the_journal_stores_the_text(tmp_path):
+    with Journal(tmp_path / "j.sqlite3", "dropboxUpload_API") as journal:
+        item, small = journal.sync_plan([_item("/x/a"), _item("/x/b", size=7, source="/data/b")])
+        assert (type(item.kind), type(item.state), type(item.source_deleted)) == (Kind, State, SourceDeleted)
+        small.content_hash = "h"
+        journal.record_closed_sessions([(small, "s-small")], 5.0)
+        assert journal.items(State.UPLOADING) == [small]
+        assert (small.state, small.session_id, small.session_started, small.confirmed_offset, small.content_hash) == (
+            "uploading", "s-small", 5.0, 7, "h")
+        journal.mark_failed(small, "gone")
+        journal.mark_copied(item)
+        journal.set_batch_state(1, "waiting")
+        journal.mark_source_deleting(item.source)
+        stored = journal._db.execute("SELECT kind, typeof(kind), state, typeof(state), source_deleted "
+                                     "FROM items WHERE id = ?", (item.id,)).fetchone()
+        assert stored == ("file", "text", "copied", "text", 2)
+        (read,) = journal.items(State.COPIED)
+        assert (read.kind, read.state, read.source_deleted) == (Kind.FILE, State.COPIED, SourceDeleted.DELETING)
+        assert type(read.state) is State and journal.items("copied") == [read]
+        assert journal.batch_state(1) is BatchState.WAITING and journal.batch_state(2) is None
+        assert dict(journal.iter_states()) == {State.COPIED: 1, State.FAILED: 1}
+        with pytest.raises(ValueError):
+            journal.set_batch_state(1, "finished")  # not a batch state: a bug, refused before writing
+        assert journal.batch_state(1) == "waiting"
+
+
+def _first_release_journal(path: Path) -> None:
+    db = sqlite3.connect(path)
+    db.executescript(FIRST_RELEASE_SCHEMA)
+    db.executemany("INSERT INTO items (job, source, destination, kind, part_offset, length, source_size, "
+                   "source_mtime_ns, state, confirmed_offset, content_hash, source_deleted, updated) "
+                   "VALUES ('job', ?, ?, ?, ?, 5, 10, 1, ?, ?, ?, ?, 0)",
+                   [("/data/a", "/x/a.part1", "part", 0, "done", 5, "h1", 1),
+                    ("/data/a", "/x/a.part2", "part", 5, "uploading", 3, None, 0)])
+    db.execute("INSERT INTO batches VALUES ('job', 1, 'verified', 0, 0)")
+    db.commit()
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 0
+    db.close()
+
+
+def test_a_journal_of_an_earlier_release_is_upgraded_once_keeping_its_rows(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    _first_release_journal(path)
+    with Journal(path, "job") as journal:
+        done, open_session = journal.items()
+        assert (done.destination, done.kind, done.state, done.content_hash, done.source_deleted) == (
+            "/x/a.part1", Kind.PART, State.DONE, "h1", SourceDeleted.DELETED)
+        assert (open_session.state, open_session.confirmed_offset, open_session.hash_local) == (State.UPLOADING, 3, 0)
+        assert journal.batch_state(1) is BatchState.VERIFIED
+        # What the upgrade added is usable: batch_items, accounts and the added columns.
+        journal.record_item_batches({done.id: 1, open_session.id: 2})
+        assert journal.item_batches() == {done.id: 1, open_session.id: 2}
+        assert journal.bind_account("acc", "ns") is None
+        open_session.remote_path = "/x/a (1).part2"
+        journal.mark_done([open_session])
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert {row[1] for row in db.execute("PRAGMA table_info(items)")} >= {
+        "confirmed_chunks", "source_id", "hash_local", "remote_path"}
+    assert db.execute("SELECT remote_path FROM items WHERE destination = '/x/a.part2'").fetchone() == ("/x/a (1).part2",)
+    db.close()
+    with Journal(path, "job") as journal:  # a second opening finds it current and changes nothing
+        assert [i.state for i in journal.items()] == ["done", "done"]
+
+
+def test_a_new_journal_gets_the_whole_schema_and_the_version(tmp_path):
+    with Journal(tmp_path / "j.sqlite3", "job") as journal:
+        tables = {row[0] for row in journal._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert tables == {"items", "batches", "accounts", "batch_items"}
+        assert journal._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_an_interrupted_upgrade_leaves_the_journal_as_it_was(tmp_path, monkeypatch):
+    import archive_dropbox.journal as journal_module
+
+    path = tmp_path / "j.sqlite3"
+    _first_release_journal(path)
+
+    def add_one_column_then_fail(db):
+        db.execute("ALTER TABLE items ADD COLUMN confirmed_chunks TEXT")
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setitem(journal_module._UPGRADES, 0, add_one_column_then_fail)
+    with pytest.raises(JournalError, match="cannot be opened .database or disk is full"):
+        Journal(path, "job")
+    db = sqlite3.connect(path)
+    assert "confirmed_chunks" not in {row[1] for row in db.execute("PRAGMA table_info(items)")}
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 0
+    db.close()
+    monkeypatch.undo()
+    with Journal(path, "job") as journal:  # the lock was released; the real upgrade then runs
+        assert len(journal.items()) == 2
+
+
+def test_a_journal_of_a_newer_release_is_refused_with_a_message(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    Journal(path, "job").close()
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(JournalError) as refused:
+        Journal(path, "job")
+    assert refused.value.describe() == (
+        f"Journal problem: the journal {path} was written by a newer release of this tool (journal version "
+        f"{SCHEMA_VERSION + 1}; this release knows up to version {SCHEMA_VERSION}). Use that newer release; or, "
+        "to go on with this one, move the journal aside (finished files will then be checked against Dropbox "
+        f"again).\n  path: {path}")
+    with pytest.raises(JournalError):  # refused again: the lock was released, nothing was changed
+        Journal(path, "job")
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+    db.close()

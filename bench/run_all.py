@@ -37,6 +37,7 @@ BENCHMARKS = [
     ("bench_join", "join"),
     ("bench_download", "download"),
     ("bench_stage1", "stage1"),
+    ("bench_zip_index", "zip_index"),
 ]
 
 

@@ -89,26 +89,31 @@ class Retrier:
     pausing through `pauses` when Dropbox is full or the transport limit is reached.
 
     `stop()`: true once the run is stopping (Ctrl-C, a fatal error): waits end at once and
-    `call` raises `stopped()` (the run's fatal error)."""
+    `call` raises `stopped()` (the run's fatal error). `sleep(seconds)`: how a wait between
+    tries is slept, if not by status.nap (the desktop app's waits, which Enter at the console
+    cuts short)."""
 
     def __init__(self, log: logging.Logger, policy: RetryPolicy, pauses: "Pauses | None" = None,
-                 stop: Callable[[], BaseException | None] = lambda: None):
+                 stop: Callable[[], BaseException | None] = lambda: None,
+                 sleep: Callable[[float], object] | None = None):
         self.log = log
         self.policy = policy
         self.pauses = pauses
         self._stop = stop
+        self._sleep = sleep if sleep is not None else lambda seconds: nap(seconds, self.stopping)
         self.status = status_of(log)
 
     def stopping(self) -> bool:
         return self._stop() is not None
 
     def call(self, what: str, request: Callable[[], T], *, needed: int = 0,
-             give_up: Callable[[NetworkProblem], BaseException] | None = None) -> T:
+             give_up: Callable[[NetworkProblem], BaseException] | None = None, what_in_status: bool = False) -> T:
         """`request()`'s answer, retried through network trouble, rate limits and pauses.
 
-        `what` names the request in messages; `needed`: bytes the request stores (for a pause
-        when Dropbox is full). After `give_up_seconds` of network failure raises
-        `give_up(error)` (default: FileProblem "<what>: the network failed for more than N min").
+        `what` names the request in messages (`what_in_status`: in the status line's last error
+        too); `needed`: bytes the request stores (for a pause when Dropbox is full). After
+        `give_up_seconds` of network failure raises `give_up(error)` (default: FileProblem
+        "<what>: the network failed for more than N min").
         Every other error (per-file problems, offset errors, auth) goes back to the caller."""
         backoff = Backoff(self.policy)
         transport_paused = False
@@ -126,10 +131,11 @@ class Retrier:
                                       f"{self.policy.give_up_seconds / 60:.0f} min ({exc.message})") from None
                 delay = backoff.failed()
                 self.log.debug("%s: %s; retrying in %.0f s", what, exc.message, delay)
-                self.status.network_trouble(exc.message, delay, backoff.failures)
-                nap(delay, self.stopping)
+                self.status.network_trouble(f"{what}: {exc.message}" if what_in_status else exc.message, delay,
+                                            backoff.failures)
+                self._sleep(delay)
             except RateLimited as exc:
-                nap(max(exc.retry_after, self.policy.min_rate_wait), self.stopping)
+                self._sleep(max(exc.retry_after, self.policy.min_rate_wait))
             except InsufficientSpace:
                 if self.pauses is None:
                     raise
@@ -142,7 +148,7 @@ class Retrier:
             except ContentHashMismatch as exc:
                 # Bytes changed on the wire: the same request again, after a pause like a network failure.
                 self.log.warning("%s", exc.message)
-                nap(backoff.failed(), self.stopping)
+                self._sleep(backoff.failed())
             else:
                 self.status.network_ok()
                 if transport_paused:
@@ -166,19 +172,22 @@ class Pauses:
     the others queue behind it and re-check after. `paused_seconds` adds up the waits."""
 
     def __init__(self, log: logging.Logger, sleep_seconds: float, *, client=None,
-                 stop: Callable[[], bool] = lambda: False, usage: Callable = psutil.disk_usage):
-        """`client`: a DropboxClient (for its space_usage); `usage`: psutil.disk_usage or a stand-in."""
+                 stop: Callable[[], bool] = lambda: False, usage: Callable = psutil.disk_usage,
+                 sleep: Callable[[float], object] | None = None):
+        """`client`: a DropboxClient (for its space_usage); `usage`: psutil.disk_usage or a stand-in;
+        `sleep(seconds)`: how a wait is slept, if not by status.nap until `stop()`."""
         self._client = client
         self._status = status_of(log)
         self._sleep = sleep_seconds
         self._stop = stop
         self._usage = usage
+        self._wait = sleep if sleep is not None else lambda seconds: nap(seconds, self._stop)
         self._lock = threading.Lock()
         self.paused_seconds = 0.0
 
     def _nap(self) -> None:
         started = time.monotonic()
-        nap(self._sleep, self._stop)
+        self._wait(self._sleep)
         self.paused_seconds += time.monotonic() - started
 
     def wait_for_dropbox_space(self, needed: int, reason: str) -> None:
@@ -204,6 +213,24 @@ class Pauses:
                                 f"Trying again every {every(self._sleep)}; nothing is lost while paused")
             self._nap()
             self._status.resumed()  # the next request tells whether the limit still holds
+
+    def hold(self, reason: Callable[[], str | None], paused: Callable[[str], str], resumed: str) -> None:
+        """Hold while `reason()` says why the run cannot go on (None: it can), for a pause whose
+        words are its engine's: the status says `paused(reason)`, and `resumed` once the hold
+        ends after a pause. `reason()`'s exceptions go to the caller."""
+        with locked(self._lock):
+            held = False
+            while True:
+                why = reason()
+                if why is None:
+                    self._status.resumed(resumed if held else None)
+                    return
+                held = True
+                self._status.paused(paused(why))
+                self._nap()
+                if self._stop():
+                    self._status.resumed()
+                    return
 
     def disk_free(self, folder: Path) -> int:
         return int(self._usage(str(existing_ancestor(folder))).free)

@@ -27,7 +27,8 @@ from hypothesis import given, settings, strategies as st
 from conftest import REPO, log_files, make_tree, script_env, write_xlsx, SYSTEM_CA
 from tests.dropbox_server import DesktopAppSimulator, DropboxTestServer
 
-from archive_dropbox.desktop_upload import DropboxFolder, assign_batches, count_batches, is_inside
+from archive_dropbox.desktop_batches import assign_batches, count_batches
+from archive_dropbox.desktop_folder import DropboxFolder, is_inside
 from archive_dropbox.content_hash import file_content_hash
 from archive_dropbox.journal import Item
 

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import make_tree, run_script
-from archive_dropbox import desktop_upload, cli, download, joining, localfs, names, prepare, scan, zipping
+from archive_dropbox import desktop_job, cli, download_plan, joining, localfs, names, prepare, scan, zipping
 from archive_dropbox.dropbox_client import RemoteFile, RemoteFolder
 from archive_dropbox.errors import FileProblem, SheetError
 from archive_dropbox.settings import Setting
@@ -174,7 +174,7 @@ def _download_plan(tmp_path: Path):
     row = SheetRow(Path("inputs.xlsx"), "dropboxDownload_API", 2,
                    {"dropboxPath": "/Archive/run1", "localDir": tmp_path / "restore", "joinFlag": 0})
     roots = {2: RemoteFolder("/Archive/run1", "/archive/run1")}
-    return download.expand(_Listed(entries), [row], roots, logging.getLogger("test"))
+    return download_plan.expand(_Listed(entries), [row], roots, logging.getLogger("test"))
 
 
 def test_a_download_with_names_windows_refuses_stops_before_writing(tmp_path, monkeypatch):
@@ -321,5 +321,5 @@ def test_durations_read_as_people_say_them(seconds, text):
 
 
 def test_a_sleep_time_below_one_minute_is_not_every_0_min():
-    assert desktop_upload.every(0.5 * 60) == "30 s"
-    assert desktop_upload.every(0.01 * 60) == "0.6 s"
+    assert desktop_job.every(0.5 * 60) == "30 s"
+    assert desktop_job.every(0.01 * 60) == "0.6 s"

@@ -17,7 +17,7 @@ from . import split
 from .errors import SheetError, SheetProblem
 from .journal import Item
 from .localfs import is_link_entry
-# Re-exported: app_upload, api_upload, deletion and the tests import these from here.
+# Re-exported: the upload engines, deletion and the tests import these from here.
 from .names import (IGNORED_NAMES, MAX_NAME_CHARS, TEMPORARY_PREFIX, case_key, differ_only_in_form,  # noqa: F401
                     dropbox_path_problem, ignored_reason, is_ignored, name_problem, shown)
 from .units import GB, human_bytes, human_duration

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from conftest import REPO, log_files, make_tree, run_script, script_env, write_xlsx, client_env
 from tests.dropbox_server import DropboxTestServer
 
-from archive_dropbox import download
+from archive_dropbox import download, transfer
 from archive_dropbox.content_hash import bytes_content_hash
 from archive_dropbox.dropbox_client import NetworkProblem, RemoteFile
 
@@ -371,7 +371,7 @@ def test_resume_after_any_drop_ends_with_the_exact_file(size, seed, prefix_share
             kept[len(kept) // 2] ^= 0x01
         task.partial.write_bytes(bytes(kept))
         worker = download.Downloader(client, None, download.Options(first_retry_delay=0), log,
-                                     download.DiskGuard(log, 0, usage=lambda _: namedtuple("U", "free")(1 << 60)))
+                                     transfer.Pauses(log, 0, usage=lambda _: namedtuple("U", "free")(1 << 60)))
         worker._run_task(task)
         assert worker.summary.failures == []
         assert task.target.read_bytes() == data
@@ -386,9 +386,9 @@ def test_disk_guard_pauses_until_there_is_room_and_says_so(caplog, tmp_path):
     readings = iter([10, 10, 10, 10, 1 << 40, 1 << 40, 1 << 40])
     usage = lambda _: namedtuple("Usage", "free")(next(readings))  # noqa: E731
     log = logging.getLogger("test_download.disk")
-    guard = download.DiskGuard(log, 0.01, usage=usage)
+    guard = transfer.Pauses(log, 0.01, usage=usage)
     with caplog.at_level(logging.INFO, logger=log.name):
-        guard.wait_for_room(tmp_path / "not yet created", 5 * MIB, "not enough free space")
+        guard.wait_for_disk(tmp_path / "not yet created", 5 * MIB, "not enough free space")
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("PAUSED: not enough free space") for m in messages)
     assert any("has room again" in m for m in messages)

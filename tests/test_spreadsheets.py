@@ -19,7 +19,7 @@ import openpyxl
 import pandas as pd
 import pytest
 
-from archive_dropbox import download, requirements_check, sheets
+from archive_dropbox import download, download_plan, requirements_check, sheets
 from archive_dropbox.errors import SheetError
 from conftest import make_tree, run_script, write_xlsx
 
@@ -395,7 +395,7 @@ def test_download_check_rows_lists_the_tab_problems_with_the_dropbox_ones_once_e
     ]})
     rows, earlier = sheets.read_tab_with_problems(book, "dropboxDownload_API", download.COLUMNS)
     with pytest.raises(SheetError) as caught:
-        download.check_rows(NothingInDropbox(), rows, logging.getLogger("test"), earlier)
+        download_plan.check_rows(NothingInDropbox(), rows, logging.getLogger("test"), earlier)
     found = problem_lines(str(caught.value))
     assert [p.split(":")[0] for p in found[2]] == ["column 'localDir'", "column 'dropboxPath'"]
     assert "is a file" in found[2][0] and "/Missing does not exist in Dropbox" in found[2][1]

@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import deletion, prepare
+from . import deletion, prepare, units
 from .content_hash import bytes_content_hash, hash_range
 from .errors import EXIT_OK, EXIT_SOME_FAILED
 from .journal import Item, Journal
@@ -167,8 +167,6 @@ def write_report(findings: list[Finding], log_path: Path, log) -> Path:
 def run_verify(context, sheet: str, *, prepare_rows, open_client) -> int:
     """app.py --verify for an upload tab: exit 0 only when every original is in Dropbox, identical."""
     settings = context.settings
-    from . import units
-
     part_limit = int(min(settings.fileSizeLimit_GB * units.GB, prepare.DROPBOX_API_MAX_FILE))
     with Journal(context.logs_root / "journal.sqlite3", sheet) as journal:
         plan = prepare_rows(context, sheet, destination_of_row=lambda row: row["outputDir"], part_limit=part_limit,

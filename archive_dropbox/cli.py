@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from . import errors
-from .logs import close_log, make_console_safe, redact, start_log
+from .logs import close_log, make_console_safe, start_log
 from .settings import Setting, Settings, add_setting_flags, read_settings_block, resolve
 from .winconsole import long_run_console
 
@@ -60,19 +60,7 @@ def run_script(
             script_values = read_settings_block(settings_text, script)
         except errors.ArchiveError as exc:
             block_problem, script_values = exc, {}
-    parser = argparse.ArgumentParser(
-        prog=script.name,
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Without flags the script uses the settings written at its top and the workbook "
-        "next to it: double-clicking it is enough.",
-    )
-    parser.add_argument("--logs", metavar="DIR", default=None,
-                        help="folder for logs and the journal (default: logs/ next to app.py)")
-    if add_arguments is not None:
-        add_arguments(parser)
-    add_setting_flags(parser, spec, script_values)
-    args = parser.parse_args(argv)
+    args = _parser(script, description, spec, script_values, add_arguments).parse_args(argv)
 
     repo_root = script.parent.parent if script.parent.name == "preProcess" else script.parent
     logs_root = Path(args.logs).resolve() if args.logs else repo_root / "logs"
@@ -117,5 +105,19 @@ def run_script(
             close_log(log)
 
 
-def fail_message(text: str) -> None:
-    print(redact(text), file=sys.stderr)
+def _parser(script: Path, description: str, spec: list[Setting], script_values: Mapping[str, Any],
+            add_arguments: Callable[[argparse.ArgumentParser], None] | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=script.name,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Without flags the script uses the settings written at its top and the workbook "
+        "next to it: double-clicking it is enough.",
+    )
+    parser.add_argument("--logs", metavar="DIR", default=None,
+                        help="folder for logs and the journal (default: logs/ next to app.py)")
+    if add_arguments is not None:
+        add_arguments(parser)
+    add_setting_flags(parser, spec, script_values)
+    return parser
+

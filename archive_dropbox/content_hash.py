@@ -11,9 +11,7 @@ import hashlib
 from pathlib import Path
 from typing import Callable
 
-from dropbox.content_hash import DropboxContentHasher
-
-BLOCK_SIZE = DropboxContentHasher.BLOCK_SIZE  # 4 MiB
+BLOCK_SIZE = 4 * 1024 * 1024  # 4 MiB, Dropbox's block (the SDK's DropboxContentHasher.BLOCK_SIZE)
 READ_SIZE = 8 * 1024 * 1024
 
 

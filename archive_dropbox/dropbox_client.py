@@ -11,7 +11,6 @@ refresh); what it does not retry (dropped connections, timeouts) surfaces as
 from __future__ import annotations
 
 import datetime as dt
-import os
 import threading
 import unicodedata
 from dataclasses import dataclass
@@ -152,7 +151,13 @@ def _tags(union: Any) -> tuple[list[str], Any]:
     for _ in range(6):
         tag = getattr(value, "_tag", None)
         if tag is None:
-            break
+            # files/upload's `path` error is a struct (UploadWriteFailed) whose `reason` is the
+            # WriteError union: without this a conflict or a full Dropbox read as plain "path".
+            reason = getattr(value, "reason", None)
+            if getattr(reason, "_tag", None) is None:
+                break
+            value = reason
+            continue
         tags.append(tag)
         value = getattr(value, "_value", None)
     return tags, value
@@ -633,7 +638,3 @@ def _oauth_error(exc: Exception) -> str | None:
     except (ValueError, AttributeError):
         return None
 
-
-def sdk_environment() -> dict[str, str]:
-    """The host overrides the SDK read at import (test servers only), for logging."""
-    return {k: v for k, v in os.environ.items() if k in ("DROPBOX_API_HOST", "DROPBOX_API_CONTENT_HOST")}

@@ -34,11 +34,12 @@ except ImportError:  # Windows
 from . import deletion
 from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED, ArchiveError, FileProblem, SheetError
 from .localfs import read_into as _read_into  # a module name of its own: tests replace it to corrupt a read
-from .localfs import TEMP_PREFIX, legacy_temporary, rename_without_replacing, temporary_sibling
+from .localfs import TEMP_PREFIX, fsync_folder, legacy_temporary, rename_without_replacing, temporary_sibling
 from .names import local_case_clashes, local_name_problem
 from .settings import Setting
+from .tabs import JOIN_FILES
 from .split import (CHUNK, Digester, Manifest, RangeCopier, SourceEnded, manifest_name, parse_manifest_name,
-                    parse_part_name, read_manifest, sha256_file, fsync_folder)
+                    parse_part_name, read_manifest, sha256_file)
 
 if TYPE_CHECKING:
     from .sheets import SheetRow
@@ -186,9 +187,6 @@ def _inspect(path: Path) -> SplitSeries:
         raise JoinProblem(f"the manifest {manifest_file.name} describes {manifest.original_name!r}, not "
                           f"{base!r}: it does not belong to these parts.", paths=[manifest_file])
 
-    def sizes(paths: list[Path]) -> list[int]:
-        return [p.stat().st_size for p in paths]
-
     if not numbered and manifest is None:
         if output_exists:
             return SplitSeries(folder, base, [], [], None, DONE_BEFORE,
@@ -201,46 +199,61 @@ def _inspect(path: Path) -> SplitSeries:
                           "Check the name and the folder. (If this file was joined and cleaned up by "
                           "an earlier run, remove it from the list.)", paths=[path])
 
-    present = {name for clashing in numbered.values() for name in clashing}
     if manifest is not None:
-        listed = [folder / p.name for p in manifest.parts]
-        if output_exists:
-            if output.stat().st_size != manifest.size:
-                raise JoinProblem(f"{output} already exists and is not the joined file: it has "
-                                  f"{output.stat().st_size:,} bytes, the original had {manifest.size:,}. "
-                                  "Move or rename it and run again; it was not touched.", paths=[output])
-            kept = [p for p in listed if p.name in present]
-            return SplitSeries(folder, base, kept, sizes(kept), manifest, VERIFY_EXISTING)
-        extras = sorted(present - {p.name for p in manifest.parts})
-        if extras:
-            raise JoinProblem(f"{extras[0]} is not one of the {len(manifest.parts)} parts listed in "
-                              f"{manifest_file.name}: it may come from a different split. Move it away "
-                              "and run again.", paths=[folder / extras[0]])
-        missing = [p.name for p in manifest.parts if p.name not in present]
-        if missing:
-            raise JoinProblem(f"part {missing[0]} is missing"
-                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                              + f": {len(manifest.parts) - len(missing)} of the {len(manifest.parts)} parts "
-                              f"listed in {manifest_file.name} are in {folder}. Copy or download the "
-                              "missing part next to the others and run again.", paths=[folder / missing[0]])
-        actual = sizes(listed)
-        for part, size in zip(manifest.parts, actual):
-            if size != part.size:
-                kind = "incomplete (cut short)" if size < part.size else "longer than it should be"
-                raise JoinProblem(f"part {part.name} has {size:,} bytes but should have {part.size:,}: "
-                                  f"it is {kind}. Copy or download it again and run again.",
-                                  paths=[folder / part.name])
-        return SplitSeries(folder, base, listed, actual, manifest, JOIN)
+        return _series_from_manifest(folder, base, numbered, manifest, manifest_file, output, output_exists)
+    return _series_from_numbers(folder, base, numbered, output, output_exists)
 
+
+def _sizes(paths: list[Path]) -> list[int]:
+    return [p.stat().st_size for p in paths]
+
+
+def _series_from_manifest(folder: Path, base: str, numbered: dict[int, list[str]], manifest: Manifest,
+                          manifest_file: Path, output: Path, output_exists: bool) -> SplitSeries:
+    """The parts the manifest lists, all present with their sizes (or the joined file already there)."""
+    present = {name for clashing in numbered.values() for name in clashing}
+    listed = [folder / p.name for p in manifest.parts]
+    if output_exists:
+        if output.stat().st_size != manifest.size:
+            raise JoinProblem(f"{output} already exists and is not the joined file: it has "
+                              f"{output.stat().st_size:,} bytes, the original had {manifest.size:,}. "
+                              "Move or rename it and run again; it was not touched.", paths=[output])
+        kept = [p for p in listed if p.name in present]
+        return SplitSeries(folder, base, kept, _sizes(kept), manifest, VERIFY_EXISTING)
+    extras = sorted(present - {p.name for p in manifest.parts})
+    if extras:
+        raise JoinProblem(f"{extras[0]} is not one of the {len(manifest.parts)} parts listed in "
+                          f"{manifest_file.name}: it may come from a different split. Move it away "
+                          "and run again.", paths=[folder / extras[0]])
+    missing = [p.name for p in manifest.parts if p.name not in present]
+    if missing:
+        raise JoinProblem(f"part {missing[0]} is missing"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                          + f": {len(manifest.parts) - len(missing)} of the {len(manifest.parts)} parts "
+                          f"listed in {manifest_file.name} are in {folder}. Copy or download the "
+                          "missing part next to the others and run again.", paths=[folder / missing[0]])
+    actual = _sizes(listed)
+    for part, size in zip(manifest.parts, actual):
+        if size != part.size:
+            kind = "incomplete (cut short)" if size < part.size else "longer than it should be"
+            raise JoinProblem(f"part {part.name} has {size:,} bytes but should have {part.size:,}: "
+                              f"it is {kind}. Copy or download it again and run again.",
+                              paths=[folder / part.name])
+    return SplitSeries(folder, base, listed, actual, manifest, JOIN)
+
+
+def _series_from_numbers(folder: Path, base: str, numbered: dict[int, list[str]], output: Path,
+                         output_exists: bool) -> SplitSeries:
+    """Without a manifest: parts 1 to the highest number found, none missing."""
     numbers = sorted(numbered)
     parts = [folder / numbered[n][0] for n in numbers]
     width = len(numbered[numbers[-1]][0]) - len(base) - len("_split_")
     missing_numbers = [n for n in range(1, numbers[-1] + 1) if n not in numbered]
     if output_exists:
-        if output.stat().st_size != sum(sizes(parts)) or missing_numbers:
+        if output.stat().st_size != sum(_sizes(parts)) or missing_numbers:
             raise JoinProblem(f"{output} already exists and is not the join of the parts found: move or "
                               "rename it and run again; it was not touched.", paths=[output])
-        return SplitSeries(folder, base, parts, sizes(parts), None, VERIFY_EXISTING)
+        return SplitSeries(folder, base, parts, _sizes(parts), None, VERIFY_EXISTING)
     if missing_numbers:
         first = f"{base}_split_{missing_numbers[0]:0{width}d}"
         raise JoinProblem(f"part {first} is missing"
@@ -248,7 +261,7 @@ def _inspect(path: Path) -> SplitSeries:
                           + f": only parts {_number_ranges(numbers)} of {base} are in {folder}. Copy or "
                           "download the missing part next to the others and run again.",
                           paths=[folder / first])
-    return SplitSeries(folder, base, parts, sizes(parts), None, JOIN)
+    return SplitSeries(folder, base, parts, _sizes(parts), None, JOIN)
 
 
 def find_split_files(folder: Path | str) -> list[Path]:
@@ -1084,11 +1097,9 @@ def _jobs_from_sheet(workbook: Path, tab: str) -> list[JoinJob]:
     """The tab's rows as jobs; SheetError lists the problems of the cells and, in the same pass, those
     the preflight finds in the rows whose inputFile could be read."""
     # Imported here: pandas takes half a second to load, and a part dropped on the script needs no sheet.
-    from .sheets import FLAG, LOCAL_PATH, Column, read_tab_with_problems
+    from .sheets import read_tab_with_problems
 
-    # LOCAL_PATH, as in every script: quotes from "Copy as path" go, Windows paths and numbers are caught.
-    columns = [Column("inputFile", LOCAL_PATH), Column("deleteFlag", FLAG), Column("unzipFlag", FLAG)]
-    rows, problems = read_tab_with_problems(workbook, tab, columns)
+    rows, problems = read_tab_with_problems(workbook, tab, list(JOIN_FILES.columns))
     jobs = [JoinJob(row["inputFile"], bool(row["deleteFlag"]), bool(row["unzipFlag"]), f"row {row.row}", row)
             for row in rows if row["inputFile"] is not None]
     if not problems:

@@ -142,7 +142,7 @@ def on_network_drive(path: Path) -> bool:
         text = str(path)
         if text.startswith("\\\\"):
             return True
-        import ctypes
+        import ctypes  # the Windows API is called on Windows only: loaded there, when needed
 
         root = os.path.splitdrive(os.path.abspath(text))[0] + "\\"
         return ctypes.windll.kernel32.GetDriveTypeW(root) == 4  # DRIVE_REMOTE

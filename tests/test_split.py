@@ -1,5 +1,6 @@
-"""split.py: part names and plans, the manifest, one-pass hashing, streaming parts from the
-original, writing parts that survive a rerun; and split-then-join as the identity."""
+"""split.py: part names and plans, the manifest, one-pass hashing; tests/split_helpers.py:
+streaming parts from the original, writing parts that survive a rerun; and split-then-join as
+the identity."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from archive_dropbox import joining, split
+from tests import split_helpers
 from archive_dropbox.split import MiB, PartPlan, SplitError
 
 QUIET = logging.getLogger("test_split")
@@ -110,7 +112,7 @@ def test_hash_parts_matches_hashlib(tmp_path):
     source.write_bytes(data)
     plan = split.plan_split(len(data), 5 * MiB + 3)
     seen = []
-    whole, parts = split.hash_parts(source, plan, progress=seen.append)
+    whole, parts = split_helpers.hash_parts(source, plan, progress=seen.append)
     assert whole == sha(data)
     assert parts == [sha(data[p.offset:p.end]) for p in plan]
     assert sum(seen) == len(data)
@@ -121,14 +123,14 @@ def test_part_reader_streams_one_part_and_seeks(tmp_path):
     source = tmp_path / "data.bin"
     source.write_bytes(data)
     part = PartPlan(2, 30_000, 40_000)
-    with split.PartReader(source, part) as reader:
+    with split_helpers.PartReader(source, part) as reader:
         assert reader.read(10) == data[30_000:30_010]
         reader.seek(39_990)
         assert reader.read() == data[69_990:70_000]
         assert reader.read(5) == b""
         reader.seek(0)
         assert reader.read() == data[30_000:70_000]
-    chunks = list(split.iter_part_chunks(source, 30_000, 40_000, chunk_size=7_000))
+    chunks = list(split_helpers.iter_part_chunks(source, 30_000, 40_000, chunk_size=7_000))
     assert b"".join(chunks) == data[30_000:70_000] and max(map(len, chunks)) == 7_000
 
 
@@ -136,7 +138,7 @@ def test_part_reader_refuses_a_file_that_became_shorter(tmp_path):
     source = tmp_path / "data.bin"
     source.write_bytes(b"x" * 1000)
     with pytest.raises(SplitError, match="shorter than expected"):
-        list(split.iter_part_chunks(source, 500, 1000))
+        list(split_helpers.iter_part_chunks(source, 500, 1000))
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -150,7 +152,7 @@ def make_manifest(data: bytes, limit: int, name: str = "f.bin") -> split.Manifes
 
 def test_manifest_round_trip(tmp_path):
     manifest = make_manifest(b"abcdefghij", 4)
-    path = split.write_manifest(tmp_path / split.manifest_name("f.bin"), manifest)
+    path = split_helpers.write_manifest(tmp_path / split.manifest_name("f.bin"), manifest)
     raw = json.loads(path.read_text(encoding="utf-8"))
     assert raw["format"] == split.MANIFEST_FORMAT and raw["version"] == 1
     assert [p["name"] for p in raw["parts"]] == ["f.bin_split_0001", "f.bin_split_0002", "f.bin_split_0003"]
@@ -194,7 +196,7 @@ def test_write_parts_writes_parts_and_manifest_without_temporaries(tmp_path):
     dest = tmp_path / "dropbox"
     dest.mkdir()
     plan = split.plan_split(len(data), 6 * MiB, "big.bin")
-    manifest = split.write_parts(source, dest, plan)
+    manifest = split_helpers.write_parts(source, dest, plan)
     assert sorted(p.name for p in dest.iterdir()) == [p.name for p in plan] + ["big.bin_split_manifest.json"]
     for part in plan:
         assert (dest / part.name).read_bytes() == data[part.offset:part.end]
@@ -210,15 +212,20 @@ def test_write_parts_rerun_keeps_complete_parts_and_rewrites_damaged_ones(tmp_pa
     dest = tmp_path / "out"
     dest.mkdir()
     plan = split.plan_split(len(data), MiB, "big.bin")
-    split.write_parts(source, dest, plan)
-    inodes = {p.name: (dest / p.name).stat().st_ino for p in plan}
+    split_helpers.write_parts(source, dest, plan)
+    # A hard link to each part keeps its inode allocated, so a rewritten part cannot reuse the
+    # inode number of a replaced or deleted one and pass for "kept".
+    before = tmp_path / "before"
+    before.mkdir()
+    for part in plan:
+        os.link(dest / part.name, before / part.name)
     damaged = dest / plan[2].name
     damaged.write_bytes(b"\0" + damaged.read_bytes()[1:])
     (dest / plan[4].name).unlink()
-    split.write_parts(source, dest, plan, log=QUIET)
+    split_helpers.write_parts(source, dest, plan, log=QUIET)
     for part in plan:
         assert (dest / part.name).read_bytes() == data[part.offset:part.end]
-    kept = [p.name for p in plan if (dest / p.name).stat().st_ino == inodes[p.name]]
+    kept = [p.name for p in plan if os.path.samefile(dest / p.name, before / p.name)]
     assert kept == [plan[i].name for i in (0, 1, 3, 5)]
 
 
@@ -229,13 +236,13 @@ def test_write_parts_continues_after_a_crash_before_the_manifest(tmp_path):
     dest = tmp_path / "out"
     dest.mkdir()
     plan = split.plan_split(len(data), MiB, "big.bin")
-    split.write_parts(source, dest, plan)
+    split_helpers.write_parts(source, dest, plan)
     (dest / "big.bin_split_manifest.json").unlink()        # the crash came before the manifest
     last = dest / plan[-1].name
     last.write_bytes(last.read_bytes()[:3])                # and cut the last part short
     (dest / f".~{plan[-1].name}").write_bytes(b"junk")      # leaving a temporary behind
     first_inode = (dest / plan[0].name).stat().st_ino
-    manifest = split.write_parts(source, dest, plan)
+    manifest = split_helpers.write_parts(source, dest, plan)
     assert (dest / plan[0].name).stat().st_ino == first_inode
     assert last.read_bytes() == data[plan[-1].offset:]
     assert manifest == split.read_manifest(dest / "big.bin_split_manifest.json")
@@ -254,7 +261,7 @@ def test_write_parts_refuses_a_source_that_changes_meanwhile(tmp_path):
         os.utime(source, (1, 1))
 
     with pytest.raises(SplitError, match="changed while"):
-        split.write_parts(source, dest, plan, progress=touch_source)
+        split_helpers.write_parts(source, dest, plan, progress=touch_source)
     assert not (dest / "big.bin_split_manifest.json").exists()
 
 
@@ -275,7 +282,7 @@ def test_split_then_join_is_the_identity(data, part_limit, name):
         parts = folder / "parts"
         parts.mkdir()
         plan = split.plan_split(len(data), part_limit, name)
-        manifest = split.write_parts(source, parts, plan)
+        manifest = split_helpers.write_parts(source, parts, plan)
         assert len(manifest.parts) == len(plan)
         outcome = joining.join_split_file(parts / split.part_name(name, 1, len(plan)), log=QUIET)
         joined = parts / name

@@ -219,6 +219,44 @@ def _apply_rule(d: Decision, rule: FailRule, cfg: FaultConfig) -> None:
     d.error = rule.error
 
 
+class Hold:
+    """A barrier: the first `count` requests to any of `routes` wait on arrival (before their
+    body is read) until `release()`; later ones pass. Lets a test keep a client mid-transfer
+    for as long as it needs, instead of racing a slow bandwidth cap."""
+
+    def __init__(self, routes, count: int = 1):
+        self.routes = frozenset(_route_key(r) for r in routes)
+        self._left = count
+        self._held = 0
+        self._released = False
+        self._cond = threading.Condition()
+
+    def enter(self, route: str) -> bool:
+        """Called for every request: blocks a matching one until release(). True if it waited."""
+        with self._cond:
+            if self._released or self._left <= 0 or route not in self.routes:
+                return False
+            self._left -= 1
+            self._held += 1
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._released)
+            return True
+
+    def wait_held(self, n: int = 1, timeout: float = 120.0) -> bool:
+        """Wait until `n` requests are being (or have been) held; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._held >= n, timeout=timeout)
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    def release(self) -> None:
+        with self._cond:
+            self._released = True
+            self._cond.notify_all()
+
+
 class Throttle:
     """Per-connection token bucket. The rate is read from a callable on every use so a
     runtime change of `bandwidth_bps` takes effect on connections already open."""

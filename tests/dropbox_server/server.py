@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from stone.backends.python_rsrc import stone_serializers, stone_validators
 
 from . import faults as F
-from .faults import FaultConfig, FaultInjector, Throttle
+from .faults import FaultConfig, FaultInjector, Hold, Throttle
 from .http_io import BadFraming, ClientGone, DropConnection, RequestBody
 from .routes import (ROUTES, CommitRefused, DownloadResult, RateLimited, RouteError,
                      Unsatisfiable)
@@ -196,6 +196,7 @@ class DropboxTestServer:
         self._member_folder, self._team_folders = member_folder, tuple(team_folders)
         self._disallowed = tuple(disallowed_names)
         self._injector = FaultInjector(faults)
+        self._holds: list[Hold] = []
         self._lock = threading.Lock()
         self._log_lock = threading.Lock()
         self._connections: set = set()
@@ -234,6 +235,10 @@ class DropboxTestServer:
     def stop(self) -> None:
         if self._httpd is None:
             return
+        with self._lock:
+            holds, self._holds = self._holds, []
+        for hold in holds:          # a held request must not keep its thread (and stop) waiting
+            hold.release()
         self._httpd.shutdown()
         self._httpd.server_close()
         with self._lock:
@@ -367,6 +372,14 @@ class DropboxTestServer:
     @faults.setter
     def faults(self, config: FaultConfig) -> None:
         self._injector.set(config)
+
+    def hold(self, *routes: str, count: int = 1) -> Hold:
+        """Hold the first `count` requests to `routes` on arrival until the returned Hold's
+        `release()` (also released by stop()); `wait_held()` waits until they arrived."""
+        hold = Hold(routes, count)
+        with self._lock:
+            self._holds.append(hold)
+        return hold
 
     def set_faults(self, config: Optional[FaultConfig] = None, **fields) -> FaultConfig:
         """Replace the fault configuration (counters and RNG restart). With keyword arguments,
@@ -678,6 +691,11 @@ class DropboxTestServer:
             rec["fault"] = decision.label or None
             if decision.latency_s:
                 time.sleep(decision.latency_s)
+            with self._lock:
+                holds = list(self._holds)
+            for hold in holds:
+                if hold.enter(route):
+                    rec["fault"] = rec["fault"] or "held"
             if decision.action == F.DROP_MID_BODY:
                 if body.finished:
                     raise DropConnection()

@@ -9,6 +9,7 @@ from pathlib import Path
 from . import api_upload, audit, desktop_upload, download
 from .cli import RunContext
 from .credentials import save_credentials
+from .dropbox_client import finish_login, start_login
 from .errors import EXIT_OK, AuthError, SettingsError
 from .job_setup import open_client, prepare_rows, token_file
 from .settings import Setting, existing_file
@@ -55,8 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def login(context: RunContext) -> int:
-    from .dropbox_client import finish_login, start_login
-
     app_key = context.settings.appKey or ""
     if not app_key:
         raise SettingsError("to log in, set appKey at the top of app.py to your Dropbox app's key (Dropbox "

@@ -321,12 +321,12 @@ class _JobLock:
         self._handle = open(path, "a+b")
         try:
             if os.name == "nt":
-                import msvcrt
+                import msvcrt  # Windows-only module
 
                 self._handle.seek(0)
                 msvcrt.locking(self._handle.fileno(), msvcrt.LK_NBLCK, 1)
             else:
-                import fcntl
+                import fcntl  # POSIX-only module
 
                 fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -342,22 +342,26 @@ def test_missing_workbook_tab_and_login(tmp_path, server):
 
 
 def test_second_copy_on_the_same_sheet_is_refused(tmp_path, server):
-    tree = make_tree(tmp_path / "data", {"s/a.bin": 8 * MIB})
-    server.set_faults(FaultConfig(bandwidth_bps=2 * MIB))
+    # The server holds the first copy's first upload request until released, so the first copy
+    # is certainly mid-run, holding the sheet, when the second starts: no race with the machine's load.
+    tree = make_tree(tmp_path / "data", {"s/a.bin": 5 * MIB})
     book = sheet(tmp_path, [[str(tree / "s"), "/S", 0]])
+    hold = server.hold(*UPLOAD_ROUTES, count=1)  # the second copy's requests pass, should it get that far
     first = subprocess.Popen(app_args(book, tmp_path / "logs", server, "--chunkSize_MB", "4"),
                              env=script_env(app_env(server)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while server.count_calls("files/upload_session/start") < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        deadline = time.monotonic() + 240  # only reached when the first copy is broken
+        while not hold.wait_held(timeout=0.5):
+            assert first.poll() is None and time.monotonic() < deadline, "the first copy never began uploading"
         second = run_app(book, tmp_path / "logs", server)
-        assert second.returncode == 4
+        assert second.returncode == 4, second.stdout + second.stderr
         assert "already working on this sheet" in second.stdout + second.stderr
     finally:
-        first.wait(timeout=120)
-    assert first.returncode == 0
+        hold.release()
+        output = first.communicate(timeout=240)[0]
+    assert first.returncode == 0, output
+    assert server.content_hash("/S/a.bin") == file_content_hash(tree / "s" / "a.bin")
 
 
 def test_file_that_vanishes_or_changes_during_upload_is_reported_and_retried(tmp_path, server):

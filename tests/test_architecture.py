@@ -51,7 +51,7 @@ LAYERS = {
     # retry and pause policy, the job runner) and source_check (is the local original unchanged).
     "dropbox_client": TRANSFER,
     "credentials": TRANSFER,
-    "deletion": TRANSFER,
+    "deletion": FOUNDATIONS,  # the gate: local file operations only (its proof takes a Dropbox snapshot as data)
     "prepare": TRANSFER,
     "destinations": TRANSFER,
     "job_setup": TRANSFER,

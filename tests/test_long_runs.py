@@ -27,7 +27,7 @@ from tqdm import tqdm
 from conftest import REPO, log_files, make_tree, script_env, write_xlsx, SYSTEM_CA
 from tests.dropbox_server import DropboxTestServer, FailRule
 
-from archive_dropbox import api_upload, desktop_upload, download, status
+from archive_dropbox import api_upload, desktop_arrivals, desktop_copy, download, status, transfer
 from archive_dropbox.content_hash import bytes_content_hash
 from archive_dropbox.dropbox_client import NetworkProblem, RemoteFile, SpaceUsage
 from archive_dropbox.units import human_bytes
@@ -148,7 +148,7 @@ def test_the_progress_bar_keeps_its_elapsed_time_moving_while_waiting(screen):
 def test_retrying_uploads_share_one_status_line(screen, monkeypatch):
     """Four workers riding out the same outage: one status line, then one 'answers again'."""
     log, lines = screen
-    monkeypatch.setattr(api_upload, "nap", lambda seconds, stop=None: None)  # no real waits between retries
+    monkeypatch.setattr(transfer, "nap", lambda seconds, stop=None: None)  # no real waits between retries
     failures_each, workers = 3, 4
     all_failed = threading.Barrier(workers, timeout=BOUND)
     calls = threading.local()
@@ -163,7 +163,7 @@ def test_retrying_uploads_share_one_status_line(screen, monkeypatch):
     uploader = api_upload.ApiUploader(SimpleNamespace(), None, api_upload.UploadOptions(), log)
     try:
         with futures.ThreadPoolExecutor(workers) as pool:
-            answers = list(pool.map(lambda _: uploader._retrying("upload", flaky), range(workers)))
+            answers = list(pool.map(lambda _: uploader.shared.call("upload", flaky), range(workers)))
     finally:
         status.shutdown(uploader._appends)
         status.shutdown(uploader._readahead)
@@ -180,7 +180,7 @@ def test_a_full_dropbox_pause_is_said_once_with_what_is_left(screen):
     client = SimpleNamespace(space_usage=lambda: SpaceUsage(used=0, allocated=next(free)))
     status.status_of(log).remaining(lambda: "3.00 MB still to send")
     try:
-        api_upload.Pauser(client, log, 0).wait_for_space(3_000_000, "Dropbox is full")
+        transfer.Pauses(log, 0, client=client).wait_for_dropbox_space(3_000_000, "Dropbox is full")
     finally:
         status.status_of(log).remaining(None)
     paused = lines.containing("PAUSED")
@@ -193,8 +193,8 @@ def test_a_worker_paused_for_half_an_hour_lets_a_stopped_run_end(screen):
     log, lines = screen
     stopping = threading.Event()
     client = SimpleNamespace(space_usage=lambda: SpaceUsage(used=0, allocated=0))
-    pauser = api_upload.Pauser(client, log, 1800, stop=stopping.is_set)
-    worker = threading.Thread(target=pauser.wait_for_space, args=(1, "Dropbox is full"), daemon=True)
+    pauser = transfer.Pauses(log, 1800, client=client, stop=stopping.is_set)
+    worker = threading.Thread(target=pauser.wait_for_dropbox_space, args=(1, "Dropbox is full"), daemon=True)
     worker.start()
     deadline = time.monotonic() + BOUND
     while not lines.containing("PAUSED") and time.monotonic() < deadline:  # the pause has begun
@@ -209,8 +209,8 @@ def test_a_worker_paused_for_half_an_hour_lets_a_stopped_run_end(screen):
 def test_a_full_local_disk_pause_is_said_once_not_at_every_check(screen, tmp_path):
     log, lines = screen
     readings = iter([10] * 8 + [1 << 40] * 3)
-    guard = download.DiskGuard(log, 0.001, usage=lambda _: namedtuple("Usage", "free")(next(readings)))
-    guard.wait_for_room(tmp_path, 5 * MIB, "the local disk is full")
+    guard = transfer.Pauses(log, 0.001, usage=lambda _: namedtuple("Usage", "free")(next(readings)))
+    guard.wait_for_disk(tmp_path, 5 * MIB, "the local disk is full")
     assert len(lines.containing("PAUSED: the local disk is full")) == 1, lines.lines
     assert len(lines.containing("has room again")) == 1
 
@@ -270,7 +270,7 @@ def test_downloads_wait_in_slices_in_the_main_thread(windows_waits, screen, tmp_
 
     client = SimpleNamespace(download_range=download_range)
     worker = download.Downloader(client, None, download.Options(workers=2), log,
-                                 download.DiskGuard(log, 0, usage=lambda _: namedtuple("U", "free")(1 << 60)))
+                                 transfer.Pauses(log, 0, usage=lambda _: namedtuple("U", "free")(1 << 60)))
     task = download.Task(namedtuple("Row", "row")(2), remote, tmp_path / "a.bin")
     summary = worker.run([task], [], 1)
     assert summary.failures == [] and (tmp_path / "a.bin").read_bytes() == data
@@ -301,7 +301,7 @@ def test_desktop_app_copies_and_lookups_wait_in_slices(windows_waits):
         assert windows_waits.wait(BOUND), "the main thread never waited"
         seen.append(len(block))
 
-    hashes = desktop_upload._SideBySideHashes([slow_hasher])
+    hashes = desktop_copy._SideBySideHashes([slow_hasher])
     for _ in range(5):  # more blocks than the lane holds: the copy waits for the hasher
         hashes.feed(b"x" * 10)
     hashes.close()
@@ -313,9 +313,8 @@ def test_desktop_app_copies_and_lookups_wait_in_slices(windows_waits):
         assert windows_waits.wait(BOUND), "the main thread never waited"
         return RemoteFile(path, path.lower(), 1, None, dt.datetime(2024, 1, 2), "rev")
 
-    asker = SimpleNamespace(client=SimpleNamespace(metadata=metadata))
     items = [SimpleNamespace(destination=f"/x/{i}.bin") for i in range(3)]
-    found = desktop_upload.AppUploader.lookup(asker, items)
+    found = desktop_arrivals.lookup(SimpleNamespace(metadata=metadata), items)
     assert sorted(found) == ["/x/0.bin", "/x/1.bin", "/x/2.bin"]
 
 

@@ -106,9 +106,9 @@ def test_positioned_reads_without_pread_do_not_serialise_different_files(monkeyp
     for each other (a process-wide lock serialised every read from a NAS)."""
     import threading
 
-    from archive_dropbox import api_upload
+    from archive_dropbox import upload_memory
 
-    monkeypatch.delattr(api_upload.os, "pread", raising=False)
+    monkeypatch.delattr(upload_memory.os, "pread", raising=False)
     both_reading = threading.Barrier(2, timeout=10)
 
     class SlowFile:
@@ -124,7 +124,7 @@ def test_positioned_reads_without_pread_do_not_serialise_different_files(monkeyp
 
     results = {}
     files = {"a": SlowFile(b"0123456789"), "b": SlowFile(b"abcdefghij")}
-    threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, api_upload.read_at(files[k], 3, 2)))
+    threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, upload_memory.read_at(files[k], 3, 2)))
                for k in files]
     for thread in threads:
         thread.start()

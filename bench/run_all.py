@@ -38,6 +38,7 @@ BENCHMARKS = [
     ("bench_download", "download"),
     ("bench_stage1", "stage1"),
     ("bench_zip_index", "zip_index"),
+    ("bench_inventory", "inventory"),
 ]
 
 

@@ -17,5 +17,5 @@ def test_every_benchmark_runs_at_quick_size(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     table = output.read_text()
     assert "failed to run" not in table
-    for name in ("scan", "zip", "server", "upload", "join", "download", "zip_index"):
+    for name in ("scan", "zip", "server", "upload", "join", "download", "zip_index", "inventory"):
         assert f"| {name} |" in table, f"benchmark {name} reported nothing"

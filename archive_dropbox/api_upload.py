@@ -36,7 +36,7 @@ from .journal import Item, Journal, Kind, State
 from .names import case_key
 from .prepare import Plan
 from .small_files import SmallFileGroups, SmallFileSender
-from .transfer import ByteProgress, JobRunner, log_failures
+from .transfer import ByteProgress, JobRunner, log_summary_end
 from .units import MIB, human_bytes
 from .upload_memory import file_data_budget
 from .upload_run import Asked, Summary, UploadOptions, UploadRun
@@ -357,11 +357,7 @@ def _log_summary(context: RunContext, summary) -> None:
              summary.files_total, summary.items_uploaded, summary.items_already_there, summary.items_done_before,
              units.human_bytes(summary.bytes_sent), summary.seconds, units.human_bytes(speed),
              summary.deleted_sources, len(summary.failures))
-    log_failures(log, summary.failures)
-    if summary.failures:
-        log.error("Some files did not reach Dropbox. Fix what the messages say and run app.py again: finished "
-                  "files are not sent twice.")
-    else:
-        log.info("Everything is in Dropbox and verified by content hash.")
-    log.info("Log: %s", context.log_path)
+    log_summary_end(log, summary, failed="Some files did not reach Dropbox. Fix what the messages say and run "
+                    "app.py again: finished files are not sent twice.",
+                    succeeded="Everything is in Dropbox and verified by content hash.", log_path=context.log_path)
     sys.stdout.flush()

@@ -9,13 +9,13 @@ import math
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .desktop_folder import DropboxFolder
 from .errors import ArchiveError
 from .journal import Item, Journal
 from .status import status_of, wait_event
-from .transfer import Retrier, RetryPolicy, log_result
+from .transfer import Retrier, RetryPolicy, RunSummary, log_result
 from .units import human_bytes, human_duration
 
 
@@ -28,8 +28,7 @@ class DesktopOptions:
 
 
 @dataclass
-class DesktopSummary:
-    files_total: int = 0
+class DesktopSummary(RunSummary):
     items_total: int = 0
     items_copied: int = 0
     items_already_there: int = 0
@@ -39,10 +38,8 @@ class DesktopSummary:
     batches_total: int = 0
     batches_verified: int = 0
     deleted_sources: int = 0
-    failures: list[tuple[str, str]] = field(default_factory=list)
     stopped: str | None = None  # why the run stopped before the last batch
     unfinished: int = 0  # items not verified in Dropbox at the end
-    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:

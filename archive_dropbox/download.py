@@ -39,7 +39,7 @@ import os
 import stat
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 from . import deletion, joining, sheets, split
@@ -53,7 +53,8 @@ from .job_setup import open_client
 from .journal import Journal, Kind, State
 from .localfs import legacy_temporary, rename_without_replacing
 from .status import nap, status_of
-from .transfer import Backoff, ByteProgress, JobRunner, Pauses, Retrier, RetryPolicy, log_failures, log_result
+from .transfer import (Backoff, ByteProgress, JobRunner, Pauses, Retrier, RetryPolicy, RunSummary, log_result,
+                       log_summary_end)
 from .units import human_bytes
 
 READ_CHUNK = 4 * 1024 * 1024
@@ -62,20 +63,13 @@ MTIME_SLACK_S = 2
 
 
 @dataclass
-class Summary:
-    files_total: int = 0
+class Summary(RunSummary):
     downloaded: int = 0
     already_here: int = 0
     done_before: int = 0
     joined: int = 0
     joined_before: int = 0
     bytes_received: int = 0
-    failures: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
 
 
 @dataclass
@@ -499,10 +493,7 @@ def _log_summary(context: RunContext, summary: Summary) -> None:
              summary.files_total, summary.downloaded, summary.already_here, summary.done_before, summary.joined,
              summary.joined_before, human_bytes(summary.bytes_received), summary.seconds, human_bytes(speed),
              len(summary.failures))
-    log_failures(log, summary.failures)
-    if summary.failures:
-        log.error("Some files were not downloaded. Fix what the messages say and run app.py again: finished "
-                  "files are not downloaded twice, and partial ones continue where they stopped.")
-    else:
-        log.info("Everything is downloaded and verified by content hash.")
-    log.info("Log: %s", context.log_path)
+    log_summary_end(log, summary, failed="Some files were not downloaded. Fix what the messages say and run "
+                    "app.py again: finished files are not downloaded twice, and partial ones continue where they "
+                    "stopped.", succeeded="Everything is downloaded and verified by content hash.",
+                    log_path=context.log_path)

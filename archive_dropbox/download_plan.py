@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
-from . import names, sheets, split
+from . import names, sheets, split, tabs
 from .dropbox_client import DropboxClient, DropboxProblem, RemoteFile, RemoteFolder
 from .errors import SheetError, SheetProblem
 from .journal import Item, Journal, Kind, State
@@ -24,9 +24,7 @@ from .localfs import temporary_sibling
 from .transfer import Pauses, Retrier, RetryPolicy, existing_ancestor
 from .units import human_bytes
 
-COLUMNS = [sheets.Column("dropboxPath", sheets.DROPBOX_PATH),
-           sheets.Column("localDir", sheets.LOCAL_DIR),
-           sheets.Column("joinFlag", sheets.FLAG)]
+COLUMNS = list(tabs.DOWNLOAD_API.columns)
 
 PARTIAL_TAG = "partial"
 

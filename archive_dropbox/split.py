@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Sequence
 
 from .errors import FileProblem
-from .localfs import fsync_folder  # noqa: F401 - desktop_upload still calls split.fsync_folder
 
 MiB = 1024 * 1024
 # Dropbox hashes files in 4 MiB blocks and concurrent upload sessions append 4 MiB multiples,

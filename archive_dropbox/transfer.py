@@ -22,7 +22,7 @@ import concurrent.futures as futures
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, TypeVar
 
@@ -355,3 +355,27 @@ def log_failures(log: logging.Logger, failures: Sequence[tuple[object, str]], sh
     """The first `shown` failures of a run, one per line, at the end of its summary."""
     for where, message in failures[:shown]:
         log.error("  failed: %s: %s", where, message)
+
+
+@dataclass
+class RunSummary:
+    """What every engine's summary holds; each engine adds its own counters."""
+
+    files_total: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, what went wrong)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def log_summary_end(log: logging.Logger, summary: RunSummary, *, failed: str, succeeded: str, log_path) -> None:
+    """The end every engine's summary shares: the failures, then `failed` or `succeeded`, then
+    where the log is. (The desktop engine says why it stopped first, then calls this.)"""
+    log_failures(log, summary.failures)
+    if summary.failures:
+        log.error("%s", failed)
+    else:
+        log.info("%s", succeeded)
+    log.info("Log: %s", log_path)

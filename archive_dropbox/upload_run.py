@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -23,7 +23,7 @@ from .errors import ArchiveError, FileProblem
 from .journal import Item, Journal, Kind
 from .names import case_key
 from .source_check import WholeFileSha256, check_unchanged
-from .transfer import ByteProgress, JobRunner, Pauses, Retrier, RetryPolicy, log_result
+from .transfer import ByteProgress, JobRunner, Pauses, Retrier, RetryPolicy, RunSummary, log_result
 from .units import MIB, human_bytes
 from .upload_memory import ByteBudget
 
@@ -50,19 +50,12 @@ class UploadOptions:
 
 
 @dataclass
-class Summary:
-    files_total: int = 0
+class Summary(RunSummary):
     items_done_before: int = 0
     items_uploaded: int = 0
     items_already_there: int = 0
     bytes_sent: int = 0
-    failures: list[tuple[str, str]] = field(default_factory=list)
     deleted_sources: int = 0
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
 
 
 class Asked(Enum):

@@ -27,7 +27,7 @@ from pathlib import Path
 from . import deletion, prepare, units
 from .content_hash import bytes_content_hash, hash_range
 from .errors import EXIT_OK, EXIT_SOME_FAILED
-from .journal import Item, Journal
+from .journal import Item, Journal, Kind, SourceDeleted, State
 from .names import case_key
 
 IDENTICAL = "identical"
@@ -49,9 +49,9 @@ class Finding:
 
 def _trusted(items: list[Item] | None, source: prepare.PlannedSource) -> bool:
     """Journal hashes describe the file on disk now, computed from its own bytes."""
-    if not items or any(i.state != "done" or not i.content_hash for i in items):
+    if not items or any(i.state != State.DONE or not i.content_hash for i in items):
         return False
-    if any(not i.hash_local for i in items if i.kind != "manifest"):
+    if any(not i.hash_local for i in items if i.kind != Kind.MANIFEST):
         return False
     recorded = deletion.LocalIdentity.from_record(items[0].source_size, items[0].source_mtime_ns, items[0].source_id)
     try:
@@ -78,11 +78,11 @@ def _original_from_disk(source: prepare.PlannedSource, client,
         sha256s.append(hasher.sha256())
     manifest_path = source.manifest_destination()
     if snapshot.get(manifest_path) is None:
-        expected.append(deletion.RemoteExpectation(manifest_path, None, kind="manifest"))
+        expected.append(deletion.RemoteExpectation(manifest_path, None, kind=Kind.MANIFEST))
         return deletion.UploadedOriginal(source.source, identity, expected), None
     _, chunks = client.download_range(manifest_path)
     data = b"".join(chunks)
-    expected.append(deletion.RemoteExpectation(manifest_path, bytes_content_hash(data), kind="manifest"))
+    expected.append(deletion.RemoteExpectation(manifest_path, bytes_content_hash(data), kind=Kind.MANIFEST))
     try:
         manifest = json.loads(data)
         described = [(p["size"], p["sha256"]) for p in manifest["parts"]]
@@ -100,7 +100,7 @@ def audit(plan: prepare.Plan, journal: Journal, client, folders: list[str], log)
         by_source.setdefault(item.source, []).append(item)
     planned = {str(s.source) for s in plan.sources}
     deleted = {source: items for source, items in by_source.items()
-               if source not in planned and any(i.source_deleted == 1 for i in items)}
+               if source not in planned and any(i.source_deleted == SourceDeleted.DELETED for i in items)}
     # Rows whose every original was deleted plan nothing: their folders are listed all the same.
     folders = list(folders) + [deletion.parent_folder(i.remote_key_path) for items in deleted.values() for i in items]
     snapshot = deletion.RemoteSnapshot.of_folders(client, folders)

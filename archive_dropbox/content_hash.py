@@ -73,14 +73,6 @@ class ContentHasher:
             result.update(self._block.digest())
         return result.hexdigest()
 
-    def content_hash_with(self, data: bytes) -> str:
-        """The content hash once `data` is added, leaving this hasher as it is."""
-        probe = ContentHasher()
-        probe._overall, probe._block, probe._block_fill = self._overall.copy(), self._block.copy(), self._block_fill
-        probe._marked = None
-        probe.update(data)
-        return probe.content_hash()
-
     def sha256(self) -> str:
         if self._sha256 is None:
             raise ValueError("this hasher was created without SHA-256")

@@ -202,7 +202,7 @@ class RemoteExpectation:
     content_hash: str | None
     offset: int = 0
     length: int | None = None  # None: a manifest, built by this tool (its hash alone decides)
-    kind: str = "file"
+    kind: str = "file"  # journal.Kind text (this foundation module does not import the journal)
 
 
 @dataclass
@@ -348,14 +348,6 @@ class DeletionReport:
     remote_calls: int = 0
     remote_seconds: float = 0.0  # asking Dropbox (the listing or the metadata calls)
     local_seconds: float = 0.0   # checking each file on disk and deleting it
-
-
-class DeletionJournal:
-    """What the gate needs from the journal: write-ahead marks around the unlinks. The real
-    one is journal.Journal; tests and the zip stage may pass None (no journal)."""
-
-    def mark_sources_deleting(self, sources: Sequence[str]) -> None: ...
-    def settle_sources(self, deleted: Sequence[str], kept: Sequence[str]) -> None: ...
 
 
 def delete_uploaded_originals(client, originals: Sequence[UploadedOriginal], *, journal, log: logging.Logger,

@@ -34,7 +34,7 @@ except ImportError:  # Windows
 from . import deletion
 from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED, ArchiveError, FileProblem, SheetError
 from .localfs import read_into as _read_into  # a module name of its own: tests replace it to corrupt a read
-from .localfs import TEMP_PREFIX, fsync_folder, legacy_temporary, rename_without_replacing, temporary_sibling
+from .localfs import fsync_folder, legacy_temporary, rename_without_replacing, temporary_sibling
 from .names import local_case_clashes, local_name_problem
 from .settings import Setting
 from .tabs import JOIN_FILES
@@ -262,26 +262,6 @@ def _series_from_numbers(folder: Path, base: str, numbered: dict[int, list[str]]
                           "download the missing part next to the others and run again.",
                           paths=[folder / first])
     return SplitSeries(folder, base, parts, _sizes(parts), None, JOIN)
-
-
-def find_split_files(folder: Path | str) -> list[Path]:
-    """One path per split file found under `folder` (its first part, else its manifest, else
-    its lowest-numbered part): what the download stage hands to `join_split_file`."""
-    found: dict[tuple[str, str], list[str]] = {}
-    for directory, subfolders, files in os.walk(folder):
-        subfolders[:] = [d for d in subfolders if not d.startswith(TEMP_PREFIX)]
-        for name in files:
-            parsed = parse_part_name(name)
-            base = parsed[0] if parsed else parse_manifest_name(name)
-            if base is not None:
-                found.setdefault((directory, base), []).append(name)
-    result = []
-    for (directory, base), names in sorted(found.items()):
-        numbered = sorted((parse_part_name(n)[1], n) for n in names if parse_part_name(n))
-        first = [n for number, n in numbered if number == 1]
-        pick = first[0] if first else (manifest_name(base) if manifest_name(base) in names else numbered[0][1])
-        result.append(Path(directory) / pick)
-    return result
 
 
 # ----------------------------------------------------------------------------- joining

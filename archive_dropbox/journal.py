@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 from .errors import JournalError, JournalLocked
 from .localfs import on_network_drive
@@ -412,14 +412,6 @@ class Journal:
     def items_by_key(self) -> dict[tuple[str, str], Item]:
         return {item.key: item for item in self.items()}
 
-    def sources_done(self) -> dict[str, bool]:
-        """For every source: True when all of its items are done."""
-        with self._mutex:
-            rows = self._db.execute(
-                "SELECT source, MIN(state = ?), MAX(source_deleted) FROM items WHERE job = ? "
-                "GROUP BY source", (State.DONE.value, self.job)).fetchall()
-        return {source: bool(done) for source, done, _ in rows}
-
     def deleted_sources(self) -> set[str]:
         with self._mutex:
             rows = self._db.execute("SELECT DISTINCT source FROM items WHERE job = ? AND source_deleted != ?",
@@ -539,10 +531,6 @@ class Journal:
         item.state, item.error = State.FAILED, error
         self._write("UPDATE items SET state = ?, error = ?, updated = ? WHERE id = ?",
                     (State.FAILED.value, error, time.time(), item.id))
-
-    def set_hashes(self, item: Item) -> None:
-        self._write("UPDATE items SET content_hash = ?, sha256 = ?, updated = ? WHERE id = ?",
-                    (item.content_hash, item.sha256, time.time(), item.id))
 
     def mark_source_deleting(self, source: str) -> None:
         """Written ahead of the unlink: a rerun after a crash between the unlink and
@@ -687,8 +675,3 @@ class Journal:
         self._write("UPDATE items SET state = ?, remote_rev = ?, error = NULL, updated = ? WHERE id = ?",
                     (State.DOWNLOADING.value, remote_rev, time.time(), item.id))
 
-    def iter_states(self) -> Iterator[tuple[State, int]]:
-        with self._mutex:
-            rows = self._db.execute("SELECT state, COUNT(*) FROM items WHERE job = ? GROUP BY state",
-                                    (self.job,)).fetchall()
-        yield from ((State(state), count) for state, count in rows)

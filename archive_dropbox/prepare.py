@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Sequence
 
 from . import split
 from .errors import SheetError, SheetProblem
-from .journal import Item
+from .journal import Item, Kind
 from .localfs import is_link_entry
 # Re-exported: the upload engines, deletion and the tests import these from here.
 from .names import (IGNORED_NAMES, MAX_NAME_CHARS, TEMPORARY_PREFIX, case_key, differ_only_in_form,  # noqa: F401
@@ -62,10 +62,10 @@ class PlannedSource:
         common = dict(id=None, job=job, source=str(self.source), source_size=self.size,
                       source_mtime_ns=self.mtime_ns, source_id=self.file_id)
         if not self.parts:
-            return [Item(destination=self.destination, kind="file", part_offset=0, length=self.size, **common)]
-        items = [Item(destination=self.part_destination(part), kind="part", part_offset=part.offset,
+            return [Item(destination=self.destination, kind=Kind.FILE, part_offset=0, length=self.size, **common)]
+        items = [Item(destination=self.part_destination(part), kind=Kind.PART, part_offset=part.offset,
                       length=part.length, **common) for part in self.parts]
-        items.append(Item(destination=self.manifest_destination(), kind="manifest", part_offset=0, length=0,
+        items.append(Item(destination=self.manifest_destination(), kind=Kind.MANIFEST, part_offset=0, length=0,
                           **common))
         return items
 

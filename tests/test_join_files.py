@@ -107,16 +107,6 @@ def test_the_same_file_listed_twice_is_refused(tmp_path, logs_root):
         [p.name for p in parts] + ["big.bin_split_manifest.json"])
 
 
-def test_find_split_files_picks_one_path_per_split_file(tmp_path):
-    make_parts(tmp_path / "a", "x.bin", os.urandom(3000), 1000)
-    make_parts(tmp_path / "a" / "deeper", "y.zip", os.urandom(3000), 1000, manifest=False)
-    (tmp_path / "a" / "z.bin_split_manifest.json").write_text("{}")
-    (tmp_path / "a" / "unrelated.txt").write_text("no")
-    found = joining.find_split_files(tmp_path)
-    assert found == [tmp_path / "a" / "x.bin_split_0001", tmp_path / "a" / "z.bin_split_manifest.json",
-                     tmp_path / "a" / "deeper" / "y.zip_split_0001"]
-
-
 def test_part_on_the_command_line_with_delete(tmp_path, logs_root):
     data = os.urandom(300_000)
     parts = make_parts(tmp_path / "d", "big.bin", data, 100_000)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REQUIRED = ["pandas", "openpyxl", "xlrd", "odf", "numpy", "tqdm", "psutil", "dropbox"]
+REQUIRED = ["pandas", "openpyxl", "xlrd", "odf", "numpy", "tqdm", "psutil", "dropbox", "isal"]
 # Where the name pip installs differs from the name imported: the message names what to install.
 PIP_NAMES = {"odf": "odfpy"}
 

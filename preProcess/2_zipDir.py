@@ -4,9 +4,9 @@
 
 Fill in the 'zipDir' tab of zipDir.xlsx (next to this script), save, and double-click this script
 (or run `python 2_zipDir.py`; `--help` lists the optional flags, `--dry-run` shows what would be
-done). Uses 7-Zip when it is installed, Python's own zip otherwise. Safe to stop and run again:
-finished folders are skipped, and nothing is deleted before its archive is verified.
-A log is written in logs/preProcess/.
+done). Zips with ISA-L on every core (or with 7-Zip, or Python's own zip: see zipEngine below).
+Safe to stop and run again: finished folders are skipped, and nothing is deleted before its
+archive is verified. A log is written in logs/preProcess/.
 """
 
 SETTINGS = r'''
@@ -14,9 +14,9 @@ SETTINGS = r'''
 excelName = 'zipDir.xlsx'      # workbook, next to this script (or a full path)
 sheetName = 'zipDir'           # tab with the columns inputDir and deleteFlag
 compressionLevel = 1           # 0 = store only, 1 = fastest (measured best for microscope data) ... 9 = smallest
-threads = 0                    # CPU threads for 7-Zip; 0 = every core of this computer
-sevenZipPath = ''              # 7-Zip program; empty = find 7z / 7zz / 7za or C:\Program Files\7-Zip\7z.exe
-useSevenZip = True             # False = always use Python's own zip (slower, one core)
+zipEngine = 'isal'             # 'isal' = ISA-L on every core (fastest); '7zip' = 7-Zip; 'zipfile' = Python's own zip (one core)
+threads = 0                    # CPU threads for zipping; 0 = every core of this computer
+sevenZipPath = ''              # 7-Zip program for zipEngine '7zip'; empty = find 7z / 7zz / 7za or C:\Program Files\7-Zip\7z.exe
 # ====================================================================================
 '''  # read as text: Windows paths are taken exactly as typed
 

@@ -136,7 +136,7 @@ def test_seven_zip_and_python_zip_make_the_same_standard_archive(tmp_path, logs_
     book7 = workbook(tmp_path / "seven.xlsx", [[str(by_seven), 0]])
     bookpy = workbook(tmp_path / "python.xlsx", [[str(by_python), 0]])
 
-    seven = zip_dir(book7, logs_root / "7", "--sevenZipPath", str(SEVEN_ZIP))
+    seven = zip_dir(book7, logs_root / "7", "--zipEngine", "7zip", "--sevenZipPath", str(SEVEN_ZIP))
     python = zip_dir(bookpy, logs_root / "py", "--useSevenZip", "False")
 
     assert seven.returncode == 0, seven.stdout + seven.stderr
@@ -254,7 +254,8 @@ def test_kill_9_while_zipping_then_rerun(tmp_path, logs_root, engine):
     folder = make_tree(tmp_path / "001", {f"frame_{i:04d}.tif": 500_000 for i in range(24)})
     before = contents(folder)
     book = workbook(tmp_path / "wb.xlsx", [[str(folder), 1]])
-    engine_flags = ["--useSevenZip", "False"] if engine == "python" else ["--sevenZipPath", str(SEVEN_ZIP)]
+    engine_flags = (["--useSevenZip", "False"] if engine == "python"
+                    else ["--zipEngine", "7zip", "--sevenZipPath", str(SEVEN_ZIP)])
     temporary = zipping.partial_path(folder)
     process = start_slow_zip(book, logs_root, engine_flags)
     try:
@@ -312,7 +313,7 @@ def test_full_disk_leaves_originals_and_no_archive(tmp_path, logs_root, tiny_dis
         pytest.skip("7-Zip is not installed")
     folder = make_tree(tiny_disk / "001", {"a.tif": 350_000, "b.tif": 350_000})
     before = contents(folder)
-    flags = ["--useSevenZip", "False"] if engine == "python" else ["--sevenZipPath", str(SEVEN_ZIP)]
+    flags = ["--useSevenZip", "False"] if engine == "python" else ["--zipEngine", "7zip", "--sevenZipPath", str(SEVEN_ZIP)]
     result = zip_dir(workbook(tmp_path / "wb.xlsx", [[str(folder), 1]]), logs_root, *flags)
     assert result.returncode == 1, result.stdout
     assert "is full" in row_line(last_log(logs_root), 2)
@@ -407,7 +408,7 @@ def test_without_seven_zip_python_zip_is_used_and_a_foreign_zip_is_never_overwri
     empty_path = tmp_path / "empty_path"
     empty_path.mkdir()
     book = workbook(tmp_path / "wb.xlsx", [[str(foreign_folder), 1], [str(folder), 0]])
-    result = zip_dir(book, logs_root, env={"PATH": str(empty_path)})
+    result = zip_dir(book, logs_root, "--zipEngine", "7zip", env={"PATH": str(empty_path)})
     assert result.returncode == 1, result.stdout
     log = last_log(logs_root)
     assert "7-Zip was not found" in log
@@ -426,7 +427,7 @@ def test_failing_seven_zip_fails_the_rows_with_its_message(tmp_path, logs_root):
     second = build_tree(tmp_path / "data" / "002")
     before = {first: contents(first), second: contents(second)}
     book = workbook(tmp_path / "wb.xlsx", [[str(first), 1], [str(second), 1]])
-    result = zip_dir(book, logs_root, "--sevenZipPath", str(fake))
+    result = zip_dir(book, logs_root, "--zipEngine", "7zip", "--sevenZipPath", str(fake))
     assert result.returncode == 1
     log = last_log(logs_root)
     for row in (2, 3):  # the first failure did not stop the second row
@@ -828,7 +829,8 @@ def test_kill_9_while_the_next_folder_is_zipped_then_rerun(tmp_path, logs_root):
                for name in ("001", "002")]
     before = {folder: contents(folder) for folder in folders}
     book = workbook(tmp_path / "wb.xlsx", [[str(folder), 1] for folder in folders])
-    engine_flags = ["--useSevenZip", "False"] if SEVEN_ZIP is None else ["--sevenZipPath", str(SEVEN_ZIP)]
+    engine_flags = (["--useSevenZip", "False"] if SEVEN_ZIP is None
+                    else ["--zipEngine", "7zip", "--sevenZipPath", str(SEVEN_ZIP)])
     second_partial = zipping.partial_path(folders[1])
     process = start_slow_zip(book, logs_root, engine_flags)
     try:

@@ -1,11 +1,11 @@
-"""Joining split files back into the original (joinFiles.py, and the download stage's joinFlag):
-find every part, check them against the manifest, join into a temporary file while hashing,
-verify, rename; then, when asked, delete the parts and unzip the result without letting any
-entry land outside its folder. Every step can be rerun after a crash."""
+"""Joining split files back into the original (the engine of joinFiles.py, whose settings, flags
+and tab are read by join_files_cmd.py, and of the download stage's joinFlag): find every part,
+check them against the manifest, join into a temporary file while hashing, verify, rename; then,
+when asked, delete the parts and unzip the result without letting any entry land outside its
+folder. Every step can be rerun after a crash."""
 
 from __future__ import annotations
 
-import argparse
 import errno
 import hashlib
 import logging
@@ -22,7 +22,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 from tqdm import tqdm
 
@@ -32,25 +32,14 @@ except ImportError:  # Windows
     fcntl = None
 
 from . import deletion
-from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED, ArchiveError, FileProblem, SheetError
+from .errors import FileProblem
 from .localfs import read_into as _read_into  # a module name of its own: tests replace it to corrupt a read
 from .localfs import fsync_folder, legacy_temporary, rename_without_replacing, temporary_sibling
 from .names import local_case_clashes, local_name_problem
-from .settings import Setting
-from .tabs import JOIN_FILES
 from .split import (CHUNK, Digester, Manifest, RangeCopier, SourceEnded, manifest_name, parse_manifest_name,
                     parse_part_name, read_manifest, sha256_file)
 
-if TYPE_CHECKING:
-    from .sheets import SheetRow
-
 Progress = Callable[[int], object]
-
-SETTINGS = [
-    Setting("excelName", "inputs.xlsx", Path,
-            "workbook holding the joinFiles tab (next to joinFiles.py, or a full path)"),
-    Setting("sheetName", "joinFiles", str, "tab with the columns inputFile, deleteFlag, unzipFlag"),
-]
 
 # Keep a little room on the disk so the join does not fill it to the last byte.
 SPACE_MARGIN = 64 * 1024 * 1024
@@ -60,13 +49,6 @@ class JoinProblem(FileProblem):
     """One split file cannot be joined (or unzipped); the others go on."""
 
     title = "Cannot join"
-
-
-class JoinInputError(ArchiveError):
-    """Files given on the command line cannot be joined as they are; nothing was changed."""
-
-    title = "Cannot start"
-    exit_code = EXIT_BAD_INPUT
 
 
 def human_size(size: float) -> str:
@@ -1050,81 +1032,53 @@ def _in_place(path: Path, member: _Member) -> bool:
     return path.is_file() and path.stat().st_size == member.info.file_size
 
 
-# ----------------------------------------------------------------------------- the script
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("parts", nargs="*", metavar="PART",
-                        help="first part of a split file (…_split_0001) to join; several may be given. "
-                             "Dropping a part on joinFiles.py does the same. When given, the workbook "
-                             "is not read.")
-    parser.add_argument("--delete", action="store_true",
-                        help="with PART: delete the parts once the joined file is verified (deleteFlag=1)")
-    parser.add_argument("--unzip", action="store_true",
-                        help="with PART: unzip a joined .zip next to it, then delete the .zip (unzipFlag=1)")
+# ----------------------------------------------------------------------------- a list of split files
 
 
 @dataclass
 class JoinJob:
+    """One split file (named by any of its parts) or one whole .zip to process; `where` names it
+    in messages ("row 3", or the path as typed)."""
+
     source: Path
     delete_parts: bool
     unzip: bool
     where: str
-    row: SheetRow | None = None
 
 
-def _jobs_from_sheet(workbook: Path, tab: str) -> list[JoinJob]:
-    """The tab's rows as jobs; SheetError lists the problems of the cells and, in the same pass, those
-    the preflight finds in the rows whose inputFile could be read."""
-    # Imported here: pandas takes half a second to load, and a part dropped on the script needs no sheet.
-    from .sheets import read_tab_with_problems
-
-    rows, problems = read_tab_with_problems(workbook, tab, list(JOIN_FILES.columns))
-    jobs = [JoinJob(row["inputFile"], bool(row["deleteFlag"]), bool(row["unzipFlag"]), f"row {row.row}", row)
-            for row in rows if row["inputFile"] is not None]
-    if not problems:
-        return jobs
-    try:
-        _preflight(jobs)
-    except SheetError as exc:
-        problems = sorted([*problems, *exc.problems], key=lambda problem: problem.row or 0)
-    raise SheetError(problems)
+Ready = list[tuple[JoinJob, "SplitSeries | None"]]  # None: a whole .zip to unzip
 
 
-def _preflight(jobs: list[JoinJob]) -> list[tuple[JoinJob, SplitSeries | None]]:
-    """Inspect every job before changing anything; raise one error listing every problem."""
-    problems: list[tuple[JoinJob, str]] = []
-    ready: list[tuple[JoinJob, SplitSeries | None]] = []  # None: a whole .zip to unzip
+def preflight(jobs: Sequence[JoinJob]) -> tuple[Ready, list[tuple[int, str]]]:
+    """Inspect every job before changing anything. Returns the jobs ready to run, each with its
+    series, and the problems found: (position in `jobs`, message), in job order."""
+    problems: list[tuple[int, str]] = []
+    ready: Ready = []
     claimed: dict[Path, JoinJob] = {}
-    for job in jobs:
+    for index, job in enumerate(jobs):
         if job.source.suffix.lower() == ".zip" and parse_part_name(job.source.name) is None:
             # A whole .zip (never split, or joined by the download's joinFlag): unzip only.
             if not job.unzip:
-                problems.append((job, f"{job.source.name} is a .zip, not a split part: set unzipFlag = 1 "
-                                      "(or --unzip) to unzip it"))
+                problems.append((index, f"{job.source.name} is a .zip, not a split part: set unzipFlag = 1 "
+                                        "(or --unzip) to unzip it"))
             elif job.source.is_file() or job.source.with_suffix("").is_dir():
                 ready.append((job, None))
             else:
-                problems.append((job, f"{job.source} does not exist"))
+                problems.append((index, f"{job.source} does not exist"))
             continue
         try:
             series = inspect_series(job.source)
         except FileProblem as exc:
-            problems.append((job, exc.message))
+            problems.append((index, exc.message))
             continue
         key = series.output.resolve()
         if key in claimed:
-            problems.append((job, f"{series.name} is already listed ({claimed[key].where}): list each split "
-                                  "file once"))
+            problems.append((index, f"{series.name} is already listed ({claimed[key].where}): list each split "
+                                    "file once"))
             continue
         claimed[key] = job
         ready.append((job, series))
-    if problems:
-        if all(job.row is not None for job, _ in problems):
-            raise SheetError([job.row.problem(message, "inputFile") for job, message in problems])
-        listed = "\n".join(f"  - {job.where}: {message}" for job, message in problems)
-        raise JoinInputError(f"{len(problems)} problem(s) found before starting; nothing was changed.\n{listed}")
-    return ready
+    return ready, problems
 
 
 def _unzip_only(job: JoinJob, log: logging.Logger) -> str:
@@ -1141,63 +1095,57 @@ def _unzip_only(job: JoinJob, log: logging.Logger) -> str:
     return "joined"
 
 
-def run_join_files(context) -> int:
-    """joinFiles.py: join every row of the joinFiles tab, or the parts named on the command line."""
-    log, args, settings = context.log, context.args, context.settings
-    if args.parts:
-        jobs = [JoinJob(Path(p).expanduser().absolute(), args.delete, args.unzip, p) for p in args.parts]
-        log.info("Joining %d split file(s) given on the command line", len(jobs))
-    else:
-        if args.delete or args.unzip:
-            log.info("--delete and --unzip apply to parts given on the command line; the workbook's "
-                     "deleteFlag and unzipFlag columns are used instead")
-        workbook = Path(settings.excelName)
-        log.info("Reading tab '%s' of %s", settings.sheetName, workbook)
-        jobs = _jobs_from_sheet(workbook, settings.sheetName)
-    ready = _preflight(jobs)
-    log.info("%d split file(s) to process", len(ready))
+@dataclass
+class JoinTally:
+    """How the jobs of one run ended: how many of each outcome ("joined", "verified", "resumed",
+    "skipped", "failed", and "not unzipped" among the joined), bytes joined, seconds taken."""
 
-    counts = {"joined": 0, "verified": 0, "resumed": 0, "skipped": 0, "failed": 0, "not unzipped": 0}
-    total_bytes, started = 0, time.monotonic()
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("joined", "verified", "resumed", "skipped", "failed", "not unzipped"), 0))
+    joined_bytes: int = 0
+    seconds: float = 0.0
+
+
+def process_jobs(ready: Ready, log: logging.Logger) -> JoinTally:
+    """Run every job preflight found ready, one after the other, with a progress bar on stderr and
+    one result line each; a job that fails is logged and counted, and the others go on."""
+    tally, started = JoinTally(), time.monotonic()
     for job, series in ready:
         if series is None:
-            counts[_unzip_only(job, log)] += 1
-            continue
-        bar = tqdm(total=series.size if series.state != DONE_BEFORE else 0, unit="B", unit_scale=True,
-                   unit_divisor=1000, desc=series.name[:40], leave=False, disable=None, file=sys.stderr)
-        try:
-            outcome = process_series(series, delete_parts=job.delete_parts, unzip=job.unzip, log=log,
-                                     progress=bar.update)
-        except FileProblem as exc:
-            counts["failed"] += 1
-            log.error("%s: %s: FAILED\n%s", job.where, series.name, exc.describe())
-            continue
-        finally:
-            bar.close()
-        counts[outcome.action] += 1
-        if outcome.unzip_problem is not None:
-            counts["not unzipped"] += 1
-            log.error("%s: %s: NOT UNZIPPED\n%s", job.where, series.name, outcome.unzip_problem)
-        if outcome.action == "skipped":
-            log.info("%s: %s: nothing to do; %s", job.where, series.name, "; ".join(outcome.notes))
-            continue
-        if outcome.action == "joined":
-            total_bytes += outcome.size
-        rate = f", {human_size(outcome.size / outcome.seconds)}/s" if outcome.action == "joined" and outcome.seconds > 0 else ""
-        verdict = {"joined": "joined" + (", verified against the manifest" if outcome.verified else ""),
-                   "verified": "already joined; checked" + (" against the manifest" if outcome.verified else
-                                                           " against its parts"),
-                   "resumed": "already joined by an earlier run"}[outcome.action]
-        log.info("%s: %s -> %s: %s (%d part(s), %s in %.1f s%s)%s", job.where, series.name, outcome.output,
-                 verdict, len(series.parts), human_size(outcome.size), outcome.seconds, rate,
-                 "".join(f"; {note}" for note in outcome.notes))
-    elapsed = time.monotonic() - started
-    log.info("Summary: %d joined, %d already joined, %d with nothing to do, %d failed%s; %s joined in %.1f s",
-             counts["joined"], counts["verified"] + counts["resumed"], counts["skipped"], counts["failed"],
-             f" ({counts['not unzipped']} joined but not unzipped)" if counts["not unzipped"] else "",
-             human_size(total_bytes), elapsed)
-    if counts["failed"] or counts["not unzipped"]:
-        log.error("%d split file(s) failed, %d joined file(s) were not unzipped: see the messages above; fix "
-                  "what they say and run joinFiles.py again.", counts["failed"], counts["not unzipped"])
-        return EXIT_SOME_FAILED
-    return EXIT_OK
+            tally.counts[_unzip_only(job, log)] += 1
+        else:
+            _process_job(job, series, log, tally)
+    tally.seconds = time.monotonic() - started
+    return tally
+
+
+def _process_job(job: JoinJob, series: SplitSeries, log: logging.Logger, tally: JoinTally) -> None:
+    counts = tally.counts
+    bar = tqdm(total=series.size if series.state != DONE_BEFORE else 0, unit="B", unit_scale=True,
+               unit_divisor=1000, desc=series.name[:40], leave=False, disable=None, file=sys.stderr)
+    try:
+        outcome = process_series(series, delete_parts=job.delete_parts, unzip=job.unzip, log=log,
+                                 progress=bar.update)
+    except FileProblem as exc:
+        counts["failed"] += 1
+        log.error("%s: %s: FAILED\n%s", job.where, series.name, exc.describe())
+        return
+    finally:
+        bar.close()
+    counts[outcome.action] += 1
+    if outcome.unzip_problem is not None:
+        counts["not unzipped"] += 1
+        log.error("%s: %s: NOT UNZIPPED\n%s", job.where, series.name, outcome.unzip_problem)
+    if outcome.action == "skipped":
+        log.info("%s: %s: nothing to do; %s", job.where, series.name, "; ".join(outcome.notes))
+        return
+    if outcome.action == "joined":
+        tally.joined_bytes += outcome.size
+    rate = f", {human_size(outcome.size / outcome.seconds)}/s" if outcome.action == "joined" and outcome.seconds > 0 else ""
+    verdict = {"joined": "joined" + (", verified against the manifest" if outcome.verified else ""),
+               "verified": "already joined; checked" + (" against the manifest" if outcome.verified else
+                                                       " against its parts"),
+               "resumed": "already joined by an earlier run"}[outcome.action]
+    log.info("%s: %s -> %s: %s (%d part(s), %s in %.1f s%s)%s", job.where, series.name, outcome.output,
+             verdict, len(series.parts), human_size(outcome.size), outcome.seconds, rate,
+             "".join(f"; {note}" for note in outcome.notes))

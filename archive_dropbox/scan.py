@@ -1,8 +1,9 @@
-"""Find the folders worth zipping before upload (preProcess/1_listDirToZip.py).
+"""Find the folders worth zipping before upload: the engine of preProcess/1_listDirToZip.py,
+whose settings, flags and tab are read by list_dir_cmd.py.
 
-One job: walk each folder of the `listDirToZip` tab once, total every directory bottom-up, pick
-the zip candidates, write directorySize.txt / directoryZipList.txt / directoryZipList.xlsx, and
-warn about what zipping cannot fix.
+One job: walk each folder it is given (the rows of the `listDirToZip` tab) once, total every
+directory bottom-up, pick the zip candidates, write directorySize.txt / directoryZipList.txt /
+directoryZipList.xlsx, and warn about what zipping cannot fix.
 
 Walking rules, chosen so that a 50 TB tree on a network share is read once and safely:
 - `os.scandir`, iterative (a work queue, no recursion), one `stat` per regular file and none per
@@ -29,7 +30,7 @@ Dropbox use, so that fileSizeLimit_GB means the same number of bytes here as in 
 
 from __future__ import annotations
 
-import argparse
+import logging
 import math
 import os
 import queue
@@ -43,12 +44,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 
-from . import errors, tabs
+from . import errors
 from .deletion import discard_temporary_quietly
 from .localfs import is_link_entry, temporary_sibling
 from .names import is_valid_text
-from .settings import Setting
-from .sheets import SheetRow, read_tab, write_workbook
+from .sheets import write_workbook
 from .units import GB
 
 # Dropbox's desktop app slows down past about this many files (help.dropbox.com, "file storage
@@ -106,41 +106,6 @@ def _open_listing(path: str, is_root: bool):
     except BaseException:
         os.close(descriptor)
         raise
-
-
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "must be more than 0"
-
-
-SETTINGS = [
-    Setting("excelName", "zipDir.xlsx", Path,
-            "workbook holding the tab to read (relative paths start at the script's folder)"),
-    Setting("sheetName", "listDirToZip", str, "tab with the column inputDir"),
-    Setting("fileSizeLimit_GB", 500, float,
-            "largest folder, in GB, proposed for one archive", check=_positive),
-    Setting("minFiles", DEFAULT_MIN_FILES, int,
-            "a folder is proposed for zipping only when it holds at least this many files",
-            minimum=1),
-]
-
-
-def _thread_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value <= MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"must be between 0 (automatic) and {MAX_THREADS}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output-dir", metavar="DIR", default=None,
-                        help="where directorySize.txt, directoryZipList.txt and "
-                             "directoryZipList.xlsx are written (default: the script's folder)")
-    parser.add_argument("--threads", metavar="N", type=_thread_count, default=0,
-                        help="folders read at the same time; 0 (default) starts with one and uses "
-                             f"{AUTO_THREADS} when the storage is slow to answer (network shares)")
 
 
 # --------------------------------------------------------------------------- the tree
@@ -690,48 +655,7 @@ def write_outputs(output_dir: Path, trees: Sequence[DirectoryTree], candidates: 
     return [*targets, output_dir / ZIP_WORKBOOK], left_out
 
 
-# --------------------------------------------------------------------------- the script
-
-
-def _output_dir(context) -> Path:
-    chosen = getattr(context.args, "output_dir", None)
-    folder = Path(chosen).expanduser().resolve() if chosen else context.script.parent
-    if folder.exists() and not folder.is_dir():
-        raise errors.SettingsError(
-            f"--output-dir {folder} is a file: give a folder for the result lists.", paths=[folder])
-    return folder
-
-
-def _same_or_inside(inner: Path, outer: Path) -> bool:
-    # Whole path components: /data/a10 is not inside /data/a1.
-    return inner == outer or outer in inner.parents
-
-
-def _overlap_problems(rows: Sequence[SheetRow]) -> list[errors.SheetProblem]:
-    """Rows naming the same folder, or a folder inside another row's, would be counted twice."""
-    resolved = []
-    for row in rows:
-        try:
-            resolved.append(Path(row["inputDir"]).resolve())
-        except OSError:
-            resolved.append(Path(row["inputDir"]).absolute())
-    problems = []
-    for i, row in enumerate(rows):
-        for j, other in enumerate(rows):
-            if i == j:
-                continue
-            if resolved[i] == resolved[j] and j < i:
-                problems.append(row.problem(
-                    f"inputDir {row['inputDir']} is the same folder as row {other.row}: delete one "
-                    "of the two rows", "inputDir"))
-                break
-            if resolved[i] != resolved[j] and _same_or_inside(resolved[i], resolved[j]):
-                problems.append(row.problem(
-                    f"inputDir {row['inputDir']} is inside the folder of row {other.row} "
-                    f"({other['inputDir']}), which is already scanned whole: delete this row",
-                    "inputDir"))
-                break
-    return problems
+# --------------------------------------------------------------------------- a whole run
 
 
 def _log_problems(log, tree: DirectoryTree) -> None:
@@ -832,29 +756,30 @@ def _log_warnings(log, trees: Sequence[DirectoryTree], candidates: Sequence[Cand
     return count
 
 
-def run_list_dir_to_zip(context) -> int:
-    """Script entry point (called by cli.run_script); returns the exit status."""
-    log = context.log
-    settings = context.settings
-    limit_gb = settings.fileSizeLimit_GB
-    size_limit_bytes = limit_gb * GB
-    min_files = settings.minFiles
-    threads = getattr(context.args, "threads", 0) or 0
-    output_dir = _output_dir(context)
-    rows = read_tab(settings.excelName, settings.sheetName, list(tabs.LIST_DIR_TO_ZIP.columns))
-    overlaps = _overlap_problems(rows)
-    if overlaps:
-        raise errors.SheetError(overlaps)
+@dataclass
+class ScanResult:
+    """What scan_folders read: one finished tree per folder that could be listed, in the order
+    given, and how many folders could not be listed at all."""
 
-    log.info("Workbook %s, tab '%s': %d folder(s) to scan. fileSizeLimit_GB = %g, minFiles = %d, "
-             "threads = %s.", Path(settings.excelName), settings.sheetName, len(rows), limit_gb,
-             min_files, threads or "automatic")
+    trees: list[DirectoryTree]
+    unreadable_roots: int
+
+    @property
+    def complete(self) -> bool:
+        """True when every entry below every folder was read: the lists leave nothing out."""
+        return not self.unreadable_roots and not any(tree.problem_count for tree in self.trees)
+
+
+def scan_folders(roots: Sequence[tuple[str, str | os.PathLike]], *, threads: int,
+                 log: logging.Logger) -> ScanResult:
+    """Scan each (label, folder) of `roots` in turn, logging progress, totals and unreadable entries;
+    `label` names the folder in messages ("Row 3"). `threads` as scan_directory (0: automatic).
+    A folder that cannot be listed is logged and counted, never raised."""
     started = time.perf_counter()
     trees: list[DirectoryTree] = []
-    failed_rows = 0
-    for row in rows:
-        root = row["inputDir"]
-        log.info("Row %d: scanning %s", row.row, shown(root))
+    unreadable_roots = 0
+    for label, root in roots:
+        log.info("%s: scanning %s", label, shown(root))
 
         def progress(folders: int, files: int, size: int, root=root) -> None:
             log.info("  ... still scanning %s: %s folders, %s files, %s GB so far", shown(root),
@@ -862,10 +787,10 @@ def run_list_dir_to_zip(context) -> int:
 
         tree = scan_directory(root, threads=threads, progress=progress)
         if tree.root_failed:
-            failed_rows += 1
+            unreadable_roots += 1
             reason = tree.problems[0][1] if tree.problems else "cannot be read"
-            log.error("Row %d: %s %s; nothing below it was scanned. Check the permissions or that "
-                      "the drive is connected.", row.row, shown(root), reason)
+            log.error("%s: %s %s; nothing below it was scanned. Check the permissions or that "
+                      "the drive is connected.", label, shown(root), reason)
             continue
         trees.append(tree)
         log.info("  %s folders, %s files, %s GB in %.2f s (%d thread%s)", f"{len(tree):,}",
@@ -875,11 +800,16 @@ def run_list_dir_to_zip(context) -> int:
             log.debug("  storage was slow to answer; %s", tree.thread_note)
         _log_problems(log, tree)
     log.info("Scanning took %.3f s in total.", time.perf_counter() - started)
+    return ScanResult(trees, unreadable_roots)
 
-    if not trees:
-        log.error("No folder could be read, so the result files of the previous run were left as "
-                  "they are. Fix the permissions or connect the drive and run the script again.")
-        return errors.EXIT_SOME_FAILED
+
+def write_zip_lists(output_dir: Path, trees: Sequence[DirectoryTree], *, limit_gb: float, min_files: int,
+                    log: logging.Logger) -> list[Candidate]:
+    """Pick the folders to zip in every tree (at most `limit_gb` GB of 10^9 bytes each, at least
+    `min_files` files), write the three result files into `output_dir`, and log the candidates,
+    the files written and the warnings. Returns the candidates in list order. Raises
+    errors.EnvironmentProblem when the results cannot be written."""
+    size_limit_bytes = limit_gb * GB
     candidates = [c for tree in trees for c in select_candidates(tree, size_limit_bytes, min_files)]
     written, left_out = write_outputs(output_dir, trees, candidates)
     log.info("%d folder(s) to zip, holding %s files and %s GB:", len(candidates),
@@ -896,12 +826,4 @@ def run_list_dir_to_zip(context) -> int:
     for path in written:
         log.info("Written: %s", path)
     _log_warnings(log, trees, candidates, size_limit_bytes, limit_gb, min_files)
-    log.info("Next: paste the rows of %s into the 'zipDir' tab of zipDir.xlsx and run 2_zipDir.py.",
-             ZIP_WORKBOOK)
-
-    problems = failed_rows + sum(1 for t in trees if t.problem_count)
-    if problems:
-        log.error("Some folders could not be read completely (see the warnings): the lists are "
-                  "incomplete. Fix the permissions and run the script again.")
-        return errors.EXIT_SOME_FAILED
-    return errors.EXIT_OK
+    return candidates

@@ -16,9 +16,9 @@ from pathlib import Path
 # script -> (module, settings spec, main, log folder, log name, extra flags)
 SCRIPTS = {
     "app": ("app_runner", "SETTINGS", "run", "upload", "", "add_arguments"),
-    "joinFiles": ("joining", "SETTINGS", "run_join_files", "dataPrep", "joinFiles", "add_arguments"),
-    "zipDir": ("zipping", "SETTINGS", "run_zip_dir", "preProcess", "zipDir", "add_arguments"),
-    "listDirToZip": ("scan", "SETTINGS", "run_list_dir_to_zip", "preProcess", "listDirToZip", "add_arguments"),
+    "joinFiles": ("join_files_cmd", "SETTINGS", "run", "dataPrep", "joinFiles", "add_arguments"),
+    "zipDir": ("zip_dir_cmd", "SETTINGS", "run", "preProcess", "zipDir", "add_arguments"),
+    "listDirToZip": ("list_dir_cmd", "SETTINGS", "run", "preProcess", "listDirToZip", "add_arguments"),
 }
 EXIT_BUG = 70
 EXIT_INTERRUPTED = 130

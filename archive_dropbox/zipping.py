@@ -1,5 +1,6 @@
 """Zip each folder of the zipDir tab into `<folder>.zip` beside it, prove the archive holds
-exactly the folder's files, and only then (deleteFlag=1) delete the originals it holds.
+exactly the folder's files, and only then (deleteFlag=1) delete the originals it holds. This is
+the engine of preProcess/2_zipDir.py; its settings, flags and tab are read by zip_dir_cmd.py.
 
 How one row goes, and why it is safe to stop at any moment:
 
@@ -29,7 +30,6 @@ rerun tests the archive again and deletes only files whose size and CRC match th
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import re
@@ -47,17 +47,15 @@ import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 from tqdm import tqdm
 
-from . import deflate_zip, deletion, errors
-from .errors import FileProblem, SheetProblem
+from . import deflate_zip, deletion
+from .errors import FileProblem
 from .deletion import discard_temporary, discard_temporary_quietly
 from .localfs import fsync_folder, is_link_entry, legacy_temporary, rename_without_replacing, temporary_sibling
-from .settings import Setting
 from .winconsole import kill_with_this_script
-from .sheets import FLAG, LOCAL_DIR, Column, RowCheck, SheetRow, read_tab, tool_files_check
 
 # Chosen by bench/bench_zip.py on a microscope-like mix (incompressible frames, noisy 16-bit
 # images, sparse counting frames, text): with 7-Zip, level 1 makes archives of 68% of the data,
@@ -88,37 +86,6 @@ WINDOWS_SEVEN_ZIP = (
 # input/output" (`7z --help`; 7-Zip's help, "Command Line Version > Switches"). With UTF-8 the
 # names in an error message read back as they are on disk, on every system.
 CONSOLE_UTF8 = ("-sccUTF-8",)
-
-
-def _program_check(value: str) -> str | None:
-    if _resolve_program(value) is None:
-        return ("cannot be found or is not a program: give the full path of 7z.exe / 7zz, "
-                "or leave it empty to look for 7-Zip automatically")
-    return None
-
-
-SETTINGS = [
-    Setting("excelName", "zipDir.xlsx", Path,
-            "workbook with the zipDir tab (relative to the script's folder, or a full path)"),
-    Setting("sheetName", "zipDir", str, "tab listing the folders: columns inputDir, deleteFlag"),
-    Setting("compressionLevel", DEFAULT_COMPRESSION_LEVEL, int,
-            "0 = store only, 1 = fastest ... 9 = smallest and slowest", minimum=0, maximum=9),
-    Setting("zipEngine", "isal", str,
-            "what writes the archives: 'isal' (ISA-L on every core, fastest), '7zip' (7-Zip, "
-            "when installed) or 'zipfile' (Python's own zip, one core)", choices=ENGINES),
-    Setting("threads", 0, int, "CPU threads for zipping (ISA-L or 7-Zip); 0 = every core of this computer",
-            minimum=0, maximum=4096),
-    Setting("sevenZipPath", "", str,
-            "7-Zip program (7z.exe, 7zz, 7z or 7za) for zipEngine '7zip'; empty = look for it automatically",
-            optional=True, check=_program_check),
-    Setting("useSevenZip", True, bool,
-            "older setting: False always uses Python's own zip, whatever zipEngine says"),
-]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dry-run", action="store_true",
-                        help="check the workbook and say what each row would do; change nothing")
 
 
 # --------------------------------------------------------------------------- the folder
@@ -459,7 +426,9 @@ def _check_member(handle, member: zipfile.ZipInfo, limit: int, buffer: bytearray
 # --------------------------------------------------------------------------- engines
 
 
-def _resolve_program(value: str) -> Path | None:
+def resolve_program(value: str) -> Path | None:
+    """The program `value` names (on PATH, or a path to an executable file), resolved; None
+    when there is none."""
     text = str(value).strip().strip('"')
     if not text:
         return None
@@ -473,7 +442,7 @@ def find_seven_zip(configured: str | None = None) -> Path | None:
     """The 7-Zip program: the configured one, else 7zz / 7z / 7za on PATH, else the usual
     Windows install folders. None when there is none."""
     if configured and str(configured).strip():
-        return _resolve_program(configured)
+        return resolve_program(configured)
     for name in ("7zz", "7z", "7za"):
         found = shutil.which(name)
         if found:
@@ -1200,109 +1169,23 @@ def _remove_unfinished(temporary: Path, log) -> None:
                     temporary, exc.strerror or exc)
 
 
-# --------------------------------------------------------------------------- the sheet
+# --------------------------------------------------------------------------- a list of folders
 
 
-def _comparable(path: Path) -> str:
-    return os.path.normcase(str(path.resolve()))
+class FolderJob(NamedTuple):
+    """One folder to zip: the sheet row naming it, and whether its originals go once the
+    archive is verified (deleteFlag)."""
+
+    row: int
+    folder: Path
+    delete_originals: bool
 
 
-def _inside(inner: str, outer: str) -> bool:
-    return inner != outer and inner.startswith(outer.rstrip(os.sep) + os.sep)
-
-
-def read_zip_rows(workbook: Path, tab: str, *, protect: RowCheck | None = None) -> list[SheetRow]:
-    """Preflight: read the tab and check every row, listing every problem at once. `protect`
-    refuses rows holding the tool itself (see `tool_files_check`)."""
-    seen: list[tuple[SheetRow, str]] = []
-
-    def check(row: SheetRow) -> Iterator[SheetProblem]:
-        folder: Path = row["inputDir"]
-        if folder is None:
-            return
-        if folder.name == "" or folder.parent == folder:
-            yield row.problem(f"inputDir {folder} is the top of a drive; give a folder inside it",
-                              "inputDir")
-            return
-        if folder.is_symlink():
-            # Followed, a link would zip, and with deleteFlag = 1 delete, the files of another folder.
-            yield row.problem(f"inputDir {folder} is a symbolic link (to {os.readlink(folder)}); links are "
-                              "never followed: give the folder it points to instead", "inputDir")
-            return
-        archive = archive_path(folder)
-        if not folder.exists():
-            if archive.is_file() and read_archive_mark(archive) is not None:
-                pass  # finished earlier and its originals deleted: nothing to do
-            else:
-                yield row.problem(f"inputDir {folder} does not exist: check the spelling, and that "
-                                  "the drive is connected", "inputDir")
-                return
-        if archive.is_dir():
-            yield row.problem(f"a folder named {archive.name} is in the way of the archive; "
-                              "rename it", "inputDir")
-        elif folder.exists() and not os.access(folder.parent, os.W_OK):
-            yield row.problem(f"the archive cannot be written beside {folder} (no permission "
-                              f"to write in {folder.parent})", "inputDir")
-        key = _comparable(folder)
-        for earlier, earlier_key in seen:
-            if key == earlier_key:
-                yield row.problem(f"inputDir {folder} is already listed in row {earlier.row}; "
-                                  "delete one of the two rows", "inputDir")
-            elif _inside(key, earlier_key) or _inside(earlier_key, key):
-                inner, outer = (row, earlier) if _inside(key, earlier_key) else (earlier, row)
-                yield row.problem(f"the folder of row {inner.row} is inside the folder of row "
-                                  f"{outer.row} ({outer['inputDir']}), so it would be zipped twice; "
-                                  "keep only one of the two rows", "inputDir")
-        if protect is not None:
-            yield from protect(row)
-        seen.append((row, key))
-
-    return read_tab(workbook, tab, [Column("inputDir", LOCAL_DIR), Column("deleteFlag", FLAG)],
-                    row_check=lambda row: list(check(row)))
-
-
-def choose_engine(settings, log) -> IsalZip | SevenZip | PythonZip:
-    level = settings.compressionLevel
-    if not settings.useSevenZip:
-        log.info("useSevenZip is False: zipping with Python's zipfile (one core).")
-        return PythonZip(level)
-    if settings.zipEngine == "zipfile":
-        log.info("zipEngine is 'zipfile': zipping with Python's zipfile (one core).")
-        return PythonZip(level)
-    threads = settings.threads or every_core()
-    if settings.zipEngine == "isal":
-        engine = IsalZip(level, threads)
-        log.info("Using ISA-L %s: compressionLevel %d is ISA-L level %d (0 = store), %d threads.",
-                 deflate_zip.ISAL_VERSION, level, isal_level(level), threads)
-        return engine
-    configured = settings.sevenZipPath
-    executable = find_seven_zip(configured)
-    if executable is None:
-        log.info("7-Zip was not found (looked for 7zz, 7z and 7za on PATH%s): zipping with Python's "
-                 "zipfile instead, which works but uses one core and is slower. Installing 7-Zip "
-                 "(https://www.7-zip.org) makes this faster.",
-                 ", and in Program Files" if os.name == "nt" else "")
-        return PythonZip(level)
-    engine = SevenZip(executable, level, threads)
-    log.info("Using 7-Zip: %s (%s)", executable, engine.version())
-    return engine
-
-
-def run_zip_dir(context) -> int:
-    """Entry point of preProcess/2_zipDir.py."""
-    settings, log = context.settings, context.log
-    # 2_zipDir.py sits in preProcess/: the whole tool (app.py, the package) is the folder above.
-    protect = tool_files_check("inputDir", tool_folder=context.script.parent.parent, script=context.script,
-                               logs_folder=context.logs_root)
-    rows = read_zip_rows(settings.excelName, settings.sheetName, protect=protect)
-    log.info("Workbook %s, tab '%s': %d folder(s) to zip.", settings.excelName, settings.sheetName,
-             len(rows))
-    if getattr(context.args, "dry_run", False):
-        for row in rows:
-            log.info("[row %d] %s", row.row, _planned_action(row["inputDir"], bool(row["deleteFlag"])))
-        log.info("Dry run: nothing was changed.")
-        return errors.EXIT_OK
-    engine = choose_engine(settings, log)
+def zip_folders(jobs: Sequence[FolderJob], *, engine, log) -> list[RowOutcome]:
+    """Zip each folder in turn with `engine` (IsalZip, SevenZip or PythonZip), testing each
+    archive while the next folder is zipped, and log one line per folder in list order. A folder
+    that fails is logged and returned as such; the others go on. Ctrl-C (or a bug) stops the test
+    under way, discards the unfinished archive and is re-raised."""
     log.info("One line per row: folder | subdirectories | files | size | archive size | seconds | result")
 
     def progress_factory(total: int, name: str):
@@ -1334,12 +1217,11 @@ def run_zip_dir(context) -> int:
 
     job: RowJob | None = None
     try:
-        for index, row in enumerate(rows, start=1):
-            folder: Path = row["inputDir"]
-            log.info("Row %d (%d of %d): %s", row.row, index, len(rows), folder)
-            job = start_row(folder, engine=engine, delete_originals=bool(row["deleteFlag"]), log=log,
+        for index, (row, folder, delete_originals) in enumerate(jobs, start=1):
+            log.info("Row %d (%d of %d): %s", row, index, len(jobs), folder)
+            job = start_row(folder, engine=engine, delete_originals=delete_originals, log=log,
                             progress_factory=progress_factory, before_build=make_room)
-            job.outcome.row = row.row
+            job.outcome.row = row
             settle()
             job.start_test()
             in_test = job
@@ -1354,15 +1236,11 @@ def run_zip_dir(context) -> int:
         if job is not None:
             job.discard()
         raise
-    failed = [o for o in outcomes if not o.ok]
-    log.info("Summary: %d row(s): %d done, %d failed.", len(outcomes), len(outcomes) - len(failed),
-             len(failed))
-    for outcome in failed:
-        log.error("  row %s, %s: %s", outcome.row, outcome.folder, outcome.result)
-    return errors.EXIT_OK if not failed else errors.EXIT_SOME_FAILED
+    return outcomes
 
 
-def _planned_action(folder: Path, delete: bool) -> str:
+def planned_action(folder: Path, delete: bool) -> str:
+    """What zip_folders would do with `folder` (for a dry run), in words; changes nothing."""
     archive = archive_path(folder)
     if archive.exists() or archive.is_symlink():
         if read_archive_mark(archive) is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from archive_dropbox import scan
+from archive_dropbox import list_dir_cmd, scan
 from archive_dropbox.cli import run_script as run_in_process
 from archive_dropbox.sheets import EXISTING_DIR, FLAG, Column, read_tab
 
@@ -280,9 +280,9 @@ def test_unreadable_entries_are_counted_not_fatal(tmp_path, logs_root, monkeypat
     # The whole script: results written, the problems named, exit status 1.
     workbook = write_xlsx(tmp_path / "zipDir.xlsx", {"listDirToZip": [["inputDir"], [str(data)]]})
     out = tmp_path / "out"
-    code = run_in_process(script=SCRIPT, description="", spec=scan.SETTINGS, script_values={},
-                          main=scan.run_list_dir_to_zip, log_subdir="preProcess", log_name="listDirToZip",
-                          add_arguments=scan.add_arguments,
+    code = run_in_process(script=SCRIPT, description="", spec=list_dir_cmd.SETTINGS, script_values={},
+                          main=list_dir_cmd.run, log_subdir="preProcess", log_name="listDirToZip",
+                          add_arguments=list_dir_cmd.add_arguments,
                           argv=["--excelName", str(workbook), "--logs", str(logs_root),
                                 "--output-dir", str(out), "--minFiles", "3"])
     assert code == 1
@@ -295,9 +295,9 @@ def test_unreadable_entries_are_counted_not_fatal(tmp_path, logs_root, monkeypat
 def _run_rows(tmp_path, logs_root, *folders: Path) -> int:
     workbook = write_xlsx(tmp_path / "zipDir.xlsx",
                           {"listDirToZip": [["inputDir"], *[[str(f)] for f in folders]]})
-    return run_in_process(script=SCRIPT, description="", spec=scan.SETTINGS, script_values={},
-                          main=scan.run_list_dir_to_zip, log_subdir="preProcess", log_name="listDirToZip",
-                          add_arguments=scan.add_arguments,
+    return run_in_process(script=SCRIPT, description="", spec=list_dir_cmd.SETTINGS, script_values={},
+                          main=list_dir_cmd.run, log_subdir="preProcess", log_name="listDirToZip",
+                          add_arguments=list_dir_cmd.add_arguments,
                           argv=["--excelName", str(workbook), "--logs", str(logs_root),
                                 "--output-dir", str(tmp_path / "out"), "--minFiles", "3"])
 
@@ -333,9 +333,9 @@ def test_names_that_are_not_utf8_are_kept_byte_for_byte(tmp_path, logs_root, cap
     (data / "too big to zip.bin").write_bytes(bytes(200 * KB))
     workbook = write_xlsx(tmp_path / "zipDir.xlsx", {"listDirToZip": [["inputDir"], [str(data)]]})
     out = tmp_path / "out"
-    code = run_in_process(script=SCRIPT, description="", spec=scan.SETTINGS, script_values={},
-                          main=scan.run_list_dir_to_zip, log_subdir="preProcess", log_name="listDirToZip",
-                          add_arguments=scan.add_arguments,
+    code = run_in_process(script=SCRIPT, description="", spec=list_dir_cmd.SETTINGS, script_values={},
+                          main=list_dir_cmd.run, log_subdir="preProcess", log_name="listDirToZip",
+                          add_arguments=list_dir_cmd.add_arguments,
                           argv=["--excelName", str(workbook), "--logs", str(logs_root),
                                 "--output-dir", str(out), "--minFiles", "3", "--fileSizeLimit_GB", LIMIT_GB])
     assert code == 0

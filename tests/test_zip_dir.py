@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings as hypothesis_settings, stra
 
 from conftest import REPO, log_files, make_tree, run_script, write_xlsx
 
-from archive_dropbox import cli, errors, zipping
+from archive_dropbox import cli, errors, zip_dir_cmd, zipping
 
 SCRIPT = REPO / "preProcess" / "2_zipDir.py"
 SEVEN_ZIP = zipping.find_seven_zip()
@@ -115,9 +115,9 @@ def row_line(log_text: str, row: int) -> str:
 
 def run_in_process(*argv: str) -> int:
     """The script's main path without a new interpreter (for monkeypatching and speed)."""
-    return cli.run_script(script=SCRIPT, description="test", spec=zipping.SETTINGS, script_values={},
-                          main=zipping.run_zip_dir, log_subdir="preProcess", log_name="zipDir",
-                          add_arguments=zipping.add_arguments, argv=list(argv))
+    return cli.run_script(script=SCRIPT, description="test", spec=zip_dir_cmd.SETTINGS, script_values={},
+                          main=zip_dir_cmd.run, log_subdir="preProcess", log_name="zipDir",
+                          add_arguments=zip_dir_cmd.add_arguments, argv=list(argv))
 
 
 def assert_no_leftovers(folder: Path) -> None:

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import REPO, log_files, make_tree, write_xlsx
 
-from archive_dropbox import cli, deflate_zip, zipping
+from archive_dropbox import cli, deflate_zip, zip_dir_cmd, zipping
 from archive_dropbox.deflate_zip import Member
 
 SCRIPT = REPO / "preProcess" / "2_zipDir.py"
@@ -276,9 +276,9 @@ def workbook(path: Path, rows: list[list]) -> Path:
 
 
 def run_in_process(*argv: str) -> int:
-    return cli.run_script(script=SCRIPT, description="test", spec=zipping.SETTINGS, script_values={},
-                          main=zipping.run_zip_dir, log_subdir="preProcess", log_name="zipDir",
-                          add_arguments=zipping.add_arguments, argv=list(argv))
+    return cli.run_script(script=SCRIPT, description="test", spec=zip_dir_cmd.SETTINGS, script_values={},
+                          main=zip_dir_cmd.run, log_subdir="preProcess", log_name="zipDir",
+                          add_arguments=zip_dir_cmd.add_arguments, argv=list(argv))
 
 
 def last_log(logs: Path) -> str:
@@ -388,7 +388,7 @@ STALLING_RUN = '''
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-from archive_dropbox import cli, deflate_zip, zipping
+from archive_dropbox import cli, deflate_zip, zip_dir_cmd, zipping
 
 real_write_zip = deflate_zip.write_zip
 
@@ -402,9 +402,9 @@ def write_zip_then_stall(sink, members, *, progress, **options):
     return real_write_zip(sink, members, progress=stall, **options)
 
 deflate_zip.write_zip = write_zip_then_stall
-sys.exit(cli.run_script(script=Path({script!r}), description="test", spec=zipping.SETTINGS, script_values={{}},
-                        main=zipping.run_zip_dir, log_subdir="preProcess", log_name="zipDir",
-                        add_arguments=zipping.add_arguments, argv=sys.argv[1:]))
+sys.exit(cli.run_script(script=Path({script!r}), description="test", spec=zip_dir_cmd.SETTINGS, script_values={{}},
+                        main=zip_dir_cmd.run, log_subdir="preProcess", log_name="zipDir",
+                        add_arguments=zip_dir_cmd.add_arguments, argv=sys.argv[1:]))
 '''
 
 

@@ -9,7 +9,7 @@ This module plans and schedules; the jobs live in their own modules:
 - small_files: small files sent together (append_batch);
 - commit_queue: closed sessions committed a thousand at a time with finish_batch_v2, one commit
   per account at a time, clear of too_many_write_operations;
-- upload_memory: the byte budget and positioned reads.
+- upload_memory: the byte budget, request bodies streamed from the file, positioned reads.
 The SDK already retries 429 and 5xx; these add what it cannot know: resume across runs, offsets
 after dropped connections, pausing on a full account, and verification.
 """
@@ -30,6 +30,7 @@ from .content_hash import bytes_content_hash
 from .commit_queue import CommitQueue
 from .dropbox_client import DropboxClient, RemoteConflict, RemoteFile
 from .errors import EXIT_OK, EXIT_SOME_FAILED, AuthError, FileProblem, SheetError
+from .inventory_writer import write_upload_inventories
 from .job_setup import (bind_account, open_client, plan_rows, prepare_rows, settle_interrupted_deletions,
                         with_dropbox_side)
 from .journal import Item, Journal, Kind, State
@@ -38,7 +39,7 @@ from .prepare import Plan
 from .small_files import SmallFileGroups, SmallFileSender
 from .transfer import ByteProgress, JobRunner, log_summary_end
 from .units import MIB, human_bytes
-from .upload_memory import file_data_budget
+from .upload_memory import STREAM_PIECE, file_data_budget
 from .upload_run import Asked, Summary, UploadOptions, UploadRun
 from .upload_sessions import ConcurrentSession, SequentialSession, append_size
 
@@ -54,9 +55,10 @@ class ApiUploader:
         self.options = options
         self.log = log
         # memory_budget covers the connections too (TLS buffers, response objects, thread
-        # stacks): what is left is for file data.
+        # stacks): what is left is for file data. Requests stream their bytes from the file, so
+        # a chunk need not fit: the floor is a few streamed requests' buffers.
         connections = options.workers * (options.appends_per_file + 1) + options.small_file_workers
-        budget = file_data_budget(options.memory_budget, connections, 2 * options.chunk_size)
+        budget = file_data_budget(options.memory_budget, connections, 4 * STREAM_PIECE)
         self._readahead = futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="read")
         self._appends = futures.ThreadPoolExecutor(max_workers=max(1, options.appends_per_file * 2),
                                                    thread_name_prefix="append")
@@ -71,7 +73,6 @@ class ApiUploader:
         # Small files travel together in append_batch requests of this many bytes; a quarter of
         # the budget at most, since a request's bytes are held twice while its body is built.
         self._group_bytes = min(options.small_group_bytes, budget.capacity // 4)
-        self._append_size = append_size(budget, options.chunk_size, options.workers, options.appends_per_file)
 
     @property
     def summary(self) -> Summary:
@@ -81,7 +82,8 @@ class ApiUploader:
 
     def _upload_item(self, item: Item) -> None:
         if item.length >= self.options.concurrent_above and self.options.appends_per_file > 1:
-            ConcurrentSession(self.shared, self._appends, item, self._append_size).send()
+            ConcurrentSession(self.shared, self._appends, item,
+                              append_size(item.length, self.options.chunk_size, self.options.appends_per_file)).send()
         else:
             SequentialSession(self.shared, self.commits, self._readahead, item).send()
 
@@ -219,7 +221,7 @@ class ApiUploader:
     def _schedule(self, todo: dict[str, list[Item]]) -> None:
         """Largest files first; small whole files in groups, other one-chunk files on the small
         pool, the rest on the upload pool. Returns once every job has finished."""
-        groups = SmallFileGroups(self._group_bytes)
+        groups = SmallFileGroups(self._group_bytes, self.small_files.limit)
         for items in sorted(todo.values(), key=lambda group: -sum(i.length for i in group)):
             if self.jobs.stopping():
                 break
@@ -250,7 +252,8 @@ class ApiUploader:
         total_bytes = sum(i.length for i in job_items)
         remaining_bytes = sum(i.length for items in todo.values() for i in items if i.state != State.DONE)
         self.shared.progress = ByteProgress(self.log, total=total_bytes, done=total_bytes - remaining_bytes,
-                                            desc="Uploading", verb="send")
+                                            desc="Uploading", verb="send", files_total=len(job_items),
+                                            files_done=self.summary.items_done_before)
         try:
             self._announce(todo, len(by_source), remaining_bytes)
             # Ctrl-C or a bug: the runner stops the workers between chunks instead of letting
@@ -332,14 +335,19 @@ def run(context: RunContext, sheet: str) -> int:
                                 checksum=settings.checksum, sleep_seconds=settings.sleepTime_min * 60,
                                 appends_per_file=settings.connectionsPerFile,
                                 concurrent_above=4 * chunk,
-                                memory_budget=max(settings.memoryLimit_MB * MIB, 2 * chunk))
+                                memory_budget=settings.memoryLimit_MB * MIB)
         uploader = ApiUploader(client, journal, options, context.log)
         uploader.shared.sources_to_delete = {str(s.source) for s in plan.sources if s.delete_after}
         context.log.info("Stage 2, upload through the Dropbox API with %d workers, %d MiB chunks.",
                          settings.workers, chunk // MIB)
         summary = uploader.run(items, {row["outputDir"] for row in plan_rows(plan)})
         summary.failures.extend(uploader.create_empty_folders(plan.empty_folders))
-        deleted, delete_failures = delete_verified_sources(client, plan, journal, context.log)
+        # Before any original goes: a row whose inventory is not in Dropbox keeps its originals.
+        inventories = write_upload_inventories(client, plan, items, destination_of_row=lambda row: row["outputDir"],
+                                               logs_root=context.logs_root, job=sheet, log=context.log,
+                                               call=uploader.shared.call, listing=uploader.shared.listing)
+        summary.failures.extend(inventories.failures)
+        deleted, delete_failures = delete_verified_sources(client, inventories.deletable(plan), journal, context.log)
         summary.deleted_sources = deleted
         for path, message in delete_failures:
             summary.failures.append((path, message))

@@ -1,12 +1,13 @@
 """What app.py runs: its settings, `--login`, and the job chosen by `sheetName` (upload through
-the API, upload through the desktop app, or download), each as data preparation then transfer."""
+the API, upload through the desktop app, download, or find files in Dropbox), each as data
+preparation then transfer."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from . import api_upload, audit, desktop_upload, download
+from . import api_upload, audit, desktop_upload, download, find_files
 from .cli import RunContext
 from .credentials import save_credentials
 from .dropbox_client import finish_login, start_login
@@ -14,7 +15,7 @@ from .errors import EXIT_OK, AuthError, SettingsError
 from .job_setup import open_client, prepare_rows, token_file
 from .settings import Setting, existing_file
 
-SHEETS = ("dropboxUpload_APP", "dropboxUpload_API", "dropboxDownload_API")
+SHEETS = ("dropboxUpload_APP", "dropboxUpload_API", "dropboxDownload_API", "findFiles")
 
 SETTINGS = [
     Setting("excelName", "inputs.xlsx", Path, "the workbook"),
@@ -28,7 +29,7 @@ SETTINGS = [
     Setting("chunkSize_MB", 128, int, "bytes per upload request, in MiB", minimum=1, maximum=150),
     Setting("workers", 4, int, "files sent at the same time", minimum=1, maximum=64),
     Setting("connectionsPerFile", 8, int, "connections for one large file", minimum=1, maximum=32),
-    Setting("memoryLimit_MB", 1024, int, "file data held in memory at once", minimum=16),
+    Setting("memoryLimit_MB", 256, int, "file data held in memory at once", minimum=16),
     Setting("ifExists", "report", str, "when a different file is already in Dropbox",
             choices=("report", "overwrite", "rename")),
     Setting("checksum", False, bool, "compare content hashes to skip files already in Dropbox"),
@@ -97,4 +98,6 @@ def run(context: RunContext) -> int:
         return api_upload.run(context, sheet)
     if sheet == "dropboxUpload_APP":
         return desktop_upload.run(context, sheet)
+    if sheet == "findFiles":
+        return find_files.run(context, sheet)
     return download.run(context, sheet)

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import dropbox
 import requests
-from dropbox import common, files
+from dropbox import common, files, stone_serializers
 from dropbox.exceptions import ApiError, AuthError as SdkAuthError, BadInputError, HttpError
 from dropbox.exceptions import InternalServerError, PathRootError, RateLimitError
 
@@ -132,6 +132,20 @@ class NetworkProblem(ArchiveError):
     title = "Network problem"
 
 
+class RequestRefused(ArchiveError):
+    """Dropbox, or a front end on the way to it, refused a request as it was made (HTTP 4xx
+    without a Dropbox error body: 400 bad request, 413 too large, 431 header fields too large):
+    the same request sent again gets the same answer, so it is not retried. Raised by the
+    grouped small-file calls (session_start_batch, append_batch), whose callers then send
+    smaller requests or one file at a time. `status`: the HTTP status."""
+
+    title = "Dropbox refused the request"
+
+    def __init__(self, message: str, status: int, **kwargs: Any):
+        super().__init__(message, **kwargs)
+        self.status = status
+
+
 class RateLimited(ArchiveError):
     title = "Dropbox asks to slow down"
 
@@ -241,6 +255,30 @@ def _convert(exc: Exception, what: str, path: str | None) -> ArchiveError:
     raise exc
 
 
+def _refusal(exc: Exception, what: str) -> ArchiveError:
+    """`_convert`, except that a 4xx the SDK could not read as a Dropbox error (BadInputError for
+    400, HttpError for 413, 431 and the like) is RequestRefused: a request refused for its shape
+    (a Dropbox-API-Arg header over a front end's limit) is refused again when repeated, so
+    retrying it as a network problem only stalls the run."""
+    if type(exc) in (HttpError, BadInputError) and 400 <= exc.status_code < 500:
+        body = exc.message if isinstance(exc, BadInputError) else exc.body
+        detail = " ".join(str(body or "").split())[:200]
+        return RequestRefused(f"{what}: HTTP {exc.status_code}" + (f" ({detail})" if detail else ""),
+                              status=exc.status_code)
+    return _convert(exc, what, None)
+
+
+def append_batch_arg_bytes(session_ids: Sequence[str], lengths: Sequence[int], content_hash: str | None) -> int:
+    """Bytes of the Dropbox-API-Arg header value of an append_batch closing these sessions (one
+    entry per session, holding `lengths` bytes each, in order), as the SDK writes it: by its own
+    serializer, so the count is exact (JSON with ASCII escapes, hence bytes = characters)."""
+    entries = [files.UploadSessionAppendBatchArgEntry(cursor=files.UploadSessionCursor(session_id, 0),
+                                                      length=length, close=True)
+               for session_id, length in zip(session_ids, lengths)]
+    arg = files.UploadSessionAppendBatchArg(entries=entries, content_hash=content_hash)
+    return len(stone_serializers.json_encode(files.upload_session_append_batch.arg_type, arg))
+
+
 def lookup_path(path: str) -> str:
     """The spelling to look an existing Dropbox path up with: Unicode NFC.
 
@@ -288,9 +326,69 @@ class Credentials:
             register_secret(secret)
 
 
+# -- streamed request bodies ---------------------------------------------------------------
+
+class StreamedBody(bytes):
+    """An upload request's body of `length` bytes that is read while it is sent, piece by piece,
+    instead of being held in memory whole. Subclasses implement `pieces()`.
+
+    The SDK takes only `bytes` as a body: it refuses streams because one consumed by a failed
+    attempt cannot be sent again. So this is a `bytes` (empty: its own bytes are never sent) that
+    the client's session replaces, at every send, with a fresh pass of `pieces()`: each attempt
+    - the SDK's own retries of 5xx and expired tokens, and ours after a dropped connection -
+    sends the body again from its first byte. Requests carrying one must give its content hash
+    (the SDK would otherwise hash the empty placeholder); Dropbox refuses the request
+    (`content_hash_mismatch`) when the bytes sent are not those hashed."""
+
+    length: int
+
+    def __new__(cls, length: int):
+        body = super().__new__(cls)
+        body.length = length
+        return body
+
+    def __len__(self) -> int:
+        return self.length
+
+    def pieces(self) -> Iterator[bytes | memoryview]:
+        """The body's bytes in order, exactly `length` of them, each piece only valid until the
+        next is asked for. Must raise, never end early: a body shorter than its Content-Length
+        would leave the server waiting for the rest. What it raises reaches the caller of the
+        request unchanged, so it must not be an OSError (urllib3 would take that for a broken
+        connection)."""
+        raise NotImplementedError
+
+
+class _SentPieces:
+    """One sending of a StreamedBody, as `requests` streams an iterable of known length (its
+    Content-Length): at most `length` bytes, and an error rather than fewer."""
+
+    def __init__(self, body: StreamedBody):
+        self._body = body
+
+    def __len__(self) -> int:
+        return self._body.length
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        sent = 0
+        for piece in self._body.pieces():
+            sent += len(piece)
+            if sent > self._body.length:
+                raise ValueError(f"a streamed body yielded more than its {self._body.length} bytes")
+            yield piece
+        if sent != self._body.length:
+            raise ValueError(f"a streamed body yielded {sent} of its {self._body.length} bytes")
+
+
+def _needs_hash(data: bytes, content_hash: str | None) -> None:
+    if isinstance(data, StreamedBody) and data.length and content_hash is None:
+        raise ValueError("a streamed request body needs its content hash")
+
+
 class _CaBundleSession(requests.Session):
     """`requests` lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace an explicit CA bundle;
-    a lab that sets `caBundle` must win over whatever the machine's environment says."""
+    a lab that sets `caBundle` must win over whatever the machine's environment says.
+    Also sends a StreamedBody as its pieces, afresh on every attempt."""
 
     forced_ca_bundle: str | None = None
 
@@ -299,6 +397,12 @@ class _CaBundleSession(requests.Session):
         if self.forced_ca_bundle:
             merged["verify"] = self.forced_ca_bundle
         return merged
+
+    def request(self, method, url, *args: Any, **kwargs: Any):  # type: ignore[override]
+        if isinstance(kwargs.get("data"), StreamedBody):
+            body = kwargs["data"]
+            kwargs["data"] = _SentPieces(body) if body.length else b""
+        return super().request(method, url, *args, **kwargs)
 
 
 def _make_session(max_connections: int, ca_bundle: str | None, proxy: str | None) -> requests.Session:
@@ -446,27 +550,38 @@ class DropboxClient:
 
     def session_start(self, data: bytes, *, close: bool = False, concurrent: bool = False,
                       path: str | None = None, content_hash: str | None = None) -> str:
-        """`content_hash` of `data`, when the caller has it, spares the SDK hashing it again."""
+        """`content_hash` of `data`, when the caller has it, spares the SDK hashing it again;
+        `data` may be a StreamedBody, which needs it. The same holds for session_append and
+        session_finish."""
+        _needs_hash(data, content_hash)
         session_type = files.UploadSessionType.concurrent if concurrent else None
         result = self._call("upload session start", path, self._dbx.files_upload_session_start, data,
                             close=close, session_type=session_type, content_hash=content_hash)
         return result.session_id
 
+    def _call_refusable(self, what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - converted or re-raised by _refusal
+            raise _refusal(exc, what) from None
+
     def session_start_batch(self, count: int) -> list[str]:
-        """Open `count` (at most 1000) sequential sessions in one request."""
-        result = self._call("upload session start", None, self._dbx.files_upload_session_start_batch, count)
+        """Open `count` (at most 1000) sequential sessions in one request. RequestRefused when
+        Dropbox or a front end refuses the request itself."""
+        result = self._call_refusable("upload session start", self._dbx.files_upload_session_start_batch, count)
         return list(result.session_ids)
 
     def append_batch(self, pieces: Sequence[tuple[str, int, str]], body: bytes,
                      content_hash: str) -> list[ArchiveError | None]:
         """Send several sessions' whole contents in one request and close them: `pieces` are
         (session id, length, Dropbox path) in the order of `body`; one outcome per piece, None
-        when it arrived."""
+        when it arrived. RequestRefused when Dropbox or a front end refuses the request itself
+        (its header is append_batch_arg_bytes of the pieces); nothing was appended then."""
         entries = [files.UploadSessionAppendBatchArgEntry(cursor=files.UploadSessionCursor(session_id, 0),
                                                           length=length, close=True)
                    for session_id, length, _ in pieces]
-        result = self._call("upload session append", None, self._dbx.files_upload_session_append_batch,
-                            body, entries, content_hash=content_hash)
+        result = self._call_refusable("upload session append", self._dbx.files_upload_session_append_batch,
+                                      body, entries, content_hash=content_hash)
         outcomes: list[ArchiveError | None] = []
         for (_, _, path), entry in zip(pieces, result.entries):
             if entry.is_success():
@@ -479,11 +594,13 @@ class DropboxClient:
 
     def session_append(self, session_id: str, offset: int, data: bytes, *, close: bool = False,
                        path: str | None = None, content_hash: str | None = None) -> None:
+        _needs_hash(data, content_hash)
         cursor = files.UploadSessionCursor(session_id=session_id, offset=offset)
         self._call("upload session append", path, self._dbx.files_upload_session_append_v2, data, cursor,
                    close=close, content_hash=content_hash)
 
     def session_finish(self, request: CommitRequest, data: bytes = b"", content_hash: str | None = None) -> RemoteFile:
+        _needs_hash(data, content_hash)
         cursor = files.UploadSessionCursor(session_id=request.session_id, offset=request.offset)
         result = self._call("upload session finish", request.path, self._dbx.files_upload_session_finish,
                             data, cursor, self._commit_info(request), content_hash=content_hash)

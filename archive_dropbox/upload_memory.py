@@ -1,6 +1,7 @@
-"""Memory for the API upload: the byte budget every buffer of file data is paid from, positioned
-reads that several threads share on one file handle, and the glibc setting that gives a sent
-chunk's memory back to the system at once."""
+"""Memory for the API upload: the byte budget every buffer of file data is paid from, request
+bodies streamed from the file while they are sent (`FileRangeBody`), positioned reads that
+several threads share on one file handle, and the glibc setting that gives a freed buffer's
+memory back to the system at once."""
 
 from __future__ import annotations
 
@@ -9,10 +10,57 @@ import os
 import sys
 import threading
 import weakref
+from pathlib import Path
+from typing import Callable, Iterator
 
+from .dropbox_client import StreamedBody
+from .localfs import read_into
 from .status import SLICE
 
 CONNECTION_MEMORY = 256 * 1024  # bytes; measured: 8 connections in flight add about 1.3 MiB beyond the data
+# Bytes a streamed request body reads and sends at a time: what one request in flight holds of
+# its file, whatever its size. TLS cuts it into 16 KiB records anyway; larger pieces only cost
+# memory, smaller ones Python's per-piece overhead.
+STREAM_PIECE = 1024 * 1024
+
+
+class FileRangeBody(StreamedBody):
+    """`length` bytes of the file at `path` from byte `position`, as an upload request's body
+    (dropbox_client.StreamedBody): read STREAM_PIECE bytes at a time into one buffer while they
+    are sent. Every sending opens the file anew, so senders never share a file position and a
+    request sent again sends the same range from its start.
+
+    `problem(error)`: the exception to raise when the file cannot be opened or read (`error`,
+    the OSError) or ends before the range does (`error` None): raised in the middle of the
+    request, which is then abandoned (the connection closed), so Dropbox applies nothing."""
+
+    def __new__(cls, path: str | Path, position: int, length: int,
+                problem: Callable[[OSError | None], Exception]):
+        body = super().__new__(cls, length)
+        body.path, body.position, body.problem = path, position, problem
+        return body
+
+    def pieces(self) -> Iterator[memoryview]:
+        view = memoryview(bytearray(min(STREAM_PIECE, self.length)))
+        try:
+            handle = open(self.path, "rb", buffering=0)
+        except OSError as exc:
+            raise self.problem(exc) from None
+        with handle:
+            done = 0
+            while done < self.length:
+                want = min(len(view), self.length - done)
+                try:
+                    if not done:
+                        handle.seek(self.position)
+                    count = read_into(handle, view[:want])
+                except OSError as exc:
+                    raise self.problem(exc) from None
+                if count < want:
+                    raise self.problem(None)
+                # The sender is done with a piece before it asks for the next: one buffer serves all.
+                yield view[:count]
+                done += count
 
 
 class ByteBudget:
@@ -56,22 +104,20 @@ def file_data_budget(memory_budget: int, connections: int, floor: int) -> ByteBu
     return ByteBudget(max(memory_budget - connections * CONNECTION_MEMORY, floor))
 
 
-def read_at(handle, position: int, size: int) -> bytes:
-    """Up to `size` bytes from byte `position` of an open binary file; several threads can share
-    the handle. Fewer bytes only at the end of the file."""
-    if hasattr(os, "pread"):
-        parts = []
-        while size > 0:
-            data = os.pread(handle.fileno(), size, position)
-            if not data:
+def readinto_at(handle, view: memoryview, position: int) -> int:
+    """Fill `view` from byte `position` of an open binary file; several threads can share the
+    handle. The count is short only at the end of the file."""
+    if hasattr(os, "preadv"):
+        filled = 0
+        while filled < len(view):
+            count = os.preadv(handle.fileno(), [view[filled:]], position + filled)
+            if not count:
                 break
-            parts.append(data)
-            position += len(data)
-            size -= len(data)
-        return b"".join(parts) if len(parts) != 1 else parts[0]
-    with _handle_lock(handle):  # Windows has no pread: seek+read pairs on one handle take turns
+            filled += count
+        return filled
+    with _handle_lock(handle):  # no preadv (Windows): seek+read pairs on one handle take turns
         handle.seek(position)
-        return handle.read(size)
+        return read_into(handle, view)
 
 
 # One lock per open file, not one for the process: workers reading different files (from a NAS,
@@ -91,8 +137,9 @@ def _handle_lock(handle) -> threading.Lock:
 def return_freed_buffers_at_once() -> None:
     """glibc raises its mmap threshold (up to 32 MiB) whenever a large buffer is freed, after
     which buffers of that size come from the heap, where freed ones stay in RSS. A fixed
-    threshold keeps every chunk in a mapping of its own that goes back to the system the moment
-    the chunk is sent, so the process's memory follows the byte budget."""
+    threshold keeps every large buffer (a small-file group's bytes, a streamed body's piece) in
+    a mapping of its own that goes back to the system the moment it is sent, so the process's
+    memory follows the byte budget."""
     if not sys.platform.startswith("linux"):
         return
     try:

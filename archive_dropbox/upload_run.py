@@ -23,7 +23,8 @@ from .errors import ArchiveError, FileProblem
 from .journal import Item, Journal, Kind
 from .names import case_key
 from .source_check import WholeFileSha256, check_unchanged
-from .transfer import ByteProgress, JobRunner, Pauses, Retrier, RetryPolicy, RunSummary, log_result
+from .transfer import (ByteProgress, JobRunner, Pauses, Retrier, RetryPolicy, RunSummary, file_finished,
+                       log_result)
 from .units import MIB, human_bytes
 from .upload_memory import ByteBudget
 
@@ -42,8 +43,9 @@ class UploadOptions:
     # flight, so one huge file is not bound to one connection.
     concurrent_above: int = 512 * MIB
     appends_per_file: int = 8
-    # File data held in memory at once (chunks read ahead, appends in flight, small files).
-    memory_budget: int = 1024 * MIB
+    # File data held in memory at once: small files waiting in a shared request, and one
+    # STREAM_PIECE per request in flight and per chunk being hashed (requests stream from the file).
+    memory_budget: int = 256 * MIB
     small_file_workers: int = 32
     # Bytes of small files sent in one append_batch request (Dropbox takes up to 150 MiB).
     small_group_bytes: int = 16 * MIB
@@ -196,6 +198,7 @@ class UploadRun:
         self.journal.mark_failed(item, message)
         self.summary.failures.append((item.destination, message))
         self.log.error("FAILED\t%s\t%s\t->\t%s: %s", shown_size(item), item.source, item.destination, message)
+        file_finished(self.log)
 
     # -- does Dropbox already hold it? -----------------------------------------------------------
 

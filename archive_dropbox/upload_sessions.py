@@ -1,12 +1,19 @@
 """One item through one Dropbox upload session, resumable across runs.
 
 - `SequentialSession`: chunks in order; the cursor's offset is journaled after every chunk, so
-  a rerun continues a 300 GB file where it stopped; the next chunk is read while the current
+  a rerun continues a 300 GB file where it stopped; the next chunk is hashed while the current
   one is on the wire. An item of one chunk goes up in a closed session and its commit waits in
   the commit queue.
 - `ConcurrentSession`: a large item cut into pieces (multiples of 4 MiB) of which several are
   appended at once, each on its own connection; the confirmed pieces are journaled, and the
   closing append goes last, as Dropbox requires.
+
+No request holds its bytes: each is hashed by a pass over its range of the file just before it
+is sent (the item's hasher, in order, which also gives the request's content hash), then sent
+as a body streamed from the file (upload_memory.FileRangeBody), so memory per request in flight
+is one small buffer whatever the chunk size. Dropbox refuses a request whose bytes do not match
+its content hash; when the file's range no longer hashes as it did, the file changed between
+the two reads, and the item fails as changed (nothing of that request was appended).
 
 Both walk the phases of `Phase`; a session Dropbox no longer knows (expired, or consumed by a
 commit whose answer was lost) is either found committed or started again.
@@ -19,18 +26,24 @@ import threading
 import time
 from enum import Enum
 
+from pathlib import Path
+from typing import Callable, TypeVar
+
 from .commit_queue import CommitQueue
-from .content_hash import ContentHasher
-from .dropbox_client import IncorrectOffset, SessionClosed, SessionGone
+from .content_hash import ContentHasher, hash_range
+from .dropbox_client import ContentHashMismatch, IncorrectOffset, SessionClosed, SessionGone
 from .errors import FileProblem
 from .journal import Item, Kind
 from .status import result, wait_futures
 from .units import MIB, human_bytes
-from .upload_memory import ByteBudget, read_at
+from .upload_memory import STREAM_PIECE, FileRangeBody, readinto_at
 from .upload_run import Asked, UploadRun, became_shorter
+
+T = TypeVar("T")
 
 BLOCK = 4 * MIB  # concurrent-session appends are multiples of this, except the closing one
 MIN_APPEND = 16 * MIB  # at 20 MiB/s per connection, 50 ms of latency costs 6 % of such an append
+CHANGED = "the file changed while it was being uploaded; it is sent again on the next run"
 
 
 class Phase(Enum):
@@ -43,12 +56,65 @@ class Phase(Enum):
     COMMITTED = "committed, verified and recorded done"
 
 
-def append_size(budget: ByteBudget, chunk_size: int, workers: int, appends_per_file: int) -> int:
-    """Bytes per append of a new concurrent session. Memory, not the link, limits how many
-    appends are in flight: pieces small enough that every file in flight can keep all its
-    connections busy within the budget, but not so small that request latency starts to count."""
-    per_append = budget.capacity // max(1, workers * appends_per_file)
-    return max(min(MIN_APPEND, chunk_size), min(chunk_size, per_append // BLOCK * BLOCK))
+def append_size(length: int, chunk_size: int, appends_per_file: int) -> int:
+    """Bytes per append of a new concurrent session of an item of `length` bytes: the chunk
+    size, or less so that each of the file's connections has a piece to send, but not so small
+    that request latency starts to count (MIN_APPEND); a multiple of BLOCK. Memory does not
+    enter into it: a request in flight holds one STREAM_PIECE, whatever its size."""
+    per_connection = -(-length // max(1, appends_per_file))
+    per_connection = -(-per_connection // BLOCK) * BLOCK
+    return max(min(MIN_APPEND, chunk_size), min(chunk_size, per_connection))
+
+
+def range_body(item: Item, start: int, size: int) -> FileRangeBody:
+    """The item's bytes [start, start + size) as a request body streamed from its file."""
+
+    def problem(error: OSError | None) -> FileProblem:
+        if error is None:
+            return became_shorter(item)
+        return FileProblem(f"cannot read the file ({error.strerror})", paths=[item.source])
+
+    return FileRangeBody(item.source, item.part_offset + start, size, problem)
+
+
+def hash_pass(run: UploadRun, hasher: ContentHasher, handle, item: Item, start: int, size: int) -> str:
+    """Feed the item's bytes [start, start + size) to `hasher` (which holds those before
+    `start`), read from `handle` just before they are sent (so from the page cache when they are
+    read again to be sent); returns their content hash, which the request carries and Dropbox
+    checks against the bytes it receives. FileProblem when the file is shorter."""
+    # The hasher gives a range's hash from its block digests when the range starts on a block;
+    # otherwise a second hasher sees the range alone.
+    alone = None if hasher.size % BLOCK == 0 else ContentHasher()
+    hasher.mark()
+    run.budget.take(STREAM_PIECE)
+    try:
+        view = memoryview(bytearray(max(1, min(STREAM_PIECE, size))))
+        done = 0
+        while done < size:
+            want = min(len(view), size - done)
+            if readinto_at(handle, view[:want], item.part_offset + start + done) < want:
+                raise became_shorter(item)
+            hasher.update(view[:want])
+            if alone is not None:
+                alone.update(view[:want])
+            done += want
+    finally:
+        run.budget.give(STREAM_PIECE)
+    return alone.content_hash() if alone is not None else hasher.since_mark()
+
+
+def sent_as_hashed(item: Item, start: int, size: int, request_hash: str, send: Callable[[], T]) -> T:
+    """`send()`, a request carrying the item's bytes [start, start + size) streamed from the
+    file with `request_hash`. Dropbox refuses them as not matching their hash either because the
+    bytes changed on the wire (ContentHashMismatch goes on: the retry policy sends them again)
+    or because the file changed between the hash pass and the sending: then its range hashes
+    differently now, and the item fails as changed."""
+    try:
+        return send()
+    except ContentHashMismatch:
+        if hash_range(Path(item.source), item.part_offset + start, size).content_hash() != request_hash:
+            raise FileProblem(CHANGED, paths=[item.source]) from None
+        raise
 
 
 class _Session:
@@ -82,40 +148,38 @@ class _Session:
         self.run.journal.forget_session(self.item)
 
 
-class ChunkReader:
-    """An item's chunks in order, each paid from the byte budget (the caller refunds it once
-    sent); the next chunk is read on another thread meanwhile when the budget has room for it
-    without waiting."""
+class ChunkHashes:
+    """An item's chunks hashed in order into the session's hasher, each just before it is sent
+    (hash_pass); the next chunk is hashed on another thread while the current one is on the
+    wire, into the same hasher, which is used only if the current one went as planned."""
 
     def __init__(self, run: UploadRun, pool: futures.Executor, handle, item: Item, chunk: int):
-        self._budget, self._pool, self._handle = run.budget, pool, handle
+        self._run, self._pool, self._handle = run, pool, handle
         self._item, self._chunk = item, chunk
-        self._ahead: tuple[int, futures.Future] | None = None
+        self._ahead: tuple[int, ContentHasher, futures.Future] | None = None
 
-    def _read(self, position: int, paid: bool) -> bytes:
+    def _hash(self, hasher: ContentHasher, position: int) -> tuple[int, str]:
         size = min(self._chunk, self._item.length - position)
-        if not paid:
-            self._budget.take(size)
-        return read_at(self._handle, self._item.part_offset + position, size)
+        return size, hash_pass(self._run, hasher, self._handle, self._item, position, size)
 
-    def read(self, position: int) -> bytes:
-        """The chunk at byte `position` of the item (short only if the file shrank)."""
-        if self._ahead is not None and self._ahead[0] == position:
-            data = result(self._ahead[1])
+    def next(self, hasher: ContentHasher, position: int) -> tuple[int, str]:
+        """(size, content hash) of the chunk at byte `position` of the item, its bytes fed to
+        `hasher` (which holds the item's bytes before `position`)."""
+        if self._ahead is not None and self._ahead[0] == position and self._ahead[1] is hasher:
+            found = result(self._ahead[2])
         else:
-            self.close()  # an offset jump made the read-ahead useless
-            data = self._read(position, paid=False)
+            self.close()  # an offset jump or a new hasher made the hash ahead useless
+            found = self._hash(hasher, position)
         self._ahead = None
-        following = position + len(data)
-        if following < self._item.length and self._budget.take(min(self._chunk, self._item.length - following),
-                                                                wait=False):
-            self._ahead = (following, self._pool.submit(self._read, following, True))
-        return data
+        following = position + found[0]
+        if following < self._item.length:
+            self._ahead = (following, hasher, self._pool.submit(self._hash, hasher, following))
+        return found
 
     def close(self) -> None:
-        """Refund a chunk read ahead and not used."""
+        """Wait for a hash ahead that will not be used (it reads the session's file handle)."""
         if self._ahead is not None:
-            self._budget.give(len(result(self._ahead[1])))
+            wait_futures([self._ahead[2]])
             self._ahead = None
 
 
@@ -216,42 +280,31 @@ class SequentialSession(_Session):
             self.phase = Phase.COMPLETE  # every byte arrived; only the commit is missing
 
     def _send_chunks(self) -> None:
-        budget = self.run.budget
         with open(self.item.source, "rb") as handle:
-            reader = ChunkReader(self.run, self.readahead, handle, self.item, self.chunk)
+            hashes = ChunkHashes(self.run, self.readahead, handle, self.item, self.chunk)
             try:
                 while self.phase in (Phase.NOT_STARTED, Phase.APPENDING, Phase.COMPLETE):
                     if self.phase is Phase.COMPLETE:
                         self._commit_complete()
                         continue
-                    data = reader.read(self.offset)
-                    try:
-                        self._send_chunk(data)
-                    finally:
-                        # Let go of the chunk before refunding it, or the next read-ahead could
-                        # fill memory while this chunk still lingers.
-                        held, data = len(data), None
-                        budget.give(held)
+                    size, request_hash = hashes.next(self.hasher, self.offset)
+                    self._send_chunk(size, request_hash)
             finally:
-                reader.close()
+                hashes.close()
 
-    def _send_chunk(self, data: bytes) -> None:
+    def _send_chunk(self, size: int, request_hash: str) -> None:
+        """The chunk of `size` bytes at the session's offset, hashed into `hasher` already."""
         item = self.item
-        last = self.offset + len(data) >= item.length
-        if len(data) != min(self.chunk, item.length - self.offset):
-            raise became_shorter(item)
-        # Hashed before sending: the request carries its own content hash, so Dropbox checks it
-        # and the SDK need not hash the bytes a second time.
-        self.hasher.mark()
-        self.hasher.update(data)
-        request_hash = self.hasher.since_mark()
+        last = self.offset + size >= item.length
+        body = range_body(item, self.offset, size)
+        self.run.budget.take(STREAM_PIECE)
         try:
             if self.phase is Phase.NOT_STARTED:
-                self._start(data, last, request_hash)
+                self._start(body, last, request_hash)
             elif last:
-                self._finish(data, request_hash)
+                self._finish(body, request_hash)
             else:
-                self._append(data, request_hash)
+                self._append(body, request_hash)
         except IncorrectOffset as exc:
             # A retried request had reached Dropbox, or the journal lags the server by one chunk
             # after a crash: continue from the server's offset.
@@ -267,13 +320,20 @@ class SequentialSession(_Session):
                 return
             self._say_expired()
             self._start_over()
+        finally:
+            self.run.budget.give(STREAM_PIECE)
 
-    def _start(self, data: bytes, last: bool, request_hash: str | None) -> None:
+    def _sent(self, data: FileRangeBody, request_hash: str, send: Callable[[], T]) -> T:
+        """run.call(send) for a request carrying `data`, the chunk at the session's offset."""
+        item, offset = self.item, self.offset
+        return self.run.call("upload", lambda: sent_as_hashed(item, offset, len(data), request_hash, send),
+                             needed=item.length)
+
+    def _start(self, data: FileRangeBody, last: bool, request_hash: str) -> None:
         """NOT_STARTED -> APPENDING, or QUEUED when the first chunk is the whole item."""
         run, item = self.run, self.item
-        session_id = run.call("upload", lambda: run.client.session_start(
-            data, close=last and item.length <= self.chunk, path=item.destination, content_hash=request_hash),
-            needed=item.length)
+        session_id = self._sent(data, request_hash, lambda: run.client.session_start(
+            data, close=last and item.length <= self.chunk, path=item.destination, content_hash=request_hash))
         if last:
             item.content_hash = self.hasher.content_hash()
             if item.kind == Kind.PART:
@@ -285,24 +345,24 @@ class SequentialSession(_Session):
             self.commits.add(item, run.commit_request(item, session_id, self.offset), self.started)
             self.phase = Phase.QUEUED
 
-    def _append(self, data: bytes, request_hash: str | None) -> None:
+    def _append(self, data: FileRangeBody, request_hash: str) -> None:
         run, item = self.run, self.item
         session_id, offset = self.session_id, self.offset
-        run.call("upload", lambda: run.client.session_append(session_id, offset, data, path=item.destination,
-                                                             content_hash=request_hash), needed=item.length)
+        self._sent(data, request_hash, lambda: run.client.session_append(
+            session_id, offset, data, path=item.destination, content_hash=request_hash))
         run.advance(len(data))
         self.offset += len(data)
         run.journal.confirm_offset(item, self.offset)
 
-    def _finish(self, data: bytes, request_hash: str | None) -> None:
+    def _finish(self, data: FileRangeBody, request_hash: str) -> None:
         """APPENDING -> COMMITTED with the last chunk."""
         run, item = self.run, self.item
         item.content_hash = self.hasher.content_hash()
         request = run.commit_request(item, self.session_id, self.offset)
         run.source_unchanged(item)
         try:
-            remote = run.call("upload", lambda: run.client.session_finish(request, data, content_hash=request_hash),
-                              needed=item.length)
+            remote = self._sent(data, request_hash,
+                                lambda: run.client.session_finish(request, data, content_hash=request_hash))
         except SessionClosed:
             # An earlier attempt of this finish was refused at its commit (too_many_write_operations,
             # Dropbox full) after its closing bytes were appended: only the commit is left.
@@ -339,9 +399,10 @@ class ConcurrentSession(_Session):
     """One large item through a concurrent upload session (see the module's docstring).
 
     NOT_STARTED -> (start, no data) APPENDING -> (every piece confirmed, the closing one last)
-    COMPLETE -> (finish without data) COMMITTED. Pieces are read and hashed in order here and
-    appended on the `appends` pool, at most `appends_per_file` at once. A session from an
-    earlier run keeps the pieces it was cut into and sends only those not confirmed."""
+    COMPLETE -> (finish without data) COMMITTED. Pieces are hashed in order here, each while
+    those before it are on the wire, and appended from the file on the `appends` pool, at most
+    `appends_per_file` at once. A session from an earlier run keeps the pieces it was cut into
+    and sends only those not confirmed."""
 
     def __init__(self, run: UploadRun, appends: futures.Executor, item: Item, piece_size: int):
         """`piece_size`: bytes per append of a new session (a multiple of BLOCK)."""
@@ -360,7 +421,6 @@ class ConcurrentSession(_Session):
         self.confirmed: set[int] = set()
         self._lock = threading.Lock()
         self._in_flight: set[futures.Future] = set()
-        self._queued_bytes: dict[futures.Future, int] = {}
 
     def send(self) -> Phase:
         """Upload the item; returns COMMITTED. FileProblem when it cannot be sent now."""
@@ -397,74 +457,58 @@ class ConcurrentSession(_Session):
         last = len(self.pieces) - 1
         with open(item.source, "rb") as handle:
             for index, (start, size) in enumerate(self.pieces):
-                run.budget.take(size)
-                data = read_at(handle, item.part_offset + start, size)
-                if len(data) != size:
-                    run.budget.give(size)
-                    raise became_shorter(item)
-                self.hasher.mark()
-                self.hasher.update(data)
-                request_hash = self.hasher.since_mark()
+                # Hashed while the pieces before it are on the wire; in order, as the item's
+                # content hash needs.
+                request_hash = hash_pass(run, self.hasher, handle, item, start, size)
                 if index in self.confirmed:
-                    run.budget.give(size)
                     run.advance(size, sent=False)
                 elif index == last:
-                    self._wait_until(0, paid=size)  # the closing append must come after all the others succeeded
-                    self._send_piece(self.session_id, index, [data], True, request_hash)
+                    self._wait_until(0)  # the closing append must come after all the others succeeded
+                    self._send_piece(self.session_id, index, True, request_hash)
                 else:
-                    self._wait_until(self.run.options.appends_per_file - 1, paid=size)
-                    future = self.appends.submit(self._send_piece, self.session_id, index, [data], False,
-                                                 request_hash)
-                    self._in_flight.add(future)
-                    self._queued_bytes[future] = size
-                data = None  # the sender owns it now; do not keep it alive past its refund
+                    self._wait_until(self.run.options.appends_per_file - 1)
+                    self._in_flight.add(self.appends.submit(self._send_piece, self.session_id, index, False,
+                                                            request_hash))
             self._wait_until(0)
         if len(self.confirmed) != len(self.pieces):
             raise FileProblem("not every chunk reached Dropbox", paths=[item.source])
         self.phase = Phase.COMPLETE
 
-    def _wait_until(self, at_most: int, paid: int = 0) -> None:
+    def _wait_until(self, at_most: int) -> None:
         """Wait until at most `at_most` appends are in flight. A failed append's error is raised
-        here, after refunding `paid` (the bytes of a piece read and not handed to a sender)."""
-        try:
-            while len(self._in_flight) > at_most:
-                finished, self._in_flight = wait_futures(self._in_flight, futures.FIRST_COMPLETED)
-                for future in finished:
-                    future.result()
-        except BaseException:
-            self.run.budget.give(paid)
-            raise
+        here."""
+        while len(self._in_flight) > at_most:
+            finished, self._in_flight = wait_futures(self._in_flight, futures.FIRST_COMPLETED)
+            for future in finished:
+                future.result()
 
-    def _send_piece(self, session_id: str, index: int, box: list[bytes], close: bool,
-                    request_hash: str | None) -> None:
-        # The piece comes in a box the sender empties, so that nothing (not even the executor's
-        # copy of the arguments) keeps it alive once it is refunded.
+    def _send_piece(self, session_id: str, index: int, close: bool, request_hash: str) -> None:
         run, item = self.run, self.item
-        data = box.pop()
+        start, size = self.pieces[index]
+        data = range_body(item, start, size)
+        run.budget.take(STREAM_PIECE)
         try:
             try:
-                run.call("upload", lambda: run.client.session_append(
-                    session_id, self.pieces[index][0], data, close=close, path=item.destination,
-                    content_hash=request_hash), needed=item.length)
+                run.call("upload", lambda: sent_as_hashed(item, start, size, request_hash, lambda: (
+                    run.client.session_append(session_id, start, data, close=close, path=item.destination,
+                                              content_hash=request_hash))), needed=item.length)
             except IncorrectOffset:
                 # A retried append whose first attempt had arrived: Dropbox holds the piece
                 # already (the final content-hash check would catch any doubt).
                 pass
-            run.advance(len(data))
-            with self._lock:
-                self.confirmed.add(index)
-                run.journal.confirm_chunks(item, set(self.confirmed), self.piece_size)
         finally:
-            held, data = len(data), None
-            run.budget.give(held)
+            run.budget.give(STREAM_PIECE)
+        run.advance(size)
+        with self._lock:
+            self.confirmed.add(index)
+            run.journal.confirm_chunks(item, set(self.confirmed), self.piece_size)
 
     def _expired(self) -> None:
         """Back to NOT_STARTED: appends not yet sent are dropped, the pieces counted taken back."""
         for future in self._in_flight:
-            if future.cancel():  # never sent, so never refunded by its sender
-                self.run.budget.give(self._queued_bytes[future])
+            future.cancel()
         wait_futures(self._in_flight)
-        self._in_flight, self._queued_bytes = set(), {}
+        self._in_flight = set()
         self._say_expired()
         self.run.advance(-sum(self.pieces[i][1] for i in self.confirmed))
         self.phase = Phase.NOT_STARTED

@@ -108,7 +108,7 @@ def test_positioned_reads_without_pread_do_not_serialise_different_files(monkeyp
 
     from archive_dropbox import upload_memory
 
-    monkeypatch.delattr(upload_memory.os, "pread", raising=False)
+    monkeypatch.delattr(upload_memory.os, "preadv", raising=False)
     both_reading = threading.Barrier(2, timeout=10)
 
     class SlowFile:
@@ -118,13 +118,20 @@ def test_positioned_reads_without_pread_do_not_serialise_different_files(monkeyp
         def seek(self, position):
             self.position = position
 
-        def read(self, size):
+        def readinto(self, view):
             both_reading.wait()  # only returns once the other file is being read at the same time
-            return self.data[self.position:self.position + size]
+            data = self.data[self.position:self.position + len(view)]
+            view[:len(data)] = data
+            self.position += len(data)
+            return len(data)
+
+    def read_at(handle, position: int, size: int) -> bytes:
+        view = memoryview(bytearray(size))
+        return bytes(view[:upload_memory.readinto_at(handle, view, position)])
 
     results = {}
     files = {"a": SlowFile(b"0123456789"), "b": SlowFile(b"abcdefghij")}
-    threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, upload_memory.read_at(files[k], 3, 2)))
+    threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, read_at(files[k], 3, 2)))
                for k in files]
     for thread in threads:
         thread.start()

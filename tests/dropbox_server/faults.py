@@ -23,6 +23,8 @@ DROP_MID_BODY = "drop_mid_body"                # request never applied
 DROP_BEFORE_RESPONSE = "drop_before_response"  # request applied, answer lost
 STATUS = "status"               # a FailRule with an explicit HTTP status / error
 
+APPEND_BATCH = "files/upload_session/append_batch"
+
 # Routes that change the namespace: Dropbox serialises these per namespace (the "namespace lock").
 COMMIT_ROUTES = frozenset({
     "files/upload",
@@ -91,6 +93,10 @@ class FaultConfig:
     p_drop_before_response: float = 0.0  # request fully applied, connection closed, no answer
     latency_s: float = 0.0             # added before each request is handled
     bandwidth_bps: Optional[int] = None  # per-connection cap, both directions (bytes/s)
+    # One uplink shared by every connection: request bodies (client -> server) of all
+    # connections together cross at most this many bytes/s, on top of each one's own cap
+    # (SharedUplink). Responses are not counted: a lab's uplink, not its downlink.
+    uplink_bps: Optional[int] = None
     fail_nth: tuple = ()               # FailRule instances
     routes: Optional[frozenset] = None  # restrict random faults to these routes
     max_concurrent_commits_per_namespace: Optional[int] = None  # excess → 429 write ops
@@ -101,6 +107,9 @@ class FaultConfig:
     # top of the tree) stores the bytes with one byte flipped, and its metadata carries the
     # content hash of what was stored — so only a client that compares hashes notices.
     corrupt_stored_paths: frozenset = frozenset()
+    # Every files/upload_session/append_batch is refused with this HTTP status (400, 413, 431, ...;
+    # plain text) before anything is applied, as a server that does not take it would answer.
+    refuse_append_batch: Optional[int] = None
 
     def __post_init__(self):
         # Accept any iterable of FailRule (or of dicts with FailRule's fields, e.g. from JSON).
@@ -160,6 +169,11 @@ class FaultInjector:
             d = Decision(retry_after=cfg.retry_after_s, latency_s=cfg.latency_s,
                          drop_fraction=0.05 + 0.9 * frac)
             d.transport_limit = cfg.transport_limit and route in UPLOAD_ROUTES
+            if cfg.refuse_append_batch is not None and route == APPEND_BATCH:
+                d.action, d.status = STATUS, int(cfg.refuse_append_batch)
+                d.error = "append_batch is refused by this server (a test switch)"
+                d.label = "refuse_append_batch"
+                return d
             for rule in cfg.fail_nth:
                 if _route_key(rule.route) == route and rule.n <= count < rule.n + rule.times:
                     _apply_rule(d, rule, cfg)
@@ -255,6 +269,71 @@ class Hold:
         with self._cond:
             self._released = True
             self._cond.notify_all()
+
+
+class SharedUplink:
+    """The uplink every connection shares (FaultConfig.uplink_bps): one token bucket for the
+    request bodies of all connections, on top of each connection's own cap (Throttle).
+
+    The bucket is a timeline: each slice of a body, as it is read, reserves `nbytes / rate`
+    seconds of the link after those reserved before it, and its reader sleeps until the
+    reservation ends before the slice is handed on (hashed, stored). Slices are served in the
+    order they arrive, so the connections sending at once share the rate about equally, and
+    the bytes handed on from time t0 to t never exceed `rate * (t - t0) + rate * BURST_S`
+    however the threads are scheduled: the ceiling that benchmarks compare with. A model of a
+    link, not of TCP: no slow start, no loss; the kernel's socket buffers still take in a few
+    MiB per connection ahead of the model.
+
+    Accounting (for tests and benchmarks): `bytes` through the uplink since the server started,
+    and `reserved_seconds`, the link time those bytes took at the rate in force when each
+    slice arrived (bytes / rate while the rate did not change)."""
+
+    BURST_S = 0.05  # an idle link lets this much time's worth of bytes through at once
+
+    def __init__(self, rate_source):
+        self._rate_source = rate_source
+        self._lock = threading.Lock()
+        self._next = 0.0  # time.monotonic() at which the reserved slices have all crossed
+        self.bytes = 0
+        self.reserved_seconds = 0.0
+
+    def chunk_size(self, default: int) -> int:
+        rate = self._rate_source()
+        if not rate:
+            return default
+        # Slices of at most 1/100 s of the whole link: fine enough for many connections to
+        # interleave, coarse enough that Python's per-slice cost stays small.
+        return max(16 * 1024, min(default, int(rate) // 100))
+
+    def spend(self, nbytes: int) -> None:
+        rate = self._rate_source()
+        with self._lock:
+            self.bytes += nbytes
+            if not rate:
+                return
+            now = time.monotonic()
+            start = max(self._next, now - self.BURST_S)
+            self._next = start + nbytes / rate
+            self.reserved_seconds += nbytes / rate
+            wait = self._next - now
+        if wait > 0:
+            time.sleep(wait)
+
+
+class UplinkThrottle:
+    """What a connection's request body is read through: its own cap (Throttle) and then the
+    shared uplink's. After a wait for the uplink the connection's own bucket has refilled, so
+    the two waits do not add up: a body crosses at the lower of the two rates."""
+
+    def __init__(self, connection: "Throttle", uplink: SharedUplink):
+        self._connection, self._uplink = connection, uplink
+
+    def chunk_size(self, default: int) -> int:
+        return self._connection.chunk_size(self._uplink.chunk_size(default))
+
+    def spend(self, nbytes: int) -> None:
+        self._connection.spend(nbytes)
+        self._uplink.spend(nbytes)
 
 
 class Throttle:

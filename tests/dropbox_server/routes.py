@@ -184,6 +184,7 @@ def upload_session_start(call):
 def upload_session_start_batch(call):
     kind = "concurrent" if _is_concurrent(call.arg.session_type) else "sequential"
     ids = [call.store.create_session(kind)["id"] for _ in range(call.arg.num_sessions)]
+    call.rec["entries"] = len(ids)
     return files.UploadSessionStartBatchResult(ids)
 
 

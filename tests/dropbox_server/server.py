@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from stone.backends.python_rsrc import stone_serializers, stone_validators
 
 from . import faults as F
-from .faults import FaultConfig, FaultInjector, Hold, Throttle
+from .faults import FaultConfig, FaultInjector, Hold, SharedUplink, Throttle, UplinkThrottle
 from .http_io import BadFraming, ClientGone, DropConnection, RequestBody
 from .routes import (ROUTES, CommitRefused, DownloadResult, RateLimited, RouteError,
                      Unsatisfiable)
@@ -42,6 +42,11 @@ from .tls import ensure_certificate, server_context
 SCOPES = ("account_info.read files.content.read files.content.write files.metadata.read "
           "files.metadata.write")
 RPC_BODY_LIMIT = 16 * 1024 * 1024
+# Bytes of a request's header section (request line and header lines, as sent) above which the
+# server answers 431, as a front end does: Dropbox documents no limit; common front ends refuse
+# 8-16 KiB (nginx's default large_client_header_buffers is 4 x 8 KiB). Python's http.server on
+# its own refuses only a line over 65,536 bytes (or more than 100 headers), with 431 and no log.
+HEADER_LIMIT = 16 * 1024
 SEND_SLICE = 1 << 20
 AUTH_CODE_LIFETIME_S = 600
 _SERVER_DEFAULT = object()    # "use the server's configured value" (None has a meaning)
@@ -138,6 +143,7 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         app = self.server.app
         self.throttle = Throttle(lambda: app.faults.bandwidth_bps)
+        self.body_throttle = UplinkThrottle(self.throttle, app.uplink)  # request bodies only
         self.conn_id = next(app._conn_counter)
         with app._lock:
             app._connections.add(self.request)
@@ -170,7 +176,11 @@ class DropboxTestServer:
       max_file_size=350e9, quota_bytes=2 TiB, member_quota_bytes=None (team only),
       list_page_size=500, app_key="test-app-key", app_secret=None, faults=FaultConfig(),
       member_folder="Test User", team_folders=("Team Folder",), disallowed_names=...,
-      display_name, email, request_log_limit=None, start=True
+      display_name, email, request_log_limit=None, max_header_bytes=16 KiB, start=True
+
+    `max_header_bytes` (also an attribute, changeable while the server runs): a request whose
+    header section (request line and header lines) is larger is answered 431 in plain text
+    before anything else looks at it, as a front end would (None: no limit of the server's own).
     """
 
     def __init__(self, root_dir: Union[str, Path], *, port: int = 0, host: str = "127.0.0.1",
@@ -182,7 +192,8 @@ class DropboxTestServer:
                  member_folder: str = "Test User", team_folders: Iterable[str] = ("Team Folder",),
                  disallowed_names: Iterable[str] = DEFAULT_DISALLOWED_NAMES,
                  display_name: str = "Test User", email: str = "test.user@example.invalid",
-                 request_log_limit: Optional[int] = None, start: bool = True):
+                 request_log_limit: Optional[int] = None, max_header_bytes: Optional[int] = HEADER_LIMIT,
+                 start: bool = True):
         if host not in ("127.0.0.1", "localhost"):
             raise ValueError("the Dropbox test server only listens on loopback")
         self.root_dir = Path(root_dir).resolve()
@@ -196,6 +207,8 @@ class DropboxTestServer:
         self._member_folder, self._team_folders = member_folder, tuple(team_folders)
         self._disallowed = tuple(disallowed_names)
         self._injector = FaultInjector(faults)
+        # The uplink all connections share (FaultConfig.uplink_bps), with its accounting.
+        self.uplink = SharedUplink(lambda: self._injector.config.uplink_bps)
         self._holds: list[Hold] = []
         self._lock = threading.Lock()
         self._log_lock = threading.Lock()
@@ -204,6 +217,7 @@ class DropboxTestServer:
         self._clock_offset = 0.0
         self.request_log: list[dict] = []
         self.request_log_limit = request_log_limit   # None: keep every record in memory
+        self.max_header_bytes = max_header_bytes
         self._in_flight: set = set()      # request ids already in request_log, not yet on disk
         self._httpd = None
         self._thread = None
@@ -678,7 +692,7 @@ class DropboxTestServer:
         rec = {"ts": round(time.time(), 6), "route": route, "method": h.command, "status": None,
                "bytes_in": 0, "bytes_out": 0, "duration_s": 0.0, "session_id": None,
                "path": None, "error": None, "fault": None, "conn": h.conn_id,
-               "request_id": uuid.uuid4().hex[:16]}
+               "request_id": uuid.uuid4().hex[:16], "header_bytes": _header_bytes(h)}
         body = None
         try:
             body = self._body_for(h)
@@ -686,6 +700,16 @@ class DropboxTestServer:
                 self._write(h, _Response.text(400, "Bad Content-Length / Transfer-Encoding"), rec,
                             body, started)
                 h.close_connection = True
+                return
+            limit = self.max_header_bytes
+            if limit is not None and rec["header_bytes"] > limit:
+                # The front end's answer: the API (faults, holds, routes) never sees the request.
+                # The body is read first, so the client, still sending it, gets the answer.
+                rec["error"] = "request header fields too large"
+                body.drain()
+                self._write(h, _Response.text(431, "Request Header Fields Too Large (%d bytes; this server "
+                                                   "takes at most %d)" % (rec["header_bytes"], limit)),
+                            rec, body, started)
                 return
             decision = self._injector.decide(route, api)
             rec["fault"] = decision.label or None
@@ -743,7 +767,7 @@ class DropboxTestServer:
             return None
         if n < 0:
             return None
-        return RequestBody(h.rfile, n, chunked, h.throttle)
+        return RequestBody(h.rfile, n, chunked, h.body_throttle, h.connection)
 
     def _abort(self, h) -> None:
         h.close_connection = True
@@ -1069,6 +1093,13 @@ class DropboxTestServer:
 def _route_key(route: str) -> str:
     route = route.strip("/")
     return route[2:] if route.startswith("2/") else route
+
+
+def _header_bytes(h) -> int:
+    """Bytes of the request's header section as sent: the request line and each "Name: value"
+    line with their CRLFs, and the empty line that ends them."""
+    return (len(h.requestline) + 2 + sum(len(name) + 2 + len(value) + 2 for name, value in h.headers.items())
+            + 2)
 
 
 class Call:

@@ -676,7 +676,8 @@ class Store:
         return self.root_dir / "sessions" / (session["file"])
 
     def create_session(self, session_type: str, closed: bool = False) -> dict:
-        token = secrets.token_urlsafe(24)
+        # As long as Dropbox's (67 characters measured): append_batch carries them in a header.
+        token = secrets.token_urlsafe(36)
         session = {"id": "pid_upload_session:" + token, "file": token + ".bin",
                    "type": session_type, "created": self.clock(), "offset": 0,
                    "closed": closed, "chunks": [], "end": None, "blocks": {}}

@@ -27,7 +27,9 @@ from pathlib import Path
 from . import deletion, prepare, units
 from .content_hash import bytes_content_hash, hash_range
 from .errors import EXIT_OK, EXIT_SOME_FAILED
+from .inventory import is_inventory_name
 from .journal import Item, Journal, Kind, SourceDeleted, State
+from .logs import PER_FILE
 from .names import case_key
 
 IDENTICAL = "identical"
@@ -138,7 +140,8 @@ def audit(plan: prepare.Plan, journal: Journal, client, folders: list[str], log)
         else:
             findings.append(Finding(DELETED_IDENTICAL, source_path, items[0].destination))
     for remote in snapshot.entries():
-        if hasattr(remote, "content_hash") and case_key(remote.path_display) not in accounted:
+        if (hasattr(remote, "content_hash") and case_key(remote.path_display) not in accounted
+                and not is_inventory_name(remote.path_display.rsplit("/", 1)[-1])):  # written by the upload
             findings.append(Finding(ONLY_IN_DROPBOX, "", remote.path_display))
     return findings
 
@@ -157,7 +160,7 @@ def write_report(findings: list[Finding], log_path: Path, log) -> Path:
         if finding.status not in GOOD:
             level = log.info if finding.status == ONLY_IN_DROPBOX else log.error
             level("%s\t%s\t->\t%s%s", finding.status.upper(), finding.local or "-", finding.dropbox,
-                  f": {finding.detail}" if finding.detail else "")
+                  f": {finding.detail}" if finding.detail else "", extra=PER_FILE)
     order = (IDENTICAL, MISSING, DIFFERENT, DELETED_IDENTICAL, DELETED_MISSING, ONLY_IN_DROPBOX)
     log.info("Verify: %s.", "; ".join(f"{counts.get(status, 0)} {status}" for status in order))
     log.info("Report: %s", csv_path)

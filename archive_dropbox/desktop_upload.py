@@ -12,9 +12,15 @@ Why it is built this way:
 - Arrival is judged by Dropbox's content hash, never by existence: a corrupted upload keeps its
   original, stops the run and is named (desktop_arrivals). Nothing inside the Dropbox folder is
   ever deleted.
+- A verified batch's inventories (inventory_writer) are written through the API before any of
+  its originals goes, since the originals are deleted batch by batch: the row inventory of
+  every row the batch touches is merged with the one Dropbox holds, so at the end it lists every
+  batch. The app then syncs the CSVs down into the Dropbox folder; they are no items of the
+  plan, so the lookups and the copy never look at them. A row whose inventory cannot be written
+  keeps that batch's originals (a failure of the run).
 
-This module runs the batches in order (space, copy, wait, delete) and holds app.py's run for
-sheetName = 'dropboxUpload_APP'.
+This module runs the batches in order (space, copy, wait, inventories, delete) and holds app.py's
+run for sheetName = 'dropboxUpload_APP'.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import errno
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import psutil
 from tqdm import tqdm
@@ -37,6 +43,7 @@ from .desktop_folder import DropboxFolder, check_dropbox_dir, row_checker
 from .desktop_job import DesktopJob, DesktopOptions, DesktopSummary, every
 from .dropbox_client import RemoteFile, RemoteFolder
 from .errors import EXIT_OK, EXIT_SOME_FAILED, EnvironmentProblem, FileProblem, SettingsError
+from .inventory_writer import done_part, write_upload_inventories
 from .job_setup import bind_account, open_client, prepare_rows, settle_interrupted_deletions
 from .journal import BatchState, Item, Journal, Kind, State
 from .localfs import fsync_folder
@@ -52,11 +59,13 @@ APP_BYTES_PER_SECOND = 20e6
 
 
 class DesktopUploader:
-    """Runs the batches in order: space check, copy, wait for Dropbox, delete originals."""
+    """Runs the batches in order: space check, copy, wait for Dropbox, inventories, delete originals."""
 
     def __init__(self, client, journal: Journal, folder: DropboxFolder, plan: Plan, options: DesktopOptions,
-                 log: logging.Logger):
-        """`client`: a DropboxClient; `plan`: Stage 1's plan (which originals may be deleted)."""
+                 log: logging.Logger, *, logs_root: Path | None = None):
+        """`client`: a DropboxClient; `plan`: Stage 1's plan (which originals may be deleted, what
+        the inventories list); `logs_root`: where the inventories are written before they are
+        uploaded (a temporary folder; default: the journal's folder)."""
         self.job = DesktopJob(client, journal, folder, options, log)
         self.client, self.journal, self.folder, self.options, self.log = client, journal, folder, options, log
         self.summary = self.job.summary
@@ -65,6 +74,8 @@ class DesktopUploader:
         self._items_of: dict[str, list[Item]] = {}
         self.copier = DesktopCopier(folder, options.copy_block, self._items_of, log)
         self.pauses = Pauses(log, options.sleep_seconds, sleep=self.job.waiter.sleep)
+        self._plan = plan
+        self._logs_root = logs_root if logs_root is not None else journal.path.parent
         self._sources = {str(source.source): source for source in plan.sources}
         self._given_up: set[str] = set()  # sources with a failed part: later parts and the manifest wait
 
@@ -168,13 +179,34 @@ class DesktopUploader:
             fsync_folder(folder)
         self.journal.set_batch_state(batch.number, BatchState.WAITING)
 
+    # -- inventories -------------------------------------------------------------------------
+
+    def write_inventories(self, batches: Sequence[Batch]) -> frozenset[int]:
+        """Write or refresh through the API the inventories of the files of `batches` that are in
+        Dropbox (inventory_writer): each archive's, and the row inventory of every row they
+        touch, merged with the one Dropbox holds. Returns the ids (id()) of the rows whose
+        inventory could not be written (their failures are in the summary); raises AuthError
+        and EnvironmentProblem."""
+        touched = {item.source for batch in batches for item in batch.items}
+        part, items = done_part(self._plan, self._items_of, touched)
+        if not part.sources:
+            return frozenset()
+        result = write_upload_inventories(
+            self.client, part, items, destination_of_row=lambda row: self.folder.dropbox_path(row["outputDir"]),
+            logs_root=self._logs_root, job=self.journal.job, log=self.log, call=self.job.retrier.call)
+        self.summary.failures.extend(result.failures)
+        return frozenset(result.failed_rows)
+
     # -- deleting originals ------------------------------------------------------------------
 
-    def delete_originals(self, batch: Batch) -> None:
+    def delete_originals(self, batch: Batch, keep_rows: Collection[int] = ()) -> bool:
         """Delete the originals of this batch that were asked to go, through the deletion gate:
         only when Dropbox holds every item of the original now (content hash, asked now through
-        the API) and the original did not change since it was copied."""
+        the API) and the original did not change since it was copied. Those of the rows in
+        `keep_rows` (id() of the row: its inventory could not be written) stay; True when one
+        stayed for that reason."""
         originals = []
+        held = False
         for source_path in dict.fromkeys(item.source for item in batch.items):
             source = self._sources.get(source_path)
             if source is None or not source.delete_after:
@@ -182,11 +214,14 @@ class DesktopUploader:
             items = self._items_of[source_path]
             if any(item.state != State.DONE for item in items):
                 continue  # e.g. a split file whose last parts are in a later batch
+            if id(source.row) in keep_rows:
+                held = True
+                continue
             root = source.row["inputFile"]
             originals.append(deletion.uploaded_original(items, root if isinstance(root, Path) and root.is_dir()
                                                         else None))
         if not originals:
-            return
+            return held
         report = deletion.delete_uploaded_originals(self.client, originals, journal=self.journal, log=self.log,
                                                     protected=self.folder.contains)
         self.summary.deleted_sources += len(report.deleted)
@@ -196,6 +231,7 @@ class DesktopUploader:
         if report.missing:
             missing = {str(path) for path in report.missing}
             self.journal.reopen([item for item in batch.items if item.source in missing])
+        return held
 
     # -- the whole job -----------------------------------------------------------------------
 
@@ -218,12 +254,13 @@ class DesktopUploader:
             elif item.state not in (State.PENDING, State.COPIED, State.DONE):
                 self.journal.mark_pending(item)
 
-    def _finish_verified(self, batch: Batch) -> None:
-        """A batch verified in an earlier run: its originals go, if they have not yet."""
+    def _finish_verified(self, batch: Batch, keep_rows: Collection[int]) -> None:
+        """A batch verified in an earlier run: its originals go, if they have not yet (not those
+        of `keep_rows`, whose inventory is not in Dropbox)."""
         self.summary.batches_verified += 1
         if self.journal.batch_state(batch.number) != BatchState.DELETED:
-            self.delete_originals(batch)
-            self.journal.set_batch_state(batch.number, BatchState.DELETED)
+            if not self.delete_originals(batch, keep_rows):
+                self.journal.set_batch_state(batch.number, BatchState.DELETED)
 
     def _run_batch(self, batch: Batch, last: int) -> bool:
         """Copy, wait for and verify one batch, then delete its originals that may go. False
@@ -256,8 +293,8 @@ class DesktopUploader:
                           batch.number, len(batch.items))
             self.summary.batches_verified += 1
         self.journal.set_batch_state(batch.number, BatchState.VERIFIED)
-        self.delete_originals(batch)
-        if batch.done:
+        held = self.delete_originals(batch, self.write_inventories([batch]))
+        if batch.done and not held:
             self.journal.set_batch_state(batch.number, BatchState.DELETED)
         return True
 
@@ -268,9 +305,13 @@ class DesktopUploader:
         self.summary.files_total = len(self._items_of)
         self.summary.items_done_before = sum(1 for b in batches for i in b.items if i.state == State.DONE)
         self.status.remaining(lambda: _not_verified_yet(batches))
+        # Batches verified in earlier runs, in one go: a run stopped between a verification and
+        # its deletions, or files uploaded before inventories were written, get theirs now.
+        verified_before = [batch for batch in batches if batch.done]
+        keep_rows = self.write_inventories(verified_before)
         for batch in batches:
             if batch.done:
-                self._finish_verified(batch)
+                self._finish_verified(batch, keep_rows)
             elif not self._run_batch(batch, batches[-1].number):
                 break
         self.summary.unfinished = sum(1 for b in batches for i in b.items if i.state != State.DONE)
@@ -331,7 +372,7 @@ def run(context: RunContext, sheet: str) -> int:
         team = bool(client.account and client.account.team_root and settings.teamSpace)
         log.info("The top of %s is taken to be the top of %s (teamSpace = %s).", folder.root,
                  "the team space (/Team Folder/...)" if team else "your own Dropbox", settings.teamSpace)
-        uploader = DesktopUploader(client, journal, folder, plan, options, log)
+        uploader = DesktopUploader(client, journal, folder, plan, options, log, logs_root=context.logs_root)
         uploader.prepare_batches(items)
         uploader.check_disk_is_big_enough(batches)
         log.info("Stage 2, upload through the Dropbox desktop app: %d batch(es) of at most %s.", len(batches),

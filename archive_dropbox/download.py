@@ -10,7 +10,9 @@ Where things land (columns dropboxPath, localDir, joinFlag):
     in localDir;
   - a row may name the original of a split file (`/Archive/big.mrc` when Dropbox holds
     `big.mrc_split_0001`, ... and `big.mrc_split_manifest.json`): its parts and manifest are
-    downloaded into localDir.
+    downloaded into localDir;
+  - a row with `member` filled in names a .zip archive (whole or split) and the member(s) to
+    take out of it: only their bytes are fetched, with ranged requests (member_fetch.py).
 
 Every file is written to `.~<hash of name>.partial` next to its final place (a short name, so
 that names near the file system's limit fit too) and renamed only once its content hash equals
@@ -36,25 +38,26 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 import threading
 import time
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
-from . import deletion, joining, sheets, split
+from . import deletion, joining, member_fetch, sheets, split
 from .cli import RunContext
 from .content_hash import ContentHasher, file_content_hash, hash_range
 from .download_plan import (COLUMNS, METADATA_POLICY, PARTIAL_TAG, Series, Task, ask, bind_items,
-                            client_modified_epoch, create_folders, journal_item, plan_download, wait_for_room)
+                            client_modified_epoch, create_folders, different_file, existing_file, journal_item,
+                            plan_download, wait_for_room, write_all)
 from .dropbox_client import DropboxClient, NetworkProblem, RangeNotSatisfiable, RateLimited, RemoteFile
 from .errors import EXIT_OK, EXIT_SOME_FAILED, AuthError, FileProblem, SheetError, SheetProblem
 from .job_setup import open_client
 from .journal import Journal, Kind, State
 from .localfs import legacy_temporary, rename_without_replacing
+from .logs import PER_FILE
 from .status import nap, status_of
-from .transfer import (Backoff, ByteProgress, JobRunner, Pauses, Retrier, RetryPolicy, RunSummary, log_result,
-                       log_summary_end)
+from .transfer import (Backoff, ByteProgress, JobRunner, Pauses, Retrier, RetryPolicy, RunSummary, file_finished,
+                       log_result, log_summary_end)
 from .units import human_bytes
 
 READ_CHUNK = 4 * 1024 * 1024
@@ -81,13 +84,6 @@ class Options:
     sleep_seconds: float = 1800
     network_give_up_seconds: float = 3600
     first_retry_delay: float = 1.0  # seconds; doubled after each failed attempt, up to a minute
-
-
-def _write_all(handle, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = handle.write(view)
-        view = view[written:]
 
 
 class _Stopped(Exception):
@@ -153,6 +149,7 @@ class Downloader:
             self.journal.mark_failed(task.item, message)
         self.log.error("FAILED\t%s\t%s\t->\t%s: %s", human_bytes(task.remote.size), task.dropbox_path, task.target,
                        message)
+        file_finished(self.log)
 
     def _count(self, field_name: str) -> None:
         with self._summary_lock:
@@ -164,13 +161,9 @@ class Downloader:
         """'download', 'done before' or 'here' for a task whose target may already exist;
         raises FileProblem when a different file (or a folder) is in the way."""
         target, remote, item = task.target, task.remote, task.item
-        try:
-            info = os.lstat(target)
-        except FileNotFoundError:
+        info = existing_file(target)
+        if info is None:
             return "download"
-        if not stat.S_ISREG(info.st_mode):
-            raise FileProblem(f"{target} already exists and is a folder or a link, so the file was not saved. "
-                              "Rename it and run again.", paths=[target])
         wanted_mtime = client_modified_epoch(remote.client_modified)
         if (item is not None and item.state == State.DONE and item.content_hash == remote.content_hash
                 and info.st_size == remote.size and abs(int(info.st_mtime) - wanted_mtime) <= MTIME_SLACK_S):
@@ -183,9 +176,7 @@ class Downloader:
             except OSError:
                 pass  # a read-only file keeps its date; it is still the right file
             return "here"
-        raise FileProblem(f"a different file already exists at {target} ({human_bytes(info.st_size)}; the "
-                          f"Dropbox file has {human_bytes(remote.size)}{' and other content' if info.st_size == remote.size else ''}). "
-                          "It was not overwritten: move or rename it and run again.", paths=[target])
+        raise different_file(target, info.st_size, remote.size)
 
     def _resume_point(self, task: Task) -> tuple[int, ContentHasher]:
         """Continue a partial file left by an earlier run when it can belong to this version."""
@@ -254,7 +245,7 @@ class Downloader:
                 self.pauses.wait_for_disk(folder, task.remote.size - fill.offset, "the local disk is nearly full")
                 return
             try:
-                _write_all(fill.out, chunk)
+                write_all(fill.out, chunk)
             except OSError:
                 chunks.close()
                 os.ftruncate(fill.out.fileno(), fill.offset)  # drop a half-written chunk
@@ -411,7 +402,7 @@ class Downloader:
                 "NOT verified (no manifest); parts kept")
         self.log.info("JOINED\t%s\t%.1fs\t%d parts\t->\t%s (%s)", human_bytes(outcome.size),
                       time.monotonic() - started, len(series.tasks) - (manifest is not None),
-                      series.output, note)
+                      series.output, note, extra=PER_FILE)
 
     def _record_joined(self, series: Series) -> None:
         """Remember the verified join so a rerun neither downloads the deleted parts again nor
@@ -431,15 +422,11 @@ class Downloader:
         started = time.monotonic()
         self.summary.files_total = total_files
         self._progress = ByteProgress(self.log, total=sum(t.remote.size for t in tasks), desc="Downloading",
-                                      verb="download")
+                                      verb="download", files_total=len(tasks))
         try:
             with self._runner as runner:
                 # Large files first, so one big file does not start last and finish alone.
-                for task in sorted(tasks, key=lambda t: -t.remote.size):
-                    runner.submit("download", self._run_task, task)
-                    if runner.stopping():
-                        break
-                runner.wait_all()
+                runner.run_each("download", self._run_task, sorted(tasks, key=lambda t: -t.remote.size))
         finally:
             self._progress.close()
         self._runner.raise_if_failed()
@@ -465,24 +452,56 @@ def run(context: RunContext, sheet: str) -> int:
     log.info("Download: %d row(s) in tab '%s' of %s.", len(rows), sheet, settings.excelName)
     with Journal(context.logs_root / "journal.sqlite3", sheet) as journal:
         client = _connect(context, problems)
-        plan = plan_download(client, rows, problems, journal, log)
+        # Rows with a member name an archive: its table of contents is read now (Stage 1 too).
+        members = member_fetch.plan_members(client, [row for row in rows if row["member"]], log)
+        plan = plan_download(client, rows, [*problems, *members.problems], journal, log)
+        clashes = member_fetch.clashes(members.tasks, (task.target for task in plan.tasks))
+        if clashes:
+            raise SheetError(clashes)
+        member_fetch.log_plan(members, log)
         if context.args.dry_run:
             log.info("Dry run: nothing was downloaded.")
             return EXIT_OK
         todo = plan.todo
         bind_items(todo, journal)
+        member_fetch.bind_items(members.tasks, journal)
         downloader = Downloader(client, journal, Options(workers=settings.workers,
                                                          sleep_seconds=settings.sleepTime_min * 60), log)
-        wait_for_room(plan, downloader.pauses, log)
+        wait_for_room(plan, downloader.pauses, log, member_fetch.space_needed(members.tasks))
         created_problems = create_folders(plan.folders)
         downloader.summary.failures.extend(created_problems)
         for path, message in created_problems:
             log.error("FAILED\t%s: %s", path, message)
-        log.info("Downloading %d file(s), %s, with %d workers.", len(todo), human_bytes(sum(t.remote.size for t in todo)),
-                 settings.workers)
-        summary = downloader.run(todo, plan.series, len(plan.tasks))
+        summary = downloader.summary
+        if plan.tasks or not members.tasks:
+            log.info("Downloading %d file(s), %s, with %d workers.", len(todo),
+                     human_bytes(sum(t.remote.size for t in todo)), settings.workers)
+            summary = downloader.run(todo, plan.series, len(plan.tasks))
+        _fetch_members(context, client, journal, members, downloader.pauses, summary)
         _log_summary(context, summary)
         return EXIT_OK if summary.ok else EXIT_SOME_FAILED
+
+
+def _fetch_members(context: RunContext, client: DropboxClient, journal: Journal, members: member_fetch.MemberPlan,
+                   pauses: Pauses, summary: Summary) -> None:
+    """Stage 2 of the rows with a member, counted in the run's summary."""
+    if not members.tasks and not members.failures:
+        return
+    started = time.monotonic()
+    fetcher = member_fetch.MemberFetcher(client, journal, context.log, pauses=pauses,
+                                         workers=context.settings.workers)
+    counts = fetcher.run(members.tasks)
+    summary.files_total += len(members.tasks)
+    summary.downloaded += counts.fetched
+    summary.already_here += counts.already_here
+    summary.done_before += counts.done_before
+    summary.bytes_received += counts.bytes_received
+    summary.failures.extend([*members.failures, *counts.failures])
+    summary.seconds += time.monotonic() - started
+    context.log.info("Archive members: %d fetched now with %d ranged request(s) (%s received), %d already here, "
+                     "%d done in earlier runs; %d failed (each checked by its CRC-32 and size).", counts.fetched,
+                     counts.requests, human_bytes(counts.bytes_received), counts.already_here, counts.done_before,
+                     len(members.failures) + len(counts.failures))
 
 
 def _log_summary(context: RunContext, summary: Summary) -> None:

@@ -11,14 +11,16 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import stat
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
 from . import names, sheets, split, tabs
+from .inventory import is_inventory_name
 from .dropbox_client import DropboxClient, DropboxProblem, RemoteFile, RemoteFolder
-from .errors import SheetError, SheetProblem
+from .errors import FileProblem, SheetError, SheetProblem
 from .journal import Item, Journal, Kind, State
 from .localfs import temporary_sibling
 from .transfer import Pauses, Retrier, RetryPolicy, existing_ancestor
@@ -128,6 +130,35 @@ def client_modified_epoch(moment: dt.datetime) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.timezone.utc)
     return int(moment.timestamp())
+
+
+def write_all(handle, data: bytes) -> None:
+    """Write every byte of `data` to an unbuffered file (whose write may take fewer)."""
+    view = memoryview(data)
+    while view:
+        written = handle.write(view)
+        view = view[written:]
+
+
+def existing_file(target: Path) -> os.stat_result | None:
+    """What a download finds at `target`: None when nothing is there, its lstat when it is a
+    file; FileProblem when a folder or a link is in the way (never written through or over)."""
+    try:
+        info = os.lstat(target)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        raise FileProblem(f"{target} already exists and is a folder or a link, so the file was not saved. "
+                          "Rename it and run again.", paths=[target])
+    return info
+
+
+def different_file(target: Path, local_size: int, wanted_size: int, what: str = "the Dropbox file") -> FileProblem:
+    """The problem of another file at `target` (sizes in bytes): it is never overwritten."""
+    other = " and other content" if local_size == wanted_size else ""
+    return FileProblem(f"a different file already exists at {target} ({human_bytes(local_size)}; {what} has "
+                       f"{human_bytes(wanted_size)}{other}). It was not overwritten: move or rename it and run again.",
+                       paths=[target])
 
 
 def journal_item(job: str, dropbox_key: str, local_path: Path, kind: Kind, size: int, mtime_ns: int) -> Item:
@@ -248,8 +279,8 @@ def check_rows(client: DropboxClient, rows: list[sheets.SheetRow], log: logging.
             problem = _local_dir_problem(row)
             if problem is not None:
                 problems.append(problem)
-        if row["dropboxPath"] is None:
-            continue
+        if row["dropboxPath"] is None or row.values.get("member"):
+            continue  # a row with a member names an archive: member_fetch looks it up
         # A path pasted from a Mac (Finder, a macOS file name) may be decomposed (NFD); Dropbox
         # finds an existing name only by its NFC form (see dropbox_client.lookup_path).
         path: str = unicodedata.normalize("NFC", row["dropboxPath"])
@@ -337,7 +368,9 @@ class _Expansion:
             target = base.joinpath(*parts) if parts else base
             if isinstance(entry, RemoteFolder):
                 self.add_folder(row, entry, target)
-            elif parts:
+            elif parts and not is_inventory_name(parts[-1]):
+                # The inventories describe the data; a restore brings back what was uploaded (a row
+                # naming an inventory itself still downloads it).
                 self.add_file(row, entry, target)
 
 
@@ -349,6 +382,8 @@ def expand(client: DropboxClient, rows: list[sheets.SheetRow],
     retrier = Retrier(log, METADATA_POLICY)
     found = _Expansion()
     for row in rows:
+        if row.values.get("member"):
+            continue  # planned by member_fetch
         root = roots[row.row]
         local: Path = row["localDir"]
         found.add_folder(row, None, local)
@@ -421,7 +456,8 @@ def plan_download(client: DropboxClient, rows: list[sheets.SheetRow], problems: 
         if series.state in ("done", "verify"):
             skipped.update(id(t) for t in series.tasks)
     plan.todo = [t for t in plan.tasks if id(t) not in skipped]
-    _log_plan(plan, log)
+    if plan.tasks or not any(row.values.get("member") for row in rows):
+        _log_plan(plan, log)  # a tab of member rows only has no whole files to speak of
     return plan
 
 
@@ -449,10 +485,12 @@ def bytes_needed(tasks: Iterable[Task]) -> int:
     return needed
 
 
-def space_needed(tasks: list[Task], series_list: list[Series]) -> dict[Path, int]:
+def space_needed(tasks: list[Task], series_list: list[Series],
+                 extra: Iterable[tuple[Path, int]] = ()) -> dict[Path, int]:
     """Bytes to write per local disk (named by the first row folder found on it): the downloads
     still missing, plus a joined copy of every split file to join (its parts are deleted only
-    after the join is verified, so both exist for a while)."""
+    after the join is verified, so both exist for a while), plus `extra` ((folder, bytes): the
+    archive members to write)."""
     by_device: dict[int, Path] = {}
     needed: dict[Path, int] = {}
 
@@ -466,12 +504,16 @@ def space_needed(tasks: list[Task], series_list: list[Series]) -> dict[Path, int
     for series in series_list:
         if series.state == "join":
             add(series.tasks[0].row["localDir"], series.size)
+    for folder, count in extra:
+        add(folder, count)
     return needed
 
 
-def wait_for_room(plan: DownloadPlan, pauses: Pauses, log: logging.Logger) -> None:
-    """Say what each local disk must hold, and wait until it has the room (Pauses.wait_for_disk)."""
-    for folder, needed in space_needed(plan.todo, plan.series).items():
+def wait_for_room(plan: DownloadPlan, pauses: Pauses, log: logging.Logger,
+                  extra: Iterable[tuple[Path, int]] = ()) -> None:
+    """Say what each local disk must hold, and wait until it has the room (Pauses.wait_for_disk);
+    `extra` as space_needed's."""
+    for folder, needed in space_needed(plan.todo, plan.series, extra).items():
         if not needed:
             continue
         log.info("Local disk holding %s: %s free, %s to write.", folder, human_bytes(pauses.disk_free(folder)),

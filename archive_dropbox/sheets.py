@@ -533,6 +533,8 @@ def _header(workbook: Path, tab: str, columns: Sequence[Column], cells: list[lis
     positions: dict[str, int] = {}
     for column in columns:
         found = [i for i, title in enumerate(header) if title.lower() == column.name.lower()]
+        if not found and column.added_later:
+            continue  # a workbook made before the column existed: its cells read as blank
         if not found:
             problems.append(SheetProblem(workbook, tab, header_index + 1, None,
                                          f"column '{column.name}' is missing from the header row "
@@ -549,7 +551,7 @@ def _typed_paths(workbook: Path, tab: str, cells: list[list[Any]], first_index: 
                  columns: Sequence[Column]) -> dict[tuple[int, int], tuple[Any, str | None]]:
     """{(row, column from 0): (value, its text when certain)} of the path cells a spreadsheet holds
     as numbers or dates."""
-    wanted = [positions[c.name] for c in columns if c.kind in PATH_KINDS]
+    wanted = [positions[c.name] for c in columns if c.kind in PATH_KINDS and c.name in positions]
     typed = {(index + 1, pos): line[pos] for index, line in enumerate(cells) if index >= first_index
              for pos in wanted if pos < len(line) and _is_typed(line[pos])}
     formats = _number_formats(workbook, tab, typed) if typed and _engine(workbook) == "openpyxl" else {}
@@ -560,8 +562,10 @@ def _read_row(row: SheetRow, columns: Sequence[Column], positions: dict[str, int
               formulas: dict[str, str], covered: set[tuple[int, int]],
               typed: dict[tuple[int, int], tuple[Any, str | None]], problems: list[SheetProblem]) -> None:
     for column in columns:
-        cell = (row.row, positions[column.name])
         row.values[column.name] = None
+        if column.name not in positions:
+            continue  # an added_later column missing from the header
+        cell = (row.row, positions[column.name])
         if column.name in formulas:
             problems.append(_never_calculated(row.workbook, row.tab, row.row, cell[1], formulas[column.name],
                                               column.name))

@@ -28,6 +28,9 @@ class Column:
     name: str
     kind: str
     required: bool = True  # the cell must not be blank (flags never are: blank means 0)
+    # The header may lack it: a column added later, so workbooks made before it still work
+    # (its cells then read as blank).
+    added_later: bool = False
 
 
 # Example rows point at folders under an 'example' folder that does not exist, so running a
@@ -59,12 +62,19 @@ UPLOAD_API = Tab("dropboxUpload_API", "inputs.xlsx",
                  (Column("inputFile", LOCAL_PATH), Column("outputDir", DROPBOX_PATH),
                   Column("deleteAfterUpload", FLAG)),
                  (EXAMPLE_DIR, "/Archive/example", 0))
+# member: blank = the whole file; else dropboxPath is a .zip archive (whole or split) and member
+# names the member(s) to take out of it (a path or a glob), fetched without the rest.
 DOWNLOAD_API = Tab("dropboxDownload_API", "inputs.xlsx",
-                   (Column("dropboxPath", DROPBOX_PATH), Column("localDir", LOCAL_DIR), Column("joinFlag", FLAG)),
-                   ("/Archive/example", EXAMPLE_DIR + "-restored", 1))
+                   (Column("dropboxPath", DROPBOX_PATH), Column("localDir", LOCAL_DIR), Column("joinFlag", FLAG),
+                    Column("member", TEXT, required=False, added_later=True)),
+                   ("/Archive/example", EXAMPLE_DIR + "-restored", 1, ""))
+# One search per row: pattern is a name glob (frame_0412*, metadata.xml) or, with / or \, a path glob.
+FIND_FILES = Tab("findFiles", "inputs.xlsx", (Column("dropboxFolder", DROPBOX_PATH), Column("pattern", TEXT)),
+                 ("/Archive/example", "frame_0412*"))
 # LOCAL_PATH, as in every script: quotes from "Copy as path" go, Windows paths and numbers are caught.
 JOIN_FILES = Tab("joinFiles", "inputs.xlsx",
                  (Column("inputFile", LOCAL_PATH), Column("deleteFlag", FLAG), Column("unzipFlag", FLAG)),
                  (EXAMPLE_DIR + "\\big.mrc_split_0001", 0, 0))
 
-TABS = {tab.name: tab for tab in (LIST_DIR_TO_ZIP, ZIP_DIR, UPLOAD_APP, UPLOAD_API, DOWNLOAD_API, JOIN_FILES)}
+TABS = {tab.name: tab for tab in (LIST_DIR_TO_ZIP, ZIP_DIR, UPLOAD_APP, UPLOAD_API, DOWNLOAD_API, FIND_FILES,
+                                  JOIN_FILES)}

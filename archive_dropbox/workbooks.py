@@ -42,6 +42,16 @@ INPUTS_README = [
      "/Data/2024 (a folder keeps its name: /Data/2024 into D:\\restore gives D:\\restore\\2024). "
      "localDir: the local folder to download into. joinFlag: 1 joins split files after downloading "
      "them, checks them against their manifest, then deletes the parts."),
+    ("Column member (dropboxDownload_API)", "Leave it empty to download whole files. To take files out of a "
+     ".zip archive in Dropbox without downloading the archive: dropboxPath is the archive, such as "
+     "/Data/2024/s3.zip (also when Dropbox holds it as _split_ parts), and member is the file's path inside it "
+     "or a pattern: s3/frame_0412.tif, frame_04*.tif, metadata.xml. Each file is checked against the "
+     "archive's CRC-32, keeps its date, and lands in localDir inside its folders from the archive."),
+    ("Tab findFiles", "Find where a file went, years later. dropboxFolder: the Dropbox folder to search, "
+     "with everything under it, such as /Data/2024. pattern: a file name such as frame_0412.tif, a pattern "
+     "such as frame_04*.tif (* any characters, ? one), or a path pattern with / such as s3/*.xml. Every "
+     "match (where it is, how much fetching it downloads) goes to a workbook in logs/findFiles; paste its "
+     "dropboxPath and member into the dropboxDownload_API tab to get the files back."),
     ("Tab joinFiles", "Join a file that was split into parts. inputFile: the first part, the file "
      "ending in _split_0001. deleteFlag: 1 deletes the parts after the joined file was checked. "
      "unzipFlag: 1 unzips the joined file when it is a .zip, then deletes the .zip."),
@@ -52,7 +62,10 @@ INPUTS_README = [
 ]
 
 def _tab(tab: tabs.Tab, rows) -> Tab:
-    return (tab.headers, rows if rows is not None else [list(tab.example)])
+    # Rows written before a column was added (demo.py's, users' scripts) get it blank.
+    width = len(tab.headers)
+    rows = [list(row) + [""] * (width - len(row)) for row in rows] if rows is not None else [list(tab.example)]
+    return (tab.headers, rows)
 
 
 def zip_dir_tabs(list_rows=None, zip_rows=None) -> dict[str, Tab]:
@@ -63,11 +76,12 @@ def zip_dir_tabs(list_rows=None, zip_rows=None) -> dict[str, Tab]:
     }
 
 
-def inputs_tabs(app_rows=None, api_rows=None, download_rows=None, join_rows=None) -> dict[str, Tab]:
+def inputs_tabs(app_rows=None, api_rows=None, download_rows=None, join_rows=None, find_rows=None) -> dict[str, Tab]:
     return {
         "dropboxUpload_APP": _tab(tabs.UPLOAD_APP, app_rows),
         "dropboxUpload_API": _tab(tabs.UPLOAD_API, api_rows),
         "dropboxDownload_API": _tab(tabs.DOWNLOAD_API, download_rows),
+        "findFiles": _tab(tabs.FIND_FILES, find_rows),
         "joinFiles": _tab(tabs.JOIN_FILES, join_rows),
         "README": (["topic", "explanation"], INPUTS_README),
     }

@@ -58,7 +58,7 @@ LAYERS = {
     "transfer": TRANSFER,
     "source_check": TRANSFER,
     # Engines, each with the modules it is made of (desktop_*, download_plan, deflate_zip).
-    # joining, zipping and scan still hold their script's command (settings, flags, run) too;
+    # They never parse arguments: each script's settings, flags and run are in its command module.
     # download uses joining's engine, joining uses zipping's search for 7-Zip.
     "api_upload": ENGINES,
     "upload_run": ENGINES,
@@ -74,13 +74,19 @@ LAYERS = {
     "desktop_job": ENGINES,
     "download": ENGINES,
     "download_plan": ENGINES,
+    "member_fetch": ENGINES,  # reading inside archives in Dropbox by ranges (download rows with a member)
+    "find_files": ENGINES,
+    "inventory_writer": ENGINES,  # the inventories an upload leaves beside its files in Dropbox
     "audit": ENGINES,
     "joining": ENGINES,
     "zipping": ENGINES,
     "deflate_zip": ENGINES,
     "scan": ENGINES,
-    # Commands: app.py's dispatcher, and the launcher every script starts through.
+    # Commands, one per script (settings, flags, run), and the launcher every script starts through.
     "app_runner": COMMANDS,
+    "list_dir_cmd": COMMANDS,
+    "join_files_cmd": COMMANDS,
+    "zip_dir_cmd": COMMANDS,
     "start": COMMANDS,
 }
 

@@ -30,6 +30,7 @@ from tests.dropbox_server import DesktopAppSimulator, DropboxTestServer
 from archive_dropbox.desktop_batches import assign_batches, count_batches
 from archive_dropbox.desktop_folder import DropboxFolder, is_inside
 from archive_dropbox.content_hash import file_content_hash
+from archive_dropbox.inventory import is_inventory_name
 from archive_dropbox.journal import Item
 
 APP = REPO / "app.py"
@@ -190,6 +191,11 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def data_files(w: World) -> set[str]:
+    """The Dropbox paths the server holds, without the inventories written beside the data."""
+    return {path for path in w.server.files() if not is_inventory_name(path.rsplit("/", 1)[1])}
+
+
 def assert_in_dropbox(w: World, sources: dict[str, Path]) -> None:
     """Each Dropbox path holds exactly the source's bytes (hash recomputed from the store)."""
     for dropbox_path, source in sources.items():
@@ -306,7 +312,7 @@ def test_a_batch_of_many_small_files_is_checked_by_listing_folders_not_file_by_f
     world.app.resume()
     assert process.wait(timeout=120) == 0, world.last_log()
     assert [kind for kind, _ in results(world.last_log())].count("VERIFIED") == 240
-    assert len(world.server.files()) == 240
+    assert len(data_files(world)) == 240
     # Listed before copying and while many are expected; one call per file only for the last few.
     assert world.server.count_calls("files/list_folder") >= 2
     assert world.server.count_calls("files/get_metadata") < 200
@@ -335,7 +341,7 @@ def test_stalled_app_logs_the_time_limit_deletes_nothing_and_finishes_when_it_re
     assert not (data / "a.bin").exists() and not (data / "b.bin").exists()
     assert "DELETED" in log and log.index("Batch 1 verified") < log.index("DELETED")
     assert set(world.local_files()) == {"in/a.bin", "in/b.bin"}  # the Dropbox folder keeps its copies
-    assert set(world.server.files()) == {"/in/a.bin", "/in/b.bin"}
+    assert data_files(world) == {"/in/a.bin", "/in/b.bin"}
 
 
 def test_corrupted_upload_fails_the_batch_names_the_file_and_deletes_nothing(world: World):
@@ -388,7 +394,7 @@ def test_full_disk_and_full_dropbox_pause_the_run_until_space_returns(world: Wor
     assert process.wait(timeout=60) == 0
     log = world.log_of(process).read_text(encoding="utf-8")
     assert "Space is available again" in log
-    assert set(world.server.files()) == {"/space/x.bin", "/space/y.bin"}
+    assert data_files(world) == {"/space/x.bin", "/space/y.bin"}
     assert log.index("Space is available again") < log.index("COPIED")
 
 
@@ -455,7 +461,7 @@ def test_split_parts_and_manifest_land_in_the_dropbox_folder_and_join_back(world
     names = ["movie.mrc_split_0001", "movie.mrc_split_0002", "movie.mrc_split_0003",
              "movie.mrc_split_manifest.json"]
     assert set(world.local_files()) == {f"big/{n}" for n in names} | {"big/small.txt"}
-    assert set(world.server.files()) == {f"/big/{n}" for n in names} | {"/big/small.txt"}
+    assert data_files(world) == {f"/big/{n}" for n in names} | {"/big/small.txt"}
     log = world.last_log()
     # The parts spread over two batches; the manifest travels with the last part.
     batch_two = log.split("Batch 2 of")[1].split("Batch 2 verified")[0]

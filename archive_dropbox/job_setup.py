@@ -15,7 +15,7 @@ from .cli import RunContext
 from .credentials import default_token_file, load_credentials
 from .dropbox_client import DropboxClient
 from .errors import ArchiveError, SheetError
-from .logs import close_log, start_log
+from .logs import PER_FILE, close_log, start_log
 
 UPLOAD_COLUMNS = {tab.name: list(tab.columns) for tab in (tabs.UPLOAD_API, tabs.UPLOAD_APP)}
 
@@ -77,12 +77,16 @@ def prepare_rows(context: RunContext, sheet: str, *, destination_of_row, part_li
             for row in rows:
                 if id(row) not in planned and (row.row, "inputFile") not in troubled:
                     problems.extend(missing_input(row))
+            progress = prepare.PlanProgress(context.log)
             try:
                 plan = prepare.build_plan(plannable, input_column="inputFile", output_column="outputDir",
                                           delete_column="deleteAfterUpload", destination_of_row=destination_of_row,
-                                          part_limit=part_limit, log=prep_log, already_done_sources=already_done)
+                                          part_limit=part_limit, log=prep_log, already_done_sources=already_done,
+                                          progress=progress)
             except SheetError as exc:
                 problems, plan = problems + exc.problems, exc.plan
+            finally:
+                progress.close()
             if problems:
                 raise SheetError(sorted(problems, key=lambda problem: problem.row or 0), plan=plan)
         except ArchiveError as exc:
@@ -115,9 +119,16 @@ def with_dropbox_side(error: SheetError, context: RunContext, connect) -> SheetE
 
 
 def settle_interrupted_deletions(journal, log) -> None:
-    """A run stopped between deleting an original and recording it: finish the bookkeeping."""
-    for source, gone in journal.finish_interrupted_deletions():
-        log.info("%s\t%s (its deletion was interrupted in an earlier run)", "DELETED" if gone else "KEPT", source)
+    """A run stopped between deleting an original and recording it: finish the bookkeeping
+    (one line per original in the log file, their count on the console)."""
+    settled = journal.finish_interrupted_deletions()
+    for source, gone in settled:
+        log.info("%s\t%s (its deletion was interrupted in an earlier run)", "DELETED" if gone else "KEPT", source,
+                 extra=PER_FILE)
+    if settled:
+        deleted = sum(1 for _, gone in settled if gone)
+        log.info("%d original(s) whose deletion was interrupted in an earlier run: %d deleted, %d kept (each is "
+                 "listed in the log).", len(settled), deleted, len(settled) - deleted)
 
 
 def bind_account(journal, client, log) -> None:

@@ -1,5 +1,10 @@
 """Timestamped run logs: created under their final name at start, written as work happens,
-mirrored on the console, and scrubbed of secrets."""
+mirrored on the console, and scrubbed of secrets.
+
+A run of millions of files writes one result line per file: those lines (logged with
+`extra=PER_FILE`) go to the log file only, which is the record of the run; the console shows
+progress, summaries, warnings and failures. A per-file line at WARNING or above (a failure)
+still reaches the console."""
 
 from __future__ import annotations
 
@@ -57,6 +62,14 @@ def make_console_safe() -> None:
                 pass
 
 
+PER_FILE = {"per_file": True}  # `extra=` of a line about one file: the log file keeps it, the console does not
+
+
+def _not_per_file(record: logging.LogRecord) -> bool:
+    """The console's filter: a per-file line below WARNING stays in the log file."""
+    return record.levelno >= logging.WARNING or not getattr(record, "per_file", False)
+
+
 class _ConsoleHandler(logging.Handler):
     """Writes through tqdm so log lines do not tear progress bars."""
 
@@ -84,7 +97,8 @@ def new_log_path(log_dir: Path, name: str) -> Path:
 
 
 def start_log(log_dir: Path, name: str, *, console: bool = True) -> tuple[logging.Logger, Path]:
-    """Create the run's log file now and return a logger that writes to it and the console."""
+    """Create the run's log file now and return a logger that writes to it and the console
+    (the console: INFO and above, except per-file lines below WARNING; see PER_FILE)."""
     path = new_log_path(Path(log_dir), name)
     logger = logging.getLogger(f"archive_dropbox.run.{path.parent.name}.{path.stem}")
     logger.setLevel(logging.DEBUG)
@@ -99,6 +113,7 @@ def start_log(log_dir: Path, name: str, *, console: bool = True) -> tuple[loggin
         console_handler = _ConsoleHandler()
         console_handler.setLevel(logging.INFO)
         console_handler.setFormatter(_RedactingFormatter("%(message)s"))
+        console_handler.addFilter(_not_per_file)
         logger.addHandler(console_handler)
     logger.info("Log file: %s", path)
     return logger, path

@@ -123,7 +123,7 @@ def name_problem(name: str) -> str | None:
         return f"the name {name!r} cannot be used in Dropbox: rename it"
     if "\\" in name or "/" in name:
         return f"the name {name!r} contains a slash or backslash, which Dropbox does not allow: rename it"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if not name.isprintable() and any(ord(c) < 32 or ord(c) == 127 for c in name):  # isprintable: C speed
         return f"the name {name!r} contains a control character, which Dropbox does not allow: rename it"
     if name.endswith(" "):
         return f"the name {name!r} ends with a space, which Dropbox does not allow: remove the space"

@@ -9,9 +9,10 @@
   worker behind one lock and says so on the one status line of the run (status.Status).
 - `JobRunner`: a bounded number of jobs in flight, a worker's unexpected error re-raised in the
   main thread, and Ctrl-C stopping workers between chunks instead of after the whole job.
-- `ByteProgress`: the bytes bar and the "still to send" of the status line.
-- `log_result` / `log_failures`: the tab-separated result line every engine writes per file,
-  and the end-of-run failure list.
+- `ByteProgress`: the bytes bar with files done and files per second, the "still to send"
+  (files, bytes, time left) of the status line, and a progress line every few minutes.
+- `log_result` / `log_failures`: the tab-separated result line every engine writes per file
+  (log file only: logs.PER_FILE), and the end-of-run failure list.
 
 Nothing here knows about items, batches or the journal: engines pass callables.
 """
@@ -31,8 +32,9 @@ from tqdm import tqdm
 
 from .dropbox_client import ContentHashMismatch, InsufficientSpace, NetworkProblem, RateLimited, TransportLimit
 from .errors import FileProblem
+from .logs import PER_FILE
 from .status import every, locked, nap, shutdown, status_of, wait_futures
-from .units import human_bytes
+from .units import human_bytes, human_duration
 
 T = TypeVar("T")
 
@@ -294,6 +296,15 @@ class JobRunner:
             finished, self._pending = wait_futures(self._pending, futures.FIRST_COMPLETED)
             raise_bugs(finished)
 
+    def run_each(self, pool: str, job: Callable, work: Iterable) -> None:
+        """`job(w)` for every `w` of `work` on `pool`, submitted as room frees up, until the run
+        is stopping; returns once every submitted job has finished."""
+        for argument in work:
+            self.submit(pool, job, argument)
+            if self.stopping():
+                break
+        self.wait_all()
+
     def wait_all(self) -> None:
         finished, _ = wait_futures(self._pending)
         self._pending = set()
@@ -321,34 +332,133 @@ def raise_bugs(finished: Iterable[futures.Future]) -> None:
 
 # -- progress and results --------------------------------------------------------------------------
 
+# Seconds between the progress lines of Stage 2 in the log and on the console: a week-long run
+# says where it is about 2,000 times, and a console without a bar (output redirected to a file,
+# Task Scheduler) still hears from it now that per-file lines stay in the log file.
+PROGRESS_EVERY = 300.0
+
+_COUNTING: dict[logging.Logger, "ByteProgress"] = {}  # the run log -> its progress (log_result counts files)
+_COUNTING_LOCK = threading.Lock()
+
+
 class ByteProgress:
-    """The run's bytes bar and the status line's "<amount> still to <verb>"; thread-safe.
+    """The run's bytes bar, with files done of the total and files per second in its
+    description, and the status line's "<files> and <amount> still to <verb>, about <time>
+    left"; a progress line in the log (and on the console) every PROGRESS_EVERY seconds.
+    Thread-safe.
 
-    `advance(count)` moves both (negative: taken back, e.g. a download restarted)."""
+    `advance(count)` moves the bytes (negative: taken back, e.g. a download restarted);
+    `file_finished()` counts one file done or given up on (log_result and file_finished(log)
+    call it for the run writing to `log`). Files are what Dropbox holds: a part or a manifest
+    of a split file counts as one."""
 
-    def __init__(self, log: logging.Logger, *, total: int, done: int = 0, desc: str, verb: str):
+    def __init__(self, log: logging.Logger, *, total: int, done: int = 0, desc: str, verb: str,
+                 files_total: int = 0, files_done: int = 0, clock: Callable[[], float] = time.monotonic):
+        """`total`, `done`: bytes; `files_total`, `files_done`: files (0 and 0: bytes only)."""
+        self._log, self._clock = log, clock
         self._status = status_of(log)
         self._lock = threading.Lock()
-        self.left = total - done  # kept here: tqdm counts nothing when hidden
-        self._status.remaining(lambda: f"{human_bytes(max(0, self.left))} still to {verb}")
-        self.bar = self._status.show(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc,
-                                          disable=None, initial=done, dynamic_ncols=True))
+        self._desc, self._verb = desc, verb
+        self.total, self.left = total, total - done  # kept here: tqdm counts nothing when hidden
+        self.files_total, self.files_done = files_total, files_done
+        self._start_left, self._start_files = self.left, files_done
+        self._started = self._said = clock()
+        self._status.remaining(self.describe_left)
+        self.bar = self._status.show(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000,
+                                          desc=self._files_desc(), disable=None, initial=done, dynamic_ncols=True))
+        with _COUNTING_LOCK:
+            _COUNTING[log] = self
 
     def advance(self, count: int) -> None:
         with self._lock:
             self.left -= count
             self.bar.update(count)
+        self._say_if_due()
+
+    def file_finished(self) -> None:
+        with self._lock:
+            self.files_done += 1
+            if self.files_total and not self.bar.disable:
+                self.bar.set_description_str(self._files_desc(), refresh=False)
+        self._say_if_due()
+
+    def _files_desc(self) -> str:
+        if not self.files_total:
+            return self._desc
+        return (f"{self._desc} {min(self.files_done, self.files_total):,}/{self.files_total:,} files, "
+                f"{_rate(self._files_per_second())} files/s")
+
+    def _files_per_second(self) -> float:
+        elapsed = self._clock() - self._started
+        return (self.files_done - self._start_files) / elapsed if elapsed > 0 else 0.0
+
+    def seconds_left(self) -> float | None:
+        """This run's pace so far applied to what is left: bytes and files each extrapolated, the
+        slower of the two (many small files are bound by files per second, large ones by bytes
+        per second). None before anything moved."""
+        elapsed = self._clock() - self._started
+        bytes_moved, files_moved = self._start_left - self.left, self.files_done - self._start_files
+        paces = [(max(0, self.left), bytes_moved)]
+        if self.files_total:
+            paces.append((max(0, self.files_total - self.files_done), files_moved))
+        ratios = [left / moved for left, moved in paces if moved > 0]
+        return elapsed * max(ratios) if ratios else None
+
+    def describe_left(self) -> str:
+        """'1,234 files and 1.20 TB still to send, about 3 h 10 min left' (files and time when known)."""
+        amount = human_bytes(max(0, self.left))
+        if self.files_total:
+            amount = f"{max(0, self.files_total - self.files_done):,} files and {amount}"
+        seconds = self.seconds_left()
+        return f"{amount} still to {self._verb}" + (f", about {human_duration(seconds)} left"
+                                                    if seconds is not None else "")
+
+    def _say_if_due(self) -> None:
+        now = self._clock()
+        with self._lock:
+            if now - self._said < PROGRESS_EVERY:
+                return
+            self._said = now
+            elapsed = max(now - self._started, 1e-9)
+            rates = f"{human_bytes((self._start_left - self.left) / elapsed)}/s"
+            if self.files_total:
+                done = f"{min(self.files_done, self.files_total):,} of {self.files_total:,} files done"
+                rates = f"{_rate(self._files_per_second())} files/s, {rates}"
+            else:
+                done = f"{human_bytes(self.total - max(0, self.left))} of {human_bytes(self.total)} done"
+        self._log.info("Progress: %s (%s); %s.", done, rates, self.describe_left())
 
     def close(self) -> None:
+        with _COUNTING_LOCK:
+            if _COUNTING.get(self._log) is self:
+                del _COUNTING[self._log]
         self._status.hide(self.bar)
         self._status.remaining(None)
         self.bar.close()
 
 
+def _rate(per_second: float) -> str:
+    """'1,047', '12', '0.3': a slow rate must not read as 0."""
+    return f"{per_second:,.0f}" if per_second >= 10 else f"{per_second:.1f}"
+
+
+def file_finished(log: logging.Logger) -> None:
+    """One more file done or given up on in the run writing to `log`: its ByteProgress, if one
+    is shown, counts it. For result lines not written by log_result (e.g. FAILED lines)."""
+    progress = _COUNTING.get(log)
+    if progress is not None:
+        progress.file_finished()
+
+
 def log_result(log: logging.Logger, result: str, size: str, seconds: float, source: object, destination: object,
                level: int = logging.INFO) -> None:
-    """One tab-separated result line per file: RESULT, size, seconds, source -> destination."""
-    log.log(level, "%s\t%s\t%.1fs\t%s\t->\t%s", result, size, seconds, source, destination)
+    """One tab-separated result line per file: RESULT, size, seconds, source -> destination.
+
+    In the log file only below WARNING (logs.PER_FILE; a FAILED line at ERROR reaches the
+    console too), and counted by the run's ByteProgress. The level stays the caller's (INFO
+    for a result) so that the log reads as before; where a line goes is the mark's business."""
+    log.log(level, "%s\t%s\t%.1fs\t%s\t->\t%s", result, size, seconds, source, destination, extra=PER_FILE)
+    file_finished(log)
 
 
 def log_failures(log: logging.Logger, failures: Sequence[tuple[object, str]], shown: int = 50) -> None:

@@ -314,7 +314,8 @@ def run(context: RunContext, sheet: str) -> int:
         workers = settings.workers * (settings.connectionsPerFile + 1)
         try:
             plan = prepare_rows(context, sheet, destination_of_row=lambda row: row["outputDir"],
-                                part_limit=part_limit, already_done=journal.deleted_sources(), mode="API",
+                                part_limit=part_limit, already_done=journal.deleted_sources(),
+                                sent_unchanged=journal.sent_unchanged, mode="API",
                                 bytes_per_second=50e6)
         except SheetError as exc:
             # All of Stage 1's problems in one pass: the Dropbox side of what could be planned too.

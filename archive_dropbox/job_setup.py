@@ -40,7 +40,8 @@ def open_client(context: RunContext, *, workers: int = 4):
 
 def prepare_rows(context: RunContext, sheet: str, *, destination_of_row, part_limit: int,
                  already_done: set[str], mode: str, bytes_per_second: float,
-                 row_check: sheets.RowCheck | None = None, describe_plan=None) -> prepare.Plan:
+                 row_check: sheets.RowCheck | None = None, describe_plan=None,
+                 sent_unchanged=None) -> prepare.Plan:
     """Stage 1 with its own log in logs/dataPrep: read the tab, expand, check and plan.
 
     Rows holding the tool itself (app.py's folder, the logs, the workbook) are refused in every
@@ -82,7 +83,7 @@ def prepare_rows(context: RunContext, sheet: str, *, destination_of_row, part_li
                 plan = prepare.build_plan(plannable, input_column="inputFile", output_column="outputDir",
                                           delete_column="deleteAfterUpload", destination_of_row=destination_of_row,
                                           part_limit=part_limit, log=prep_log, already_done_sources=already_done,
-                                          progress=progress)
+                                          progress=progress, sent_unchanged=sent_unchanged)
             except SheetError as exc:
                 problems, plan = problems + exc.problems, exc.plan
             finally:

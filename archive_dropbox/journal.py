@@ -418,6 +418,16 @@ class Journal:
                                     (self.job, SourceDeleted.KEPT.value)).fetchall()
         return {row[0] for row in rows}
 
+    def sent_unchanged(self, source: str, size: int, mtime_ns: int) -> bool:
+        """True when every item of `source` is done and was planned from a file of this size and
+        modification time: a rerun's Stage 1 need not open it to see whether it can be read.
+        One indexed lookup (the UNIQUE (job, source, destination) index), no per-file memory."""
+        with self._mutex:
+            done, count = self._db.execute(
+                "SELECT MIN(state = ?), COUNT(*) FROM items WHERE job = ? AND source = ? AND source_size = ? "
+                "AND source_mtime_ns = ?", (State.DONE.value, self.job, source, size, mtime_ns)).fetchone()
+        return bool(count) and bool(done)
+
     # -- planning ----------------------------------------------------------------------------
 
     def sync_plan(self, planned: Iterable[Item]) -> list[Item]:

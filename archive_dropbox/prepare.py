@@ -12,7 +12,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -313,12 +313,15 @@ class PlanProgress:
 def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: str, delete_column: str,
                destination_of_row, part_limit: int, log: logging.Logger,
                already_done_sources: set[str] = frozenset(), check_readable: bool = True,
-               progress: PlanProgress | None = None) -> Plan:
+               progress: PlanProgress | None = None,
+               sent_unchanged: Callable[[str, int, int], bool] | None = None) -> Plan:
     """Expand every row; raise SheetError listing every problem so nothing starts half-planned.
 
     `destination_of_row(row) -> str` gives the Dropbox folder a row's files land in. Files that
     cannot be read are not a problem of the sheet: they go to plan.unreadable and the rest is sent.
-    `progress` hears of every row and file found.
+    `progress` hears of every row and file found. `sent_unchanged(path, size, mtime_ns)` True:
+    the file went up in an earlier run and has not changed since (journal.sent_unchanged), so it
+    is not opened to check it can be read: a rerun costs what changed.
     """
     plan = Plan()
     problems: list[SheetProblem] = []
@@ -339,7 +342,9 @@ def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: st
             for path, info, parts in found:
                 if progress is not None:
                     progress.file(info.st_size, plan)
-                if check_readable and (reason := _unreadable(path)):
+                if (check_readable and not (sent_unchanged is not None
+                                            and sent_unchanged(str(path), info.st_size, info.st_mtime_ns))
+                        and (reason := _unreadable(path))):
                     plan.unreadable.append((shown(path), reason))
                     continue
                 destination = join_dropbox(target_folder, *parts)

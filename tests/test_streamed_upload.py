@@ -17,13 +17,11 @@ import time
 import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
 
 import pytest
 
 from tests.dropbox_server import DropboxTestServer, FailRule, FaultConfig
 
-from archive_dropbox import transfer
 from archive_dropbox.api_upload import ApiUploader, UploadOptions
 from archive_dropbox.content_hash import bytes_content_hash
 from archive_dropbox.dropbox_client import (CommitRequest, ContentHashMismatch, Credentials, DropboxClient,
@@ -33,6 +31,7 @@ from archive_dropbox.journal import Item, Journal, Kind, State
 from archive_dropbox.upload_memory import STREAM_PIECE, FileRangeBody
 from archive_dropbox.upload_run import became_shorter
 from archive_dropbox.upload_sessions import CHANGED, Phase, SequentialSession
+from tests.test_upload_engine import journal, naps  # noqa: F401 - fixtures: a fresh journal; the retry waits asked for
 
 MIB = 1024 * 1024
 START = "files/upload_session/start"
@@ -62,20 +61,6 @@ def client(server) -> DropboxClient:
 def log(request, caplog) -> logging.Logger:
     caplog.set_level(logging.DEBUG)
     return logging.getLogger(f"test_streamed_upload.{request.node.name}")
-
-
-@pytest.fixture
-def journal(tmp_path) -> Iterator[Journal]:
-    with Journal(tmp_path / "journal.sqlite3", "dropboxUpload_API") as opened:
-        yield opened
-
-
-@pytest.fixture
-def naps(monkeypatch) -> list[float]:
-    """The waits the retry policy asked for, in seconds; none is really waited."""
-    asked: list[float] = []
-    monkeypatch.setattr(transfer, "nap", lambda seconds, stop=None: asked.append(seconds))
-    return asked
 
 
 def data_file(tmp_path: Path, name: str, size: int) -> tuple[Path, bytes]:

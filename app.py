@@ -14,7 +14,7 @@ its Dropbox content hash; its log is in logs/upload. Stopped? Run it again: it c
 SETTINGS = r'''
 # ============================ Settings: edit these lines ============================
 excelName = 'inputs.xlsx'             # workbook next to this script (or a full path)
-sheetName = 'dropboxUpload_APP'       # dropboxUpload_APP, dropboxUpload_API or dropboxDownload_API
+sheetName = 'dropboxUpload_APP'       # dropboxUpload_APP, dropboxUpload_API, dropboxDownload_API or findFiles
 dropboxDir = ''                       # desktop-app mode: your local Dropbox folder
 fileSizeLimit_GB = 500                # files larger than this are sent as _split_0001, _split_0002, ...
 chunkSizeSplit_MB = 1024              # read/write block when writing split parts (desktop-app mode)

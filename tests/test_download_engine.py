@@ -21,25 +21,11 @@ from archive_dropbox.download import Downloader, Options
 from archive_dropbox.download_plan import Task, bind_items, client_modified_epoch
 from archive_dropbox.dropbox_client import Credentials, DropboxClient, RemoteFile
 from archive_dropbox.journal import Journal, State
+from tests.test_download import dropbox, server  # noqa: F401 - fixtures: one test server per module, faults off
 
 WHEN = dt.datetime(2021, 3, 4, 5, 6, 7)
 ROW = namedtuple("Row", "row")(2)
 PLENTY = namedtuple("Usage", "free")(1 << 50)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with DropboxTestServer(tmp_path_factory.mktemp("dropbox_server")) as running:
-        yield running
-
-
-@pytest.fixture
-def dropbox(server):
-    """The shared server with every fault off and an empty request log."""
-    server.set_faults()
-    server.clear_log()
-    yield server
-    server.set_faults()
 
 
 @pytest.fixture

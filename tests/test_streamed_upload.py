@@ -31,7 +31,7 @@ from archive_dropbox.journal import Item, Journal, Kind, State
 from archive_dropbox.upload_memory import STREAM_PIECE, FileRangeBody
 from archive_dropbox.upload_run import became_shorter
 from archive_dropbox.upload_sessions import CHANGED, Phase, SequentialSession
-from tests.test_upload_engine import journal, naps  # noqa: F401 - fixtures: a fresh journal; the retry waits asked for
+from tests.test_upload_engine import data_file, journal, naps  # noqa: F401 - fixtures: a fresh journal; the retry waits asked for
 
 MIB = 1024 * 1024
 START = "files/upload_session/start"
@@ -61,14 +61,6 @@ def client(server) -> DropboxClient:
 def log(request, caplog) -> logging.Logger:
     caplog.set_level(logging.DEBUG)
     return logging.getLogger(f"test_streamed_upload.{request.node.name}")
-
-
-def data_file(tmp_path: Path, name: str, size: int) -> tuple[Path, bytes]:
-    path = tmp_path / "data" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = os.urandom(size)
-    path.write_bytes(data)
-    return path, data
 
 
 def planned(journal: Journal, path: Path, destination: str) -> Item:

@@ -51,7 +51,7 @@ from .errors import (EXIT_OK, EXIT_SOME_FAILED, ArchiveError, AuthError, Environ
 from .inventory import InventoryError, Record
 from .job_setup import open_client
 from .localfs import temporary_sibling
-from .logs import timestamp
+from .logs import new_log_path
 from .member_fetch import RemoteArchive, name_of
 from .transfer import Retrier
 from .units import MIB, human_bytes
@@ -397,11 +397,7 @@ def search_rows(cache: inventory.Cache, rows: list[sheets.SheetRow]) -> tuple[li
 
 def write_matches(folder: Path, results: list[RowResult], table: list[list[Any]]) -> Path:
     """logs/findFiles/<timestamp>_matches.xlsx (a new name each run)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = f"{timestamp()}_matches"
-    path, counter = folder / f"{stem}.xlsx", 2
-    while path.exists():
-        path, counter = folder / f"{stem}_{counter}.xlsx", counter + 1
+    path = new_log_path(folder, "matches", ".xlsx")
     searches = [[r.row.row, _cell(r.row["dropboxFolder"]), _cell(r.row["pattern"]), r.matches, r.download]
                 for r in results]
     return sheets.write_workbook(path, {"matches": (MATCH_HEADER, table), "searches": (SEARCH_HEADER, searches)})

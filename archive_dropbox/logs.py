@@ -84,14 +84,14 @@ def timestamp() -> str:
     return datetime.now().strftime("%Y%m%d_%H%M%S")
 
 
-def new_log_path(log_dir: Path, name: str) -> Path:
-    """`<log_dir>/<YYYYmmdd_HHMMSS>_<name>.log`, never reusing an existing file."""
+def new_log_path(log_dir: Path, name: str, suffix: str = ".log") -> Path:
+    """`<log_dir>/<YYYYmmdd_HHMMSS>_<name><suffix>`, never reusing an existing file."""
     log_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{timestamp()}_{name}" if name else timestamp()
-    path = log_dir / f"{stem}.log"
+    path = log_dir / f"{stem}{suffix}"
     counter = 2
     while path.exists():
-        path = log_dir / f"{stem}_{counter}.log"
+        path = log_dir / f"{stem}_{counter}{suffix}"
         counter += 1
     return path
 

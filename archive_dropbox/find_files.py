@@ -21,10 +21,11 @@ How a run goes:
    That inventory is also uploaded beside the archive when it has at most CSV_UPLOAD_LIMIT
    bytes (never replacing an existing file; not in a --dry-run; a refusal, such as a read-only
    shared folder, is only noted), so the next search anywhere needs no table of contents.
-4. inventory.search per row. Every match goes to logs/findFiles/<timestamp>_matches.xlsx (tab
-   `matches`: original path, size, date, where it is, what fetching it downloads, and the
-   dropboxPath and member to paste into the dropboxDownload_API tab; tab `searches`: one line
-   per row); the console shows a summary per row, the first SHOWN matches and the workbook's path.
+4. inventory.search per row. Every match goes to logs/findFiles/<timestamp>_matches.xlsx
+   (`_matches_2.xlsx` for a second run in the same second; tab `matches`: original path, size,
+   date, where it is, what fetching it downloads, and the dropboxPath and member to paste into
+   the dropboxDownload_API tab; tab `searches`: one line per row); the console shows a summary
+   per row, the first SHOWN matches and the workbook's path.
 
 Exit status 0 when every folder was searched completely; 1 when an archive or inventory could
 not be read (the matches found elsewhere are still written); 2 for a tab problem.

@@ -95,8 +95,12 @@ def fetch(server: DropboxTestServer, tmp_path: Path, logs: Path, rows: list[list
 
 
 def matches_of(logs: Path) -> list[dict]:
-    """The rows of the newest findFiles workbook, as dicts by column name."""
-    workbook = sorted((logs / "findFiles").glob("*_matches.xlsx"))[-1]
+    """The rows of the newest findFiles workbook, as dicts by column name. Two runs in one second
+    give `<stamp>_matches.xlsx` then `<stamp>_matches_2.xlsx` (logs.new_log_path)."""
+    def order(path: Path) -> tuple[str, int]:
+        stamp, _, counter = path.stem.partition("_matches")
+        return stamp, int(counter.lstrip("_") or 1)
+    workbook = max((logs / "findFiles").glob("*_matches*.xlsx"), key=order)
     sheet = openpyxl.load_workbook(workbook)["matches"]
     rows = list(sheet.iter_rows(values_only=True))
     return [dict(zip(rows[0], row)) for row in rows[1:]]

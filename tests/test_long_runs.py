@@ -325,10 +325,14 @@ def test_ctrl_c_stops_a_wait_on_a_future_that_never_completes(monkeypatch):
     original = futures.wait
 
     def noting_wait(*args, **kwargs):
-        entered.set()
+        # Only the main thread's wait counts: a worker thread another test left behind may wait
+        # too, and a Ctrl-C sent then would land before status.result is entered.
+        if threading.current_thread() is threading.main_thread():
+            entered.set()
         return original(*args, **kwargs)
 
     monkeypatch.setattr(futures, "wait", noting_wait)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises, whatever ran before
 
     def press_ctrl_c() -> None:
         if entered.wait(BOUND):
@@ -339,8 +343,11 @@ def test_ctrl_c_stops_a_wait_on_a_future_that_never_completes(monkeypatch):
 
     threading.Thread(target=press_ctrl_c, daemon=True).start()
     started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        status.result(never)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            status.result(never)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - started < 2 + status.SLICE
     never.set_result(None)
 

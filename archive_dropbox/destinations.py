@@ -16,7 +16,6 @@ files/list_folder with recursive=true and limit <= 2000, WriteConflictError).
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from typing import Callable, Iterable
 
 from .dropbox_client import NetworkProblem, RateLimited, RemoteFile, RemoteFolder
@@ -89,23 +88,27 @@ def check_destinations(client, plan: Plan, *, destination_of_row: Callable[[Shee
 
     `destination_of_row(row)` is the Dropbox folder a row's files land in (Stage 1's mapping);
     `client` is a dropbox_client.DropboxClient (metadata, iter_entries_or_empty). Returns [] when
-    everything can land. Raises what the client raises (NetworkProblem, AuthError, ...)."""
+    everything can land. Raises what the client raises (NetworkProblem, AuthError, ...). The plan
+    is read once, file by file: what is held is per row and per problem, not per file."""
     folders: dict[str, _Folder] = {}
-    by_row: dict[int, tuple[SheetRow, list[PlannedSource]]] = {}
+    checks: dict[int, _RowCheck] = {}  # id(row) -> its check, in plan order
     for source in plan.sources:
-        by_row.setdefault(id(source.row), (source.row, []))[1].append(source)
+        check = checks.get(id(source.row))
+        if check is None:
+            top = destination_of_row(source.row)
+            folder = folders.get(case_key(top))
+            if folder is None:
+                folder = folders[case_key(top)] = _Folder(client, top)
+            check = checks[id(source.row)] = _RowCheck(source.row, folder)
+        check.add(source)
     problems: list[SheetProblem] = []
-    for row, sources in by_row.values():
-        top = destination_of_row(row)
-        folder = folders.get(case_key(top))
-        if folder is None:
-            folder = folders[case_key(top)] = _Folder(client, top)
-        texts = _row_problems(folder, sources, plan.empty_folders)
+    for check in checks.values():
+        texts = check.texts(plan.empty_folders)
         for text in texts[:MAX_PROBLEMS_PER_ROW]:
-            problems.append(row.problem(text, column))
+            problems.append(check.row.problem(text, column))
         if len(texts) > MAX_PROBLEMS_PER_ROW:
-            problems.append(row.problem(f"... and {len(texts) - MAX_PROBLEMS_PER_ROW} more problems like these",
-                                        column))
+            problems.append(check.row.problem(f"... and {len(texts) - MAX_PROBLEMS_PER_ROW} more problems like these",
+                                              column))
     if log is not None:
         log.info("Destinations in Dropbox checked: %d folder(s), %d problem(s).", len(folders), len(problems))
     return problems
@@ -134,40 +137,56 @@ def client_for_dry_run(open_client: Callable[[], object], log: logging.Logger):
         return None
 
 
-def _row_problems(folder: _Folder, sources: list[PlannedSource], empty_folders: Iterable[str]) -> list[str]:
-    top = folder.top
-    if folder.blocked_by is not None:
-        if case_key(folder.blocked_by) == case_key(top):
-            return [f"outputDir {top} is a file in Dropbox, so nothing can be put inside it. Give another "
-                    "outputDir, or move or rename that file in Dropbox"]
-        return [f"{folder.blocked_by} is a file in Dropbox, so outputDir {top} cannot be created inside it. Give "
-                "another outputDir, or move or rename that file in Dropbox"]
-    if not folder.entries:
-        return []
-    texts: list[str] = []
-    under_file: dict[str, list[str]] = defaultdict(list)   # blocking Dropbox file -> paths below it
+class _RowCheck:
+    """One row's files held against what Dropbox holds at its destination, file by file."""
 
-    def file_above(path: str, including_itself: bool) -> None:
-        for ancestor in [*_ancestors_below(path, top), *([path] if including_itself else [])]:
-            above = folder.entries.get(case_key(ancestor))
-            if isinstance(above, RemoteFile):
-                under_file[above.path_display].append(path)
-                return
+    def __init__(self, row: SheetRow, folder: _Folder):
+        self.row, self.folder = row, folder
+        self._texts: list[str] = []
+        # blocking Dropbox file -> (how many paths of this row go inside it, the first of them)
+        self._under_file: dict[str, list] = {}
 
-    for source in sources:
+    def add(self, source: PlannedSource) -> None:
+        folder = self.folder
+        if folder.blocked_by is not None or not folder.entries:
+            return
         for destination in _destinations(source):
             found = folder.entries.get(case_key(destination))
             if isinstance(found, RemoteFolder):
-                texts.append(f"{found.path_display} is a folder in Dropbox, so {source.source} cannot be uploaded "
-                             "there. Move or rename that folder in Dropbox, or give another outputDir")
+                if len(self._texts) <= MAX_PROBLEMS_PER_ROW:
+                    self._texts.append(f"{found.path_display} is a folder in Dropbox, so {source.source} cannot be "
+                                       "uploaded there. Move or rename that folder in Dropbox, or give another "
+                                       "outputDir")
+                else:
+                    self._texts.append("")  # counted only: past MAX_PROBLEMS_PER_ROW they are not shown
             else:
-                file_above(destination, including_itself=False)
-    top_key = case_key(top)
-    for path in empty_folders:
-        if top_key == "/" or case_key(path).startswith(top_key + "/"):
-            file_above(path, including_itself=True)
-    for blocking, paths in under_file.items():
-        texts.append(f"{blocking} is a file in Dropbox, so {len(paths)} path(s) of this row that go inside it "
-                     f"(e.g. {paths[0]}) cannot be created. Move or rename that file in Dropbox, or give another "
-                     "outputDir")
-    return texts
+                self._file_above(destination, including_itself=False)
+
+    def _file_above(self, path: str, including_itself: bool) -> None:
+        for ancestor in [*_ancestors_below(path, self.folder.top), *([path] if including_itself else [])]:
+            above = self.folder.entries.get(case_key(ancestor))
+            if isinstance(above, RemoteFile):
+                counted = self._under_file.setdefault(above.path_display, [0, path])
+                counted[0] += 1
+                return
+
+    def texts(self, empty_folders: Iterable[str]) -> list[str]:
+        folder, top = self.folder, self.folder.top
+        if folder.blocked_by is not None:
+            if case_key(folder.blocked_by) == case_key(top):
+                return [f"outputDir {top} is a file in Dropbox, so nothing can be put inside it. Give another "
+                        "outputDir, or move or rename that file in Dropbox"]
+            return [f"{folder.blocked_by} is a file in Dropbox, so outputDir {top} cannot be created inside it. "
+                    "Give another outputDir, or move or rename that file in Dropbox"]
+        if not folder.entries:
+            return []
+        top_key = case_key(top)
+        for path in empty_folders:
+            if top_key == "/" or case_key(path).startswith(top_key + "/"):
+                self._file_above(path, including_itself=True)
+        texts = list(self._texts)
+        for blocking, (count, first) in self._under_file.items():
+            texts.append(f"{blocking} is a file in Dropbox, so {count} path(s) of this row that go inside it "
+                         f"(e.g. {first}) cannot be created. Move or rename that file in Dropbox, or give another "
+                         "outputDir")
+        return texts

@@ -143,7 +143,11 @@ def bind_account(journal, client, log) -> None:
                     previous[0], previous[1], account.account_id, account.email)
 
 
-def plan_rows(plan: prepare.Plan):
+def plan_rows(plan: prepare.Plan) -> list:
+    """The rows that have files in `plan`, each once, in plan order."""
+    known = getattr(plan.sources, "rows", None)  # a PlanStore keeps them
+    if known is not None:
+        return list(known)
     seen = {}
     for source in plan.sources:
         seen[id(source.row)] = source.row

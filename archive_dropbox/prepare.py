@@ -20,6 +20,7 @@ from . import split
 from .errors import SheetError, SheetProblem
 from .journal import Item, Kind
 from .localfs import is_link_entry
+from .plan_store import PlannedSource, PlanStore, join_dropbox  # noqa: F401 - re-exported, as before
 # Re-exported: the upload engines, deletion and the tests import these from here.
 from .names import (IGNORED_NAMES, MAX_NAME_CHARS, TEMPORARY_PREFIX, case_key, differ_only_in_form,  # noqa: F401
                     dropbox_path_problem, ignored_reason, is_ignored, name_problem, shown)
@@ -41,83 +42,44 @@ PLAN_BAR_EVERY = 2.0  # seconds between redraws of Stage 1's counter on a termin
 PLAN_SAY_EVERY = 60.0  # seconds between Stage 1's progress lines in the run log (and on the console)
 
 
-@dataclass(slots=True)
-class PlannedSource:
-    """One local file and where it goes; `parts` is set when it is sent split."""
-
-    row: SheetRow
-    source: Path
-    size: int
-    mtime_ns: int
-    destination: str  # Dropbox path (for a split file: the original name; parts are siblings)
-    delete_after: bool
-    parts: list[split.PartPlan] | None = None
-    file_id: str | None = None  # "st_dev:st_ino" when listed (None on Windows, where scandir has no inode)
-
-    @property
-    def destination_folder(self) -> str:
-        return self.destination.rsplit("/", 1)[0] or "/"
-
-    @property
-    def name(self) -> str:
-        return self.destination.rsplit("/", 1)[1]
-
-    def part_destination(self, part: split.PartPlan) -> str:
-        return join_dropbox(self.destination_folder, split.part_name(self.name, part.index, len(self.parts or [])))
-
-    def manifest_destination(self) -> str:
-        return join_dropbox(self.destination_folder, split.manifest_name(self.name))
-
-    def items(self, job: str) -> list[Item]:
-        """The journal items that together put this file into Dropbox."""
-        common = dict(id=None, job=job, source=str(self.source), source_size=self.size,
-                      source_mtime_ns=self.mtime_ns, source_id=self.file_id)
-        if not self.parts:
-            return [Item(destination=self.destination, kind=Kind.FILE, part_offset=0, length=self.size, **common)]
-        items = [Item(destination=self.part_destination(part), kind=Kind.PART, part_offset=part.offset,
-                      length=part.length, **common) for part in self.parts]
-        items.append(Item(destination=self.manifest_destination(), kind=Kind.MANIFEST, part_offset=0, length=0,
-                          **common))
-        return items
-
-
 @dataclass
 class Plan:
-    sources: list[PlannedSource] = field(default_factory=list)
+    """What Stage 1 found. `sources`: the files to send, in order; build_plan gives a PlanStore (on
+    disk, read in pages), tests and the inventory writer may give a list."""
+
+    sources: Sequence[PlannedSource] = field(default_factory=list)
     skipped_ignored: int = 0
     skipped_links: int = 0
     skipped_other: int = 0  # pipes, sockets, devices
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path as shown, why), for the dataPrep log
     # (path as shown, reason): not sent; the run's summary counts them as failures (exit 1).
     unreadable: list[tuple[str, str]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the first SKIPPED_ON_SCREEN of them
+    long_paths: int = 0  # destinations over LONG_PATH_CHARS (the first ones are among the warnings)
     done_rows: list[SheetRow] = field(default_factory=list)  # rows whose sources were uploaded and deleted
     empty_folders: list[str] = field(default_factory=list)  # Dropbox paths of folders with nothing inside
     folders_listed: int = 0  # folders read while walking the rows (for the progress of Stage 1)
 
+    # A PlanStore counts as it is filled; a list is counted here.
     @property
     def total_bytes(self) -> int:
-        return sum(s.size for s in self.sources)
+        counted = getattr(self.sources, "total_bytes", None)
+        return counted if counted is not None else sum(s.size for s in self.sources)
 
     @property
     def split_count(self) -> int:
-        return sum(1 for s in self.sources if s.parts)
+        counted = getattr(self.sources, "split_count", None)
+        return counted if counted is not None else sum(1 for s in self.sources if s.parts)
 
     @property
     def part_count(self) -> int:
-        return sum(len(s.parts) for s in self.sources if s.parts)
+        counted = getattr(self.sources, "part_count", None)
+        return counted if counted is not None else sum(len(s.parts) for s in self.sources if s.parts)
 
     @property
     def files_to_store(self) -> int:
         """The files Dropbox will hold: one per source, parts instead of a split one (plus its manifest)."""
         return len(self.sources) + self.part_count
-
-
-def join_dropbox(folder: str, *names: str) -> str:
-    path = folder.rstrip("/")
-    for name in names:
-        path += "/" + name
-    return path or "/"
 
 
 def _reason(exc: OSError) -> str:
@@ -138,13 +100,13 @@ def _skip_special(plan: Plan, path: str, info: os.stat_result) -> bool:
 
 
 def _walk_files(root: Path, plan: Plan, problems: list[str],
-                empty_folders: list[Path]) -> Iterator[tuple[Path, os.stat_result, tuple[str, ...]]]:
+                empty_folders: list[Path]) -> Iterator[tuple[str, os.stat_result, tuple[str, ...]]]:
     """Every regular file below root whose name Dropbox takes, without following links; iterative,
     one scandir per folder. Refused names go to `problems` (folders with one are still walked, so
     that everything to rename is listed at once); what is not sent goes to plan.skipped or, when it
     cannot be read, plan.unreadable. Folders with nothing in them are collected so that they exist
-    in Dropbox too. Yields (path, stat, its parts relative to root): the folder's parts are kept
-    with it, since pathlib's relative_to per file cost more than the walk itself."""
+    in Dropbox too. Yields (path as text, stat, its parts relative to root): the folder's parts are
+    kept with it, and no Path is made per file, since pathlib's parsing cost more than the walk."""
     stack: list[tuple[Path, tuple[str, ...]]] = [(root, ())]
     while stack:
         folder, relative = stack.pop()
@@ -183,10 +145,10 @@ def _walk_files(root: Path, plan: Plan, problems: list[str],
             if stat.S_ISDIR(info.st_mode):
                 stack.append((Path(entry.path), (*relative, entry.name)))
             elif not bad:
-                yield Path(entry.path), info, (*relative, entry.name)
+                yield entry.path, info, (*relative, entry.name)
 
 
-def _unreadable(path: Path) -> str | None:
+def _unreadable(path: str) -> str | None:
     try:
         with open(path, "rb"):
             return None
@@ -195,23 +157,24 @@ def _unreadable(path: Path) -> str | None:
 
 
 class _Namespace:
-    """Every path the plan creates in Dropbox, by case_key, to find two items Dropbox would take
-    for one before anything is sent: two files, or a file and a folder (`run` beside `RUN/`)."""
+    """Every path the plan creates in Dropbox, to find two items Dropbox would take for one before
+    anything is sent: two files (caught by the plan store's UNIQUE index), or a file and a folder
+    (`run` beside `RUN/`). Folders are held here by case_key: a tree has far fewer folders than
+    files, and each folder is registered once (build_plan checks a folder's chain once)."""
 
-    def __init__(self) -> None:
-        # key -> (destination, local path, row); the path is made printable (shown) only for a message
-        self.files: dict[str, tuple[str, Path, SheetRow]] = {}
+    def __init__(self, store: PlanStore) -> None:
+        self.store = store
         self.folders: dict[str, tuple[str, str, SheetRow]] = {}  # key -> (destination, where it comes from, row)
 
-    def add_file(self, destination: str, path: Path, row: SheetRow) -> str | None:
-        """Register a file; the problem when Dropbox would take it for another item."""
+    def add_file(self, row: SheetRow, path: str, info: os.stat_result, destination: str,
+                 delete_after: bool) -> str | None:
+        """Plan a file; the problem when Dropbox would take it for another item (nothing planned then)."""
         key = case_key(destination)
-        if key in self.files:
-            return _file_clash(shown(path), destination, self.files[key])
         if key in self.folders:
             return _folder_clash(shown(path), row, destination, self.folders[key])
-        self.files[key] = (destination, path, row)
-        return None
+        other = self.store.add(row, path, info.st_size, info.st_mtime_ns, destination, delete_after,
+                               f"{info.st_dev}:{info.st_ino}" if info.st_ino else None)
+        return None if other is None else _file_clash(shown(path), destination, other)
 
     def add_folders(self, chain: Iterable[tuple[str, str]], row: SheetRow) -> str | None:
         """Register folders, deepest first, as (destination, where); stops at one already known
@@ -220,9 +183,10 @@ class _Namespace:
             key = case_key(destination)
             if key in self.folders:
                 return None
-            if key in self.files:
-                other_destination, other, other_row = self.files[key]
-                return _folder_clash(shown(other), other_row, other_destination, (destination, where, row))
+            other = self.store.file_at(destination)
+            if other is not None:
+                other_destination, other_path, other_row = other
+                return _folder_clash(shown(other_path), other_row, other_destination, (destination, where, row))
             self.folders[key] = (destination, where, row)
         return None
 
@@ -323,9 +287,9 @@ def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: st
     the file went up in an earlier run and has not changed since (journal.sent_unchanged), so it
     is not opened to check it can be read: a rerun costs what changed.
     """
-    plan = Plan()
+    plan = Plan(sources=PlanStore(part_limit))
     problems: list[SheetProblem] = []
-    namespace = _Namespace()
+    namespace = _Namespace(plan.sources)
     for number, row in enumerate(rows, start=1):
         if progress is not None:
             progress.row(row, number, len(rows), row[input_column])
@@ -343,12 +307,13 @@ def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: st
                 if progress is not None:
                     progress.file(info.st_size, plan)
                 if (check_readable and not (sent_unchanged is not None
-                                            and sent_unchanged(str(path), info.st_size, info.st_mtime_ns))
+                                            and sent_unchanged(path, info.st_size, info.st_mtime_ns))
                         and (reason := _unreadable(path))):
                     plan.unreadable.append((shown(path), reason))
                     continue
                 destination = join_dropbox(target_folder, *parts)
-                clash = namespace.add_file(destination, path, row)
+                _check_length(destination, plan)
+                clash = namespace.add_file(row, path, info, destination, bool(row[delete_column]))
                 # A folder's files come one after another: its chain of Dropbox folders is checked
                 # once, not once per file.
                 if not clash and parts[:-1] != registered:
@@ -357,8 +322,6 @@ def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: st
                     registered = None if clash else parts[:-1]
                 if clash:
                     row_problems.append(clash)
-                    continue
-                plan.sources.append(_planned(row, path, info, destination, bool(row[delete_column]), part_limit, plan))
             for folder in empty:
                 relative = folder.relative_to(source_root).parts
                 plan.empty_folders.append(join_dropbox(target_folder, *relative))
@@ -377,7 +340,7 @@ def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: st
 
 def _expand_row(row: SheetRow, source_root: Path, input_column: str, plan: Plan, problems: list[SheetProblem],
                 row_problems: list[str], already_done_sources: set[str]
-                ) -> tuple[Path, Iterator[tuple[Path, os.stat_result, tuple[str, ...]]], list[Path]] | None:
+                ) -> tuple[Path, Iterator[tuple[str, os.stat_result, tuple[str, ...]]], list[Path]] | None:
     """(the row's file or folder, its files as (path, stat, parts relative to the row's folder), the
     empty folders found on the way: filled while the files are read), or None: nothing to plan."""
     if not source_root.exists() and not source_root.is_symlink():
@@ -407,19 +370,15 @@ def _expand_row(row: SheetRow, source_root: Path, input_column: str, plan: Plan,
     if bad:
         row_problems.append(f"{shown(source_root)}: {bad}")
         return None
-    return source_root.parent, iter([(source_root, info, (source_root.name,))]), empty
+    return source_root.parent, iter([(str(source_root), info, (source_root.name,))]), empty
 
 
-def _planned(row: SheetRow, path: Path, info: os.stat_result, destination: str, delete_after: bool,
-             part_limit: int, plan: Plan) -> PlannedSource:
+def _check_length(destination: str, plan: Plan) -> None:
     if len(destination) > LONG_PATH_CHARS:
-        plan.warnings.append(f"{destination} is {len(destination)} characters long; the Dropbox "
-                             "desktop app on Windows may not sync paths over 260 characters")
-    source = PlannedSource(row, path, info.st_size, info.st_mtime_ns, destination, delete_after,
-                           file_id=f"{info.st_dev}:{info.st_ino}" if info.st_ino else None)
-    if info.st_size > part_limit:
-        source.parts = split.plan_split(info.st_size, part_limit)
-    return source
+        plan.long_paths += 1
+        if len(plan.warnings) < SKIPPED_ON_SCREEN:
+            plan.warnings.append(f"{destination} is {len(destination)} characters long; the Dropbox "
+                                 "desktop app on Windows may not sync paths over 260 characters")
 
 
 def log_plan(plan: Plan, log: logging.Logger, *, mode: str, bytes_per_second: float) -> None:
@@ -439,6 +398,9 @@ def log_plan(plan: Plan, log: logging.Logger, *, mode: str, bytes_per_second: fl
                  len(plan.done_rows))
     for warning in plan.warnings[:20]:
         log.warning("Warning: %s", warning)
+    if plan.long_paths > SKIPPED_ON_SCREEN:
+        log.warning("Warning: ... and %d more paths over %d characters.", plan.long_paths - SKIPPED_ON_SCREEN,
+                    LONG_PATH_CHARS)
     log.info("Estimated time at %s/s and %s files/s: %s.", human_bytes(bytes_per_second),
              f"{1 / SECONDS_PER_FILE[mode]:,.0f}", human_duration(estimated_seconds(plan, mode, bytes_per_second)))
 

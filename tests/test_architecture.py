@@ -44,6 +44,7 @@ LAYERS = {
     "workbooks": WORKBOOK,
     "settings": WORKBOOK,
     "journal": WORKBOOK,
+    "plan_store": WORKBOOK,  # Stage 1's plan on disk (a scratch SQLite database)
     "cli": WORKBOOK,
     # The Dropbox client and the machinery the engines share: the login, the deletion gate,
     # Stage 1's plan and its look at the destinations,

@@ -53,8 +53,12 @@ def _destinations(source: PlannedSource) -> list[str]:
 class _Folder:
     """What Dropbox holds at and below one destination folder, read once."""
 
-    def __init__(self, client, top: str):
+    def __init__(self, client, top: str, folder_keys: set[str] | None = None):
+        """`folder_keys`: case_keys of the folders the plan needs; of Dropbox's files only those
+        at such a key are kept (only they can be in the way), so memory follows the plan's
+        folders, not the files Dropbox holds there. None keeps every entry."""
         self.top = top
+        self._folder_keys = folder_keys
         self.blocked_by: str | None = None     # a file at `top` or at one of its parents
         self.entries: dict[str, RemoteFile | RemoteFolder] = {}
         if top == "/":
@@ -76,8 +80,11 @@ class _Folder:
                 cursor = _parent(cursor)
 
     def _list(self, client) -> None:
+        keep = self._folder_keys
         for remote in client.iter_entries_or_empty(self.top):
-            self.entries[case_key(remote.path_display)] = remote
+            key = case_key(remote.path_display)
+            if keep is None or isinstance(remote, RemoteFolder) or key in keep:
+                self.entries[key] = remote
 
 
 def check_destinations(client, plan: Plan, *, destination_of_row: Callable[[SheetRow], str],
@@ -98,7 +105,7 @@ def check_destinations(client, plan: Plan, *, destination_of_row: Callable[[Shee
             top = destination_of_row(source.row)
             folder = folders.get(case_key(top))
             if folder is None:
-                folder = folders[case_key(top)] = _Folder(client, top)
+                folder = folders[case_key(top)] = _Folder(client, top, plan.folder_keys)
             check = checks[id(source.row)] = _RowCheck(source.row, folder)
         check.add(source)
     problems: list[SheetProblem] = []

@@ -59,6 +59,10 @@ class Plan:
     done_rows: list[SheetRow] = field(default_factory=list)  # rows whose sources were uploaded and deleted
     empty_folders: list[str] = field(default_factory=list)  # Dropbox paths of folders with nothing inside
     folders_listed: int = 0  # folders read while walking the rows (for the progress of Stage 1)
+    # case_key of every Dropbox folder the plan puts files in or creates (and the folders above
+    # them); None when not known (a plan not made by build_plan). A tree has far fewer folders
+    # than files, so this is what the destination check keeps of Dropbox's files.
+    folder_keys: set[str] | None = None
 
     # A PlanStore counts as it is filled; a list is counted here.
     @property
@@ -333,6 +337,7 @@ def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: st
             problems.append(row.problem(text, input_column))
         if len(row_problems) > 50:
             problems.append(row.problem(f"... and {len(row_problems) - 50} more problems like these", input_column))
+    plan.folder_keys = set(namespace.folders)
     if problems:
         raise SheetError(problems, plan=plan)
     return plan

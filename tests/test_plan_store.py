@@ -141,3 +141,50 @@ def test_planning_memory_does_not_grow_with_the_number_of_files(tmp_path):
     # An object per file (the list and dict this replaced) costs about 1 KiB each: 38 MiB more
     # for the larger tree. On disk, the growth is SQLite's page cache at most (1 MiB here).
     assert large - small < 12 * 1024, (small, large)
+
+
+def test_the_destination_check_keeps_only_the_dropbox_files_that_can_be_in_the_way(tmp_path, monkeypatch):
+    """A rerun's destination already holds every file: the check keeps Dropbox's folders and
+    the files where the plan needs a folder, not one entry per file Dropbox holds."""
+    import datetime as dt
+
+    from archive_dropbox import destinations
+    from archive_dropbox.dropbox_client import RemoteFile, RemoteFolder
+
+    for index in range(300):
+        folder = tmp_path / "data" / f"well_{index // 100}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"frame_{index:03d}.tif").touch()
+    (tmp_path / "data" / "well_9" / "run").mkdir(parents=True)
+    (tmp_path / "data" / "well_9" / "run" / "x.tif").touch()
+    plan = _plan(tmp_path / "data")
+
+    def file(path: str) -> RemoteFile:
+        return RemoteFile(path, path.lower(), 0, None, dt.datetime(2024, 1, 1), "rev")
+
+    held = [RemoteFolder("/Archive/data", "/archive/data")]
+    for source in plan.sources:
+        if "well_9" not in source.destination:
+            held.append(file(source.destination))
+    held += [RemoteFolder(f"/Archive/data/well_{n}", f"/archive/data/well_{n}") for n in range(3)]
+    held.append(RemoteFolder("/Archive/data/well_9", "/archive/data/well_9"))
+    held.append(file("/Archive/data/well_9/RUN"))  # a file where the plan needs a folder
+
+    class Client:
+        def metadata(self, path):
+            return held[0] if path.lower() == "/archive/data" else None
+
+        def iter_entries_or_empty(self, top):
+            return iter(held)
+
+    kept = []
+    real = destinations._Folder._list
+
+    def noting_list(folder, client):
+        real(folder, client)
+        kept.append(len(folder.entries))
+
+    monkeypatch.setattr(destinations._Folder, "_list", noting_list)
+    [problem] = destinations.check_destinations(Client(), plan, destination_of_row=lambda r: r["outputDir"])
+    assert kept == [6]  # 5 folders and the one file in the way, not the 300 files
+    assert "/Archive/data/well_9/RUN is a file in Dropbox" in str(problem)

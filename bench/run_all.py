@@ -39,6 +39,7 @@ BENCHMARKS = [
     ("bench_stage1", "stage1"),
     ("bench_zip_index", "zip_index"),
     ("bench_inventory", "inventory"),
+    ("bench_plan_scale", "plan_scale"),
 ]
 
 

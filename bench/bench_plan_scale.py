@@ -14,7 +14,7 @@ at two sizes measured in one run:
     dry run's (target: a quarter), and the files of the tree it opens (strace, where installed;
     target: none).
 
-    python bench/bench_plan_scale.py --quick     # 2,000 and 20,000 files, a smoke test (CI)
+    python bench/bench_plan_scale.py --quick     # 1,000 and 5,000 files, a smoke test (CI)
     python bench/bench_plan_scale.py             # 100,000 and 1,000,000 files (~1 GB of inodes)
 """
 
@@ -150,7 +150,7 @@ def _opened_in(trace: Path, root: Path) -> int:
 def run(quick: bool, workdir: Path) -> list[dict]:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    small_count, large_count = (2_000, 20_000) if quick else (100_000, 1_000_000)
+    small_count, large_count = (1_000, 5_000) if quick else (100_000, 1_000_000)
     results = {}
     with DropboxTestServer(workdir / "server") as server:
         for count in (small_count, large_count):
@@ -195,5 +195,5 @@ if __name__ == "__main__":
     from bench_table import bench_parser, markdown
 
     options = bench_parser(__doc__, REPO / "bench" / "work" / "plan_scale",
-                           "2,000 and 20,000 files, correctness only").parse_args()
+                           "1,000 and 5,000 files, correctness only").parse_args()
     print(markdown(run(options.quick, options.workdir)))

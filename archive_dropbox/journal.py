@@ -3,12 +3,15 @@
 
 One database in logs/ holds every job; a job is one sheet (dropboxUpload_API, ...). Items are
 keyed by (job, source, destination), so the same file in two sheets or to two destinations is
-tracked separately. WAL mode keeps every committed write across a process crash; one lock
+tracked separately. The key's index holds 64-bit hashes of the two paths (path_key), not the
+paths, and each item names its job by number: a journal of tens of millions of items stays
+about 300-400 bytes per item (bench/bench_plan_scale.py). WAL mode keeps every committed write across a process crash; one lock
 file per job refuses a second copy of the same script on the same sheet.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import threading
@@ -123,14 +126,44 @@ def _member(members: dict, enum: type, value):
 
 # The schema this release writes; PRAGMA user_version holds it. Version 0 is a journal written
 # before the version was recorded (or a new, empty file). Raise it with a step in _UPGRADES.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+
+def path_key(path: str) -> int:
+    """The 64-bit key of a path in the items index (signed, as SQLite stores integers): the first
+    8 bytes of its BLAKE2b, stable across processes and releases. Two paths may share a key;
+    every lookup also compares the paths themselves."""
+    digest = hashlib.blake2b(path.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _pack_hash(text: str | None):
+    """A hash as stored: 32 bytes for the 64 hex digits of a content hash or SHA-256 (half the
+    space), anything else as it is."""
+    if text is not None and len(text) == 64:
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _unpack_hash(value) -> str | None:
+    return value.hex() if isinstance(value, bytes) else value
+
 
 # A new journal's tables. The comments list every value of the enums above (a test holds them
 # to it) and hold no ';' (the text is split on it to run in one transaction).
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE        -- the sheet, e.g. dropboxUpload_API
+);
 CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY,
-    job TEXT NOT NULL,
+    job INTEGER NOT NULL,            -- jobs.id
+    source_key INTEGER NOT NULL,     -- path_key(source)
+    destination_key INTEGER NOT NULL,  -- path_key(destination)
     source TEXT NOT NULL,
     destination TEXT NOT NULL,
     kind TEXT NOT NULL,              -- file | part | manifest | joined
@@ -142,8 +175,8 @@ CREATE TABLE IF NOT EXISTS items (
     session_id TEXT,
     session_started REAL,
     confirmed_offset INTEGER NOT NULL DEFAULT 0,
-    content_hash TEXT,               -- local Dropbox content hash of the item's bytes
-    sha256 TEXT,                     -- SHA-256 of the item's bytes (split parts)
+    content_hash BLOB,               -- Dropbox content hash of the item's bytes (32 bytes, see _pack_hash)
+    sha256 BLOB,                     -- SHA-256 of the item's bytes (split parts), as content_hash
     remote_rev TEXT,
     error TEXT,
     source_deleted INTEGER NOT NULL DEFAULT 0,  -- 0 kept | 2 deleting (written ahead) | 1 deleted
@@ -151,9 +184,9 @@ CREATE TABLE IF NOT EXISTS items (
     confirmed_chunks TEXT,           -- concurrent sessions: indexes of the chunks Dropbox confirmed
     source_id TEXT,                  -- "st_dev:st_ino" of the source when planned (NULL: unknown)
     hash_local INTEGER NOT NULL DEFAULT 0,  -- 1: content_hash was computed from the local bytes
-    remote_path TEXT,                -- where Dropbox put it (differs from destination after autorename)
-    UNIQUE (job, source, destination)
+    remote_path TEXT                 -- where Dropbox put it when not at destination (autorename), else NULL
 );
+CREATE INDEX IF NOT EXISTS items_key ON items (job, source_key, destination_key);
 CREATE INDEX IF NOT EXISTS items_job_state ON items (job, state);
 CREATE TABLE IF NOT EXISTS batches (
     job TEXT NOT NULL,
@@ -195,8 +228,37 @@ def _upgrade_from_0(db: sqlite3.Connection) -> None:
                "batch INTEGER NOT NULL)")
 
 
+def _upgrade_from_1(db: sqlite3.Connection) -> None:
+    """Version 1 -> 2: items keyed by path hashes and a job number instead of a UNIQUE index on
+    the job's name and both paths (which took ~270 of the ~740 bytes of a done item), hashes as
+    bytes, remote_path kept only where it differs. Ids stay (batch_items refers to them). The
+    version-2 table is written out here, not taken from SCHEMA (see _upgrade_from_0)."""
+    db.create_function("path_key", 1, path_key, deterministic=True)
+    db.create_function("pack_hash", 1, _pack_hash, deterministic=True)
+    db.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)")
+    db.execute("INSERT INTO jobs (name) SELECT DISTINCT job FROM items ORDER BY job")
+    db.execute(
+        "CREATE TABLE items_v2 (id INTEGER PRIMARY KEY, job INTEGER NOT NULL, source_key INTEGER NOT NULL, "
+        "destination_key INTEGER NOT NULL, source TEXT NOT NULL, destination TEXT NOT NULL, kind TEXT NOT NULL, "
+        "part_offset INTEGER NOT NULL, length INTEGER NOT NULL, source_size INTEGER NOT NULL, "
+        "source_mtime_ns INTEGER NOT NULL, state TEXT NOT NULL, session_id TEXT, session_started REAL, "
+        "confirmed_offset INTEGER NOT NULL DEFAULT 0, content_hash BLOB, sha256 BLOB, remote_rev TEXT, error TEXT, "
+        "source_deleted INTEGER NOT NULL DEFAULT 0, updated REAL NOT NULL, confirmed_chunks TEXT, source_id TEXT, "
+        "hash_local INTEGER NOT NULL DEFAULT 0, remote_path TEXT)")
+    db.execute(
+        "INSERT INTO items_v2 SELECT i.id, j.id, path_key(i.source), path_key(i.destination), i.source, "
+        "i.destination, i.kind, i.part_offset, i.length, i.source_size, i.source_mtime_ns, i.state, i.session_id, "
+        "i.session_started, i.confirmed_offset, pack_hash(i.content_hash), pack_hash(i.sha256), i.remote_rev, "
+        "i.error, i.source_deleted, i.updated, i.confirmed_chunks, i.source_id, i.hash_local, "
+        "NULLIF(i.remote_path, i.destination) FROM items AS i JOIN jobs AS j ON j.name = i.job")
+    db.execute("DROP TABLE items")  # its indexes go with it
+    db.execute("ALTER TABLE items_v2 RENAME TO items")
+    db.execute("CREATE INDEX items_key ON items (job, source_key, destination_key)")
+    db.execute("CREATE INDEX items_job_state ON items (job, state)")
+
+
 # version -> the step that brings a journal of that version to the next one.
-_UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {0: _upgrade_from_0}
+_UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {0: _upgrade_from_0, 1: _upgrade_from_1}
 
 
 def _schema_version(db: sqlite3.Connection, path: Path) -> int:
@@ -243,16 +305,22 @@ _FORGET_DROPBOX = (f"state = '{State.PENDING}', session_id = NULL, session_start
 # An item whose bytes go into an upload session (parameters: state first, as the columns).
 _START_SESSION = ("UPDATE items SET state = ?, session_id = ?, session_started = ?, confirmed_offset = ?, "
                   "confirmed_chunks = NULL, content_hash = ?, sha256 = ?, error = NULL, updated = ? WHERE id = ?")
-# The deletion marks of a source's items (parameters: updated, job, source).
-_MARK_DELETING = f"UPDATE items SET source_deleted = {SourceDeleted.DELETING}, updated = ? WHERE job = ? AND source = ?"
-_MARK_DELETED = f"UPDATE items SET source_deleted = {SourceDeleted.DELETED}, updated = ? WHERE job = ? AND source = ?"
+# A source's items (parameters: job, path_key(source), source): the key finds them in the index,
+# the path itself rules out another path with the same key.
+_OF_SOURCE = "job = ? AND source_key = ? AND source = ?"
+# The deletion marks of a source's items (parameters: updated, then those of _OF_SOURCE).
+_MARK_DELETING = f"UPDATE items SET source_deleted = {SourceDeleted.DELETING}, updated = ? WHERE {_OF_SOURCE}"
+_MARK_DELETED = f"UPDATE items SET source_deleted = {SourceDeleted.DELETED}, updated = ? WHERE {_OF_SOURCE}"
 _TAKE_BACK_DELETING = (f"UPDATE items SET source_deleted = {SourceDeleted.KEPT}, updated = ? "
-                       f"WHERE job = ? AND source = ? AND source_deleted = {SourceDeleted.DELETING}")
+                       f"WHERE {_OF_SOURCE} AND source_deleted = {SourceDeleted.DELETING}")
 
 ITEM_COLUMNS = ("id", "job", "source", "destination", "kind", "part_offset", "length", "source_size",
                 "source_mtime_ns", "state", "session_id", "session_started", "confirmed_offset",
                 "content_hash", "sha256", "remote_rev", "error", "source_deleted", "confirmed_chunks", "source_id",
                 "hash_local", "remote_path")
+# Item's fields as selected: the job comes from the Journal (a number in the table), hashes as text.
+_SELECT_ITEMS = "SELECT " + ", ".join("NULL" if column == "job" else column for column in ITEM_COLUMNS) + " FROM items"
+_CONTENT_HASH, _SHA256 = ITEM_COLUMNS.index("content_hash"), ITEM_COLUMNS.index("sha256")
 
 
 @dataclass
@@ -367,6 +435,8 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL" if self.wal else "PRAGMA journal_mode=DELETE")
             self._db.execute("PRAGMA synchronous=NORMAL")
             _bring_schema_up_to_date(self._db, self.path)
+            self._db.execute("INSERT OR IGNORE INTO jobs (name) VALUES (?)", (job,))
+            self._job_id = self._db.execute("SELECT id FROM jobs WHERE name = ?", (job,)).fetchone()[0]
         except (sqlite3.DatabaseError, JournalError) as exc:
             if self._db is not None:
                 self._db.close()
@@ -399,15 +469,21 @@ class Journal:
 
     # -- reading -----------------------------------------------------------------------------
 
+    def _item(self, row: tuple) -> Item:
+        values = list(row)
+        values[1] = self.job
+        values[_CONTENT_HASH], values[_SHA256] = _unpack_hash(values[_CONTENT_HASH]), _unpack_hash(values[_SHA256])
+        return Item(*values)  # Item converts the stored text to members
+
     def items(self, state: State | str | None = None) -> list[Item]:
-        sql = f"SELECT {', '.join(ITEM_COLUMNS)} FROM items WHERE job = ?"
-        params: list = [self.job]
+        sql = f"{_SELECT_ITEMS} WHERE job = ?"
+        params: list = [self._job_id]
         if state is not None:
             sql += " AND state = ?"
             params.append(State(state).value)
         with self._mutex:
             rows = self._db.execute(sql + " ORDER BY id", params).fetchall()
-        return [Item(*row) for row in rows]  # Item converts the stored text to members
+        return [self._item(row) for row in rows]
 
     def items_by_key(self) -> dict[tuple[str, str], Item]:
         return {item.key: item for item in self.items()}
@@ -415,31 +491,32 @@ class Journal:
     def deleted_sources(self) -> set[str]:
         with self._mutex:
             rows = self._db.execute("SELECT DISTINCT source FROM items WHERE job = ? AND source_deleted != ?",
-                                    (self.job, SourceDeleted.KEPT.value)).fetchall()
+                                    (self._job_id, SourceDeleted.KEPT.value)).fetchall()
         return {row[0] for row in rows}
 
     def sent_unchanged(self, source: str, size: int, mtime_ns: int) -> bool:
         """True when every item of `source` is done and was planned from a file of this size and
         modification time: a rerun's Stage 1 need not open it to see whether it can be read.
-        One indexed lookup (the UNIQUE (job, source, destination) index), no per-file memory."""
+        One indexed lookup (the items_key index), no per-file memory."""
         with self._mutex:
             done, count = self._db.execute(
-                "SELECT MIN(state = ?), COUNT(*) FROM items WHERE job = ? AND source = ? AND source_size = ? "
-                "AND source_mtime_ns = ?", (State.DONE.value, self.job, source, size, mtime_ns)).fetchone()
+                f"SELECT MIN(state = ?), COUNT(*) FROM items WHERE {_OF_SOURCE} AND source_size = ? "
+                "AND source_mtime_ns = ?", (State.DONE.value, self._job_id, path_key(source), source, size,
+                                            mtime_ns)).fetchone()
         return bool(count) and bool(done)
 
     # -- planning ----------------------------------------------------------------------------
 
     def sync_plan(self, planned: Iterable[Item]) -> list[Item]:
         """Bring the journal in line with this run's plan and return the plan's items with
-        their recorded state. A source whose size or modification time changed starts over."""
-        known = self.items_by_key()
+        their recorded state. A source whose size or modification time changed starts over.
+        Each item is looked up by its key (no item of the job is held beyond the plan's)."""
         result: list[Item] = []
         inserts: list[Item] = []
         resets: list[Item] = []
         ids: list[Item] = []  # items from journals that did not record the file id yet
         for item in planned:
-            old = known.get(item.key)
+            old = self._recorded(item.source, item.destination)
             if old is None:
                 inserts.append(item)
                 result.append(item)
@@ -460,10 +537,12 @@ class Journal:
                 self._db.execute("BEGIN")
                 for item in inserts:
                     cursor = self._db.execute(
-                        "INSERT INTO items (job, source, destination, kind, part_offset, length, source_size, "
-                        "source_mtime_ns, state, updated, source_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (self.job, item.source, item.destination, item.kind.value, item.part_offset, item.length,
-                         item.source_size, item.source_mtime_ns, State.PENDING.value, now, item.source_id))
+                        "INSERT INTO items (job, source_key, destination_key, source, destination, kind, part_offset, "
+                        "length, source_size, source_mtime_ns, state, updated, source_id) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (self._job_id, path_key(item.source), path_key(item.destination), item.source,
+                         item.destination, item.kind.value, item.part_offset, item.length, item.source_size,
+                         item.source_mtime_ns, State.PENDING.value, now, item.source_id))
                     item.id = cursor.lastrowid
                 for item in resets:
                     self._db.execute(
@@ -483,14 +562,22 @@ class Journal:
                                    paths=[self.path]) from None
         return result
 
+    def _recorded(self, source: str, destination: str) -> Item | None:
+        """The job's item for (source, destination), or None."""
+        with self._mutex:
+            row = self._db.execute(
+                f"{_SELECT_ITEMS} WHERE {_OF_SOURCE} AND destination_key = ? AND destination = ?",
+                (self._job_id, path_key(source), source, path_key(destination), destination)).fetchone()
+        return None if row is None else self._item(row)
+
     # -- progress ----------------------------------------------------------------------------
 
     def start_session(self, item: Item, session_id: str, started: float, offset: int) -> None:
         item.session_id, item.session_started, item.confirmed_offset = session_id, started, offset
         item.state, item.confirmed_chunks = State.UPLOADING, None
         # The item's hashes go along: a closed small session is known complete in one write.
-        self._write(_START_SESSION, (State.UPLOADING.value, session_id, started, offset, item.content_hash,
-                                     item.sha256, time.time(), item.id))
+        self._write(_START_SESSION, (State.UPLOADING.value, session_id, started, offset,
+                                     _pack_hash(item.content_hash), _pack_hash(item.sha256), time.time(), item.id))
 
     def record_closed_sessions(self, sessions: Iterable[tuple[Item, str]], started: float) -> None:
         """Small files whose whole content sits in a closed session, waiting for their batch
@@ -502,7 +589,8 @@ class Journal:
                 item.session_id, item.session_started, item.confirmed_offset = session_id, started, item.length
                 item.state, item.confirmed_chunks = State.UPLOADING, None
                 self._db.execute(_START_SESSION, (State.UPLOADING.value, session_id, started, item.length,
-                                                  item.content_hash, item.sha256, now, item.id))
+                                                  _pack_hash(item.content_hash), _pack_hash(item.sha256), now,
+                                                  item.id))
             self._db.execute("COMMIT")
 
     def confirm_offset(self, item: Item, offset: int) -> None:
@@ -533,8 +621,9 @@ class Journal:
                 self._db.execute(
                     "UPDATE items SET state = ?, content_hash = ?, sha256 = ?, remote_rev = ?, "
                     "error = NULL, session_id = NULL, hash_local = ?, remote_path = ?, updated = ? WHERE id = ?",
-                    (State.DONE.value, item.content_hash, item.sha256, item.remote_rev, item.hash_local,
-                     item.remote_path, now, item.id))
+                    (State.DONE.value, _pack_hash(item.content_hash), _pack_hash(item.sha256), item.remote_rev,
+                     item.hash_local, None if item.remote_path == item.destination else item.remote_path, now,
+                     item.id))
             self._db.execute("COMMIT")
 
     def mark_failed(self, item: Item, error: str) -> None:
@@ -545,24 +634,26 @@ class Journal:
     def mark_source_deleting(self, source: str) -> None:
         """Written ahead of the unlink: a rerun after a crash between the unlink and
         mark_source_deleted finds the mark and finishes the bookkeeping."""
-        self._write(_MARK_DELETING, (time.time(), self.job, source))
+        self._write(_MARK_DELETING, (time.time(), self._job_id, path_key(source), source))
 
     def mark_source_deleted(self, source: str) -> None:
-        self._write(_MARK_DELETED, (time.time(), self.job, source))
+        self._write(_MARK_DELETED, (time.time(), self._job_id, path_key(source), source))
 
     def clear_source_deleting(self, source: str) -> None:
-        self._write(_TAKE_BACK_DELETING, (time.time(), self.job, source))
+        self._write(_TAKE_BACK_DELETING, (time.time(), self._job_id, path_key(source), source))
 
     def mark_sources_deleting(self, sources: Iterable[str]) -> None:
         """mark_source_deleting for many sources in one transaction."""
-        self._in_one_transaction([(_MARK_DELETING, [(time.time(), self.job, source) for source in sources])])
+        now = time.time()
+        self._in_one_transaction([(_MARK_DELETING, [(now, self._job_id, path_key(source), source)
+                                                    for source in sources])])
 
     def settle_sources(self, deleted: Iterable[str], kept: Iterable[str]) -> None:
         """After the unlinks: 'deleted' for these, the 'deleting' mark taken back for those."""
         now = time.time()
         self._in_one_transaction([
-            (_MARK_DELETED, [(now, self.job, source) for source in deleted]),
-            (_TAKE_BACK_DELETING, [(now, self.job, source) for source in kept])])
+            (_MARK_DELETED, [(now, self._job_id, path_key(source), source) for source in deleted]),
+            (_TAKE_BACK_DELETING, [(now, self._job_id, path_key(source), source) for source in kept])])
 
     def _in_one_transaction(self, statements: list[tuple[str, list]]) -> None:
         with self._mutex:
@@ -581,7 +672,7 @@ class Journal:
         kept (its deletion is proven again). Returns (source, was deleted) pairs."""
         with self._mutex:
             rows = self._db.execute("SELECT DISTINCT source FROM items WHERE job = ? AND source_deleted = ?",
-                                    (self.job, SourceDeleted.DELETING.value)).fetchall()
+                                    (self._job_id, SourceDeleted.DELETING.value)).fetchall()
         settled = []
         for (source,) in rows:
             gone = not os.path.lexists(source)
@@ -618,7 +709,7 @@ class Journal:
         previous = tuple(row) if row else None
         if previous is not None and previous != (account_id, root_namespace):
             self._write(f"UPDATE items SET {_FORGET_DROPBOX}, updated = ? WHERE job = ? AND state != ?",
-                        (time.time(), self.job, State.PENDING.value))
+                        (time.time(), self._job_id, State.PENDING.value))
         if previous != (account_id, root_namespace):
             self._write("INSERT INTO accounts (job, account_id, root_namespace, updated) VALUES (?, ?, ?, ?) "
                         "ON CONFLICT (job) DO UPDATE SET account_id = excluded.account_id, "
@@ -647,7 +738,8 @@ class Journal:
         (computed while copying) are what Dropbox must later report."""
         item.state, item.error = State.COPIED, None
         self._write("UPDATE items SET state = ?, content_hash = ?, sha256 = ?, error = NULL, updated = ? "
-                    "WHERE id = ?", (State.COPIED.value, item.content_hash, item.sha256, time.time(), item.id))
+                    "WHERE id = ?", (State.COPIED.value, _pack_hash(item.content_hash), _pack_hash(item.sha256),
+                                     time.time(), item.id))
 
     def mark_pending(self, item: Item) -> None:
         """Forget an item's copy (it is to be copied again)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from archive_dropbox.errors import JournalError, JournalLocked
+import archive_dropbox.journal as journal_module
 from archive_dropbox.journal import SCHEMA, SCHEMA_VERSION, BatchState, Item, Journal, Kind, SourceDeleted, State
 
 REPO = Path(__file__).resolve().parent.parent
@@ -224,7 +225,7 @@ def test_a_journal_of_an_earlier_release_is_upgraded_once_keeping_its_rows(tmp_p
 def test_a_new_journal_gets_the_whole_schema_and_the_version(tmp_path):
     with Journal(tmp_path / "j.sqlite3", "job") as journal:
         tables = {row[0] for row in journal._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert tables == {"items", "batches", "accounts", "batch_items"}
+        assert tables == {"jobs", "items", "batches", "accounts", "batch_items"}
         assert journal._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
@@ -268,3 +269,79 @@ def test_a_journal_of_a_newer_release_is_refused_with_a_message(tmp_path):
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
     db.close()
+
+
+# The schema version 1 wrote (commit 049b831): items keyed by UNIQUE (job, source, destination)
+# with the job's name, hashes as hex text, remote_path always set.
+VERSION_1_SCHEMA = """
+CREATE TABLE items (id INTEGER PRIMARY KEY, job TEXT NOT NULL, source TEXT NOT NULL, destination TEXT NOT NULL,
+    kind TEXT NOT NULL, part_offset INTEGER NOT NULL, length INTEGER NOT NULL, source_size INTEGER NOT NULL,
+    source_mtime_ns INTEGER NOT NULL, state TEXT NOT NULL, session_id TEXT, session_started REAL,
+    confirmed_offset INTEGER NOT NULL DEFAULT 0, content_hash TEXT, sha256 TEXT, remote_rev TEXT, error TEXT,
+    source_deleted INTEGER NOT NULL DEFAULT 0, updated REAL NOT NULL, confirmed_chunks TEXT, source_id TEXT,
+    hash_local INTEGER NOT NULL DEFAULT 0, remote_path TEXT, UNIQUE (job, source, destination));
+CREATE INDEX items_job_state ON items (job, state);
+CREATE TABLE batches (job TEXT NOT NULL, number INTEGER NOT NULL, state TEXT NOT NULL, started REAL,
+    updated REAL NOT NULL, PRIMARY KEY (job, number));
+CREATE TABLE accounts (job TEXT PRIMARY KEY, account_id TEXT NOT NULL, root_namespace TEXT NOT NULL,
+    updated REAL NOT NULL);
+CREATE TABLE batch_items (item_id INTEGER PRIMARY KEY, job TEXT NOT NULL, batch INTEGER NOT NULL);
+PRAGMA user_version = 1;
+"""
+CONTENT_HASH = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+def test_a_version_1_journal_is_upgraded_keeping_every_item_of_every_job(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(VERSION_1_SCHEMA)
+    db.executemany(
+        "INSERT INTO items (id, job, source, destination, kind, part_offset, length, source_size, source_mtime_ns, "
+        "state, content_hash, sha256, remote_rev, source_deleted, updated, source_id, hash_local, remote_path) "
+        "VALUES (?, ?, ?, ?, 'file', 0, 5, 5, 7, ?, ?, ?, ?, ?, 0, '1:2', ?, ?)",
+        [(3, "dropboxUpload_API", "/data/a", "/x/a", "done", CONTENT_HASH, None, "rev1", 1, 1, "/x/a"),
+         (5, "dropboxUpload_API", "/data/b", "/x/b", "done", "h-short", CONTENT_HASH, "rev2", 0, 0, "/x/b (1)"),
+         (9, "dropboxUpload_APP", "/data/a", "/x/a", "pending", None, None, None, 0, 0, None)])
+    db.execute("INSERT INTO batch_items VALUES (9, 'dropboxUpload_APP', 4)")
+    db.commit()
+    db.close()
+    with Journal(path, "dropboxUpload_API") as journal:
+        first, second = journal.items()
+        assert (first.id, first.job, first.content_hash, first.remote_rev, first.source_deleted, first.remote_path) \
+            == (3, "dropboxUpload_API", CONTENT_HASH, "rev1", SourceDeleted.DELETED, None)
+        assert first.remote_key_path == "/x/a"
+        assert (second.id, second.content_hash, second.sha256, second.remote_path) == (5, "h-short", CONTENT_HASH,
+                                                                                       "/x/b (1)")
+        assert journal.sent_unchanged("/data/a", 5, 7) and not journal.sent_unchanged("/data/a", 5, 8)
+        assert journal.deleted_sources() == {"/data/a"}
+        [again, _] = journal.sync_plan([Item(None, "dropboxUpload_API", "/data/a", "/x/a", "file", 0, 5, 5, 7),
+                                        Item(None, "dropboxUpload_API", "/data/b", "/x/b", "file", 0, 5, 5, 7)])
+        assert (again.id, again.state) == (3, State.DONE)
+        stored = journal._db.execute("SELECT typeof(content_hash), length(content_hash) FROM items WHERE id = 3")
+        assert stored.fetchone() == ("blob", 32)
+    with Journal(path, "dropboxUpload_APP") as other:
+        [pending] = other.items()
+        assert (pending.id, pending.source, pending.state) == (9, "/data/a", State.PENDING)
+        assert other.item_batches() == {9: 4}
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = "
+                                         "'items'")} == {"items_key", "items_job_state"}
+    db.close()
+
+
+def test_paths_sharing_a_key_stay_apart(tmp_path, monkeypatch):
+    """path_key is a 64-bit hash: two paths may share it, and nothing may then mix them up."""
+    monkeypatch.setattr(journal_module, "path_key", lambda path: 42)
+    with Journal(tmp_path / "j.sqlite3", "dropboxUpload_API") as journal:
+        a, b, c = journal.sync_plan([_item("/x/a"), _item("/x/b"), _item("/x/c", source="/data/c")])
+        a.content_hash = CONTENT_HASH
+        journal.mark_done([a])
+        again = journal.sync_plan([_item("/x/a"), _item("/x/b"), _item("/x/c", source="/data/c")])
+        assert [(i.id, i.state) for i in again] == [(a.id, "done"), (b.id, "pending"), (c.id, "pending")]
+        assert not journal.sent_unchanged("/data/a", 10, 1)  # /x/b of the same source is not done
+        journal.mark_sources_deleting(["/data/c"])
+        assert {i.destination: i.source_deleted for i in journal.items()} == {
+            "/x/a": SourceDeleted.KEPT, "/x/b": SourceDeleted.KEPT, "/x/c": SourceDeleted.DELETING}
+        journal.mark_done([b])
+        assert journal.sent_unchanged("/data/a", 10, 1) and not journal.sent_unchanged("/data/c", 10, 1)

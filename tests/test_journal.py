@@ -325,6 +325,7 @@ def test_a_version_1_journal_is_upgraded_keeping_every_item_of_every_job(tmp_pat
         assert other.item_batches() == {9: 4}
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert db.execute("PRAGMA freelist_count").fetchone()[0] == 0  # the old table's pages went back to the disk
     assert {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = "
                                          "'items'")} == {"items_key", "items_job_state"}
     db.close()

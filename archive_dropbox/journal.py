@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -23,6 +24,7 @@ from typing import Callable, Iterable
 
 from .errors import JournalError, JournalLocked
 from .localfs import on_network_drive
+from .units import human_bytes
 
 
 class _Stored(str, Enum):
@@ -138,13 +140,15 @@ def path_key(path: str) -> int:
 
 
 def _pack_hash(text: str | None):
-    """A hash as stored: 32 bytes for the 64 hex digits of a content hash or SHA-256 (half the
-    space), anything else as it is."""
+    """A hash as stored: 32 bytes for the 64 lower-case hex digits of a content hash or SHA-256
+    (half the space), anything else as it is, so that _unpack_hash gives back the same text."""
     if text is not None and len(text) == 64:
         try:
-            return bytes.fromhex(text)
+            packed = bytes.fromhex(text)
         except ValueError:
-            pass
+            return text
+        if packed.hex() == text:
+            return packed
     return text
 
 
@@ -273,12 +277,60 @@ def _schema_version(db: sqlite3.Connection, path: Path) -> int:
     return version
 
 
-def _bring_schema_up_to_date(db: sqlite3.Connection, path: Path) -> None:
+def _held_by_another(lock: Path) -> bool:
+    """Whether another process holds this job lock file now (see _JobLock)."""
+    try:
+        handle = open(lock, "a+b")
+    except OSError:
+        return False
+    try:
+        if os.name == "nt":
+            import msvcrt  # Windows-only module
+
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+        else:
+            import fcntl  # POSIX-only module
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return False
+    except OSError:
+        return True
+    finally:
+        handle.close()
+
+
+def _check_before_upgrading(path: Path, own_lock: Path | None) -> None:
+    """An upgrade rewrites the items table: refused (JournalError, nothing changed) while another
+    sheet's script has the journal open - an older release there would go on writing to a table
+    that is gone, and a newer one would wait for the upgrade in silence - or when its disk lacks
+    room for the rewritten table and the compaction after it (about twice the journal)."""
+    for lock in sorted(path.parent.glob(f"{path.stem}_*.lock")):
+        if lock != own_lock and _held_by_another(lock):
+            raise JournalError(
+                f"the journal {path} must be brought up to date for this release, and another script is "
+                f"using it now (its lock: {lock.name}). Let that run finish, or close its window, then start this "
+                "one again. Nothing was changed.", paths=[path])
+    size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+    free = shutil.disk_usage(path.parent).free
+    if free < 2 * size:
+        raise JournalError(
+            f"the journal {path} ({human_bytes(size)}) must be brought up to date for this release, which "
+            f"needs about {human_bytes(2 * size)} free on its disk for a while ({human_bytes(free)} free now). "
+            "Free some space there and run again. Nothing was changed.", paths=[path])
+
+
+def _bring_schema_up_to_date(db: sqlite3.Connection, path: Path, own_lock: Path | None = None) -> None:
     """Create a new journal, or upgrade one an earlier release wrote, in one transaction (an
-    interrupted upgrade leaves the journal as it was). JournalError for a newer journal;
-    sqlite3.DatabaseError when the file cannot be read or written."""
+    interrupted upgrade leaves the journal as it was). JournalError for a newer journal, or when
+    an upgrade cannot run now (_check_before_upgrading); sqlite3.DatabaseError when the file
+    cannot be read or written. `own_lock`: this process's job lock file."""
     if _schema_version(db, path) == SCHEMA_VERSION:
         return
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'items'").fetchone():
+        _check_before_upgrading(path, own_lock)
     # IMMEDIATE: another sheet's script opening the same file waits here, then finds the
     # version current.
     db.execute("BEGIN IMMEDIATE")
@@ -305,6 +357,7 @@ def _bring_schema_up_to_date(db: sqlite3.Connection, path: Path) -> None:
         # (1M items: ~0.7 GB). Not needed for anything, so a busy or full disk only skips it.
         try:
             db.execute("VACUUM")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the WAL held the whole rewritten file
         except sqlite3.OperationalError:
             pass
 
@@ -443,7 +496,7 @@ class Journal:
             self.wal = not on_network_drive(self.path.parent)
             self._db.execute("PRAGMA journal_mode=WAL" if self.wal else "PRAGMA journal_mode=DELETE")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            _bring_schema_up_to_date(self._db, self.path)
+            _bring_schema_up_to_date(self._db, self.path, self._lock_file.path)
             self._db.execute("INSERT OR IGNORE INTO jobs (name) VALUES (?)", (job,))
             self._job_id = self._db.execute("SELECT id FROM jobs WHERE name = ?", (job,)).fetchone()[0]
         except (sqlite3.DatabaseError, JournalError) as exc:
@@ -524,9 +577,16 @@ class Journal:
         inserts: list[Item] = []
         resets: list[Item] = []
         ids: list[Item] = []  # items from journals that did not record the file id yet
+        # The table has no UNIQUE index (see the module doc): a plan giving one (source,
+        # destination) twice would be sent twice, so it is refused here, as the index did.
+        new_keys: set[int] = set()
         for item in planned:
             old = self._recorded(item.source, item.destination)
             if old is None:
+                key = hash(item.key)
+                if key in new_keys and any(other.key == item.key for other in inserts):
+                    raise RuntimeError(f"the plan gives {item.source} -> {item.destination} twice (a bug)")
+                new_keys.add(key)
                 inserts.append(item)
                 result.append(item)
             elif (old.source_size, old.source_mtime_ns, old.part_offset, old.length, old.kind) != (

@@ -19,12 +19,15 @@ problem in it must leave the journal as it was (nothing starts half-planned).
 from __future__ import annotations
 
 import sqlite3
+import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence, overload
 
 from . import split
+from .errors import EnvironmentProblem
 from .journal import Item, Kind
 from .names import case_key
 from .sheets import SheetRow
@@ -102,6 +105,19 @@ CREATE UNIQUE INDEX files_key ON files (key)
 _COLUMNS = "id, row, source, size, mtime_ns, destination, delete_after, file_id"
 
 
+@contextmanager
+def _scratch_space():
+    """SQLite errors of the scratch database as the user's problem they are: its disk is full."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        raise EnvironmentProblem(
+            f"Stage 1 keeps its list of files in a temporary file in {tempfile.gettempdir()}, and it cannot "
+            f"be written ({exc}). Free some space there (about 200 bytes per file to send), or point the "
+            "TEMP and TMP environment variables (TMPDIR on Linux and macOS) to a folder on a disk with room, "
+            "then run again. Nothing was sent.") from None
+
+
 class PlanStore(Sequence[PlannedSource]):
     """The files of a plan, in the order they were added: iterated in pages, indexed by position
     (0-based, like a list), counted without reading them. Thread-safe; read many times.
@@ -119,13 +135,14 @@ class PlanStore(Sequence[PlannedSource]):
         self.split_count = 0   # files sent in parts
         self.part_count = 0    # their parts
         self._lock = threading.Lock()
-        self._db = sqlite3.connect("", check_same_thread=False, isolation_level=None)
-        self._db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
-        self._db.execute("PRAGMA journal_mode = OFF")  # a scratch plan: nothing to roll back to after a crash
-        self._db.execute("PRAGMA synchronous = OFF")
-        for statement in _SCHEMA.split(";"):
-            self._db.execute(statement)
-        self._db.execute("BEGIN")
+        with _scratch_space():
+            self._db = sqlite3.connect("", check_same_thread=False, isolation_level=None)
+            self._db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+            self._db.execute("PRAGMA journal_mode = OFF")  # a scratch plan: nothing to roll back to after a crash
+            self._db.execute("PRAGMA synchronous = OFF")
+            for statement in _SCHEMA.split(";"):
+                self._db.execute(statement)
+            self._db.execute("BEGIN")
         self._open = True  # a write transaction, committed when the plan is read (see _readable)
 
     # -- writing (Stage 1, one thread) ----------------------------------------------------------
@@ -139,7 +156,7 @@ class PlanStore(Sequence[PlannedSource]):
         if row_index is None:
             row_index = self._row_index[id(row)] = len(self.rows)
             self.rows.append(row)
-        with self._lock:
+        with self._lock, _scratch_space():
             try:
                 self._db.execute("INSERT INTO files (key, row, source, size, mtime_ns, destination, delete_after, "
                                  "file_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -194,7 +211,7 @@ class PlanStore(Sequence[PlannedSource]):
     def __iter__(self) -> Iterator[PlannedSource]:
         last = 0
         while True:
-            with self._lock:
+            with self._lock, _scratch_space():
                 self._readable()
                 page = self._db.execute(f"SELECT {_COLUMNS} FROM files WHERE id > ? ORDER BY id LIMIT ?",
                                         (last, PAGE_ROWS)).fetchall()
@@ -216,7 +233,7 @@ class PlanStore(Sequence[PlannedSource]):
         position = index + self._count if index < 0 else index
         if not 0 <= position < self._count:
             raise IndexError(index)
-        with self._lock:
+        with self._lock, _scratch_space():
             self._readable()
             record = self._db.execute(f"SELECT {_COLUMNS} FROM files WHERE id = ?", (position + 1,)).fetchone()
         return self._source(record)

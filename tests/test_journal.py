@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -346,3 +347,64 @@ def test_paths_sharing_a_key_stay_apart(tmp_path, monkeypatch):
             "/x/a": SourceDeleted.KEPT, "/x/b": SourceDeleted.KEPT, "/x/c": SourceDeleted.DELETING}
         journal.mark_done([b])
         assert journal.sent_unchanged("/data/a", 10, 1) and not journal.sent_unchanged("/data/c", 10, 1)
+
+
+def _version_1_journal(path: Path) -> None:
+    db = sqlite3.connect(path)
+    db.executescript(VERSION_1_SCHEMA)
+    db.execute("INSERT INTO items (job, source, destination, kind, part_offset, length, source_size, "
+               "source_mtime_ns, state, updated) VALUES ('dropboxUpload_API', '/data/a', '/x/a', 'file', 0, 5, 5, "
+               "7, 'done', 0)")
+    db.commit()
+    db.close()
+
+
+def _version(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_the_upgrade_waits_until_no_other_script_uses_the_journal(tmp_path):
+    """An older release still running in another window would write to a table that is gone."""
+    path = tmp_path / "journal.sqlite3"
+    _version_1_journal(path)
+    other = journal_module._JobLock(tmp_path / "journal_dropboxUpload_APP.lock")  # another sheet, running
+    try:
+        with pytest.raises(JournalError, match="another script is using it now .its lock: "
+                                               "journal_dropboxUpload_APP.lock.*Nothing was changed"):
+            Journal(path, "dropboxUpload_API")
+        assert _version(path) == 1
+    finally:
+        other.release()
+    with Journal(path, "dropboxUpload_API") as journal:  # once it has finished
+        assert [i.source for i in journal.items()] == ["/data/a"]
+    assert _version(path) == SCHEMA_VERSION
+
+
+def test_the_upgrade_needs_room_for_the_rewritten_table(tmp_path, monkeypatch):
+    path = tmp_path / "journal.sqlite3"
+    _version_1_journal(path)
+    monkeypatch.setattr(journal_module.shutil, "disk_usage", lambda folder: SimpleNamespace(free=1000))
+    with pytest.raises(JournalError, match=r"needs about .* free on its disk for a while \(1.00 KB free now\)"):
+        Journal(path, "dropboxUpload_API")
+    assert _version(path) == 1
+
+
+def test_hashes_come_back_as_they_were_written(tmp_path):
+    written = [CONTENT_HASH, CONTENT_HASH.upper(), "crc32:0a1b2c3d", "x" * 64, None, " " + CONTENT_HASH[1:]]
+    with Journal(tmp_path / "j.sqlite3", "job") as journal:
+        items = journal.sync_plan([_item(f"/x/{n}") for n in range(len(written))])
+        for item, value in zip(items, written):
+            item.content_hash = item.sha256 = value
+        journal.mark_done(items)
+        assert [(i.content_hash, i.sha256) for i in journal.items()] == [(v, v) for v in written]
+
+
+def test_a_plan_giving_one_item_twice_is_refused(tmp_path):
+    with Journal(tmp_path / "j.sqlite3", "job") as journal:
+        with pytest.raises(RuntimeError, match="twice"):
+            journal.sync_plan([_item("/x/a"), _item("/x/b"), _item("/x/a")])
+        assert journal.items() == []  # nothing of that plan was written

@@ -188,3 +188,20 @@ def test_the_destination_check_keeps_only_the_dropbox_files_that_can_be_in_the_w
     [problem] = destinations.check_destinations(Client(), plan, destination_of_row=lambda r: r["outputDir"])
     assert kept == [6]  # 5 folders and the one file in the way, not the 300 files
     assert "/Archive/data/well_9/RUN is a file in Dropbox" in str(problem)
+
+
+def test_a_full_temporary_disk_is_a_message_not_a_traceback(monkeypatch):
+    import sqlite3
+
+    from archive_dropbox.errors import EnvironmentProblem
+
+    store = PlanStore(part_limit=10**9)
+
+    class Full:
+        def execute(self, *args):
+            raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store, "_db", Full())
+    with pytest.raises(EnvironmentProblem, match="temporary file in .* Free some space there .*TMPDIR.*Nothing was "
+                                                 "sent"):
+        store.add(row(), "/data/a", 1, 1, "/Archive/a", False, None)

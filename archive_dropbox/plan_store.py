@@ -100,7 +100,14 @@ CREATE TABLE files (
     delete_after INTEGER NOT NULL,
     file_id TEXT
 );
-CREATE UNIQUE INDEX files_key ON files (key)
+CREATE UNIQUE INDEX files_key ON files (key);
+CREATE TABLE claims (                -- the parts and manifests of split files: names no file may take
+    key INTEGER NOT NULL,            -- key_hash of case_key(destination), not unique (compared by key)
+    destination TEXT NOT NULL,
+    source TEXT NOT NULL,            -- the split file
+    row INTEGER NOT NULL
+);
+CREATE INDEX claims_key ON claims (key)
 """
 _COLUMNS = "id, row, source, size, mtime_ns, destination, delete_after, file_id"
 
@@ -131,6 +138,7 @@ class PlanStore(Sequence[PlannedSource]):
         self._row_index: dict[int, int] = {}  # id(row) -> index in rows
         self._overflow: dict[str, tuple[str, Path, SheetRow]] = {}  # case_key -> clash details; see the module doc
         self._count = 0
+        self._claims = 0
         self.total_bytes = 0   # of every file added
         self.split_count = 0   # files sent in parts
         self.part_count = 0    # their parts
@@ -157,6 +165,9 @@ class PlanStore(Sequence[PlannedSource]):
             row_index = self._row_index[id(row)] = len(self.rows)
             self.rows.append(row)
         with self._lock, _scratch_space():
+            claimed = self._claimed(key) if self._claims else None
+            if claimed is not None:
+                return claimed
             try:
                 self._db.execute("INSERT INTO files (key, row, source, size, mtime_ns, destination, delete_after, "
                                  "file_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -179,6 +190,30 @@ class PlanStore(Sequence[PlannedSource]):
             self.part_count += len(split.plan_split(size, self.part_limit))
         return None
 
+    def claim(self, row: SheetRow, source: str | Path, destinations: Sequence[str]
+              ) -> tuple[str, Path, SheetRow] | None:
+        """Reserve the Dropbox paths a split file's parts and manifest take (`destinations`), so that
+        no file is planned there. Returns the first planned file or reservation one of them
+        clashes with, as add does."""
+        row_index = self._row_index[id(row)]
+        with self._lock, _scratch_space():
+            for destination in destinations:
+                key = case_key(destination)
+                other = self._overflow.get(key) or self._same_hash(key) or self._claimed(key)
+                if other is not None:
+                    return other
+                self._db.execute("INSERT INTO claims (key, destination, source, row) VALUES (?, ?, ?, ?)",
+                                 (key_hash(key), destination, str(source), row_index))
+                self._claims += 1
+        return None
+
+    def _claimed(self, key: str) -> tuple[str, Path, SheetRow] | None:
+        for destination, source, row in self._db.execute("SELECT destination, source, row FROM claims WHERE key = ?",
+                                                         (key_hash(key),)):
+            if case_key(destination) == key:
+                return destination, Path(source), self.rows[row]
+        return None
+
     def _same_hash(self, key: str) -> tuple[str, Path, SheetRow] | None:
         found = self._db.execute("SELECT destination, source, row FROM files WHERE key = ?", (key_hash(key),)).fetchone()
         if found is None or case_key(found[0]) != key:
@@ -190,7 +225,7 @@ class PlanStore(Sequence[PlannedSource]):
         row), or None."""
         key = case_key(destination)
         with self._lock:
-            return self._overflow.get(key) or self._same_hash(key)
+            return self._overflow.get(key) or self._same_hash(key) or (self._claimed(key) if self._claims else None)
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -178,6 +178,14 @@ class _Namespace:
             return _folder_clash(shown(path), row, destination, self.folders[key])
         other = self.store.add(row, path, info.st_size, info.st_mtime_ns, destination, delete_after,
                                f"{info.st_dev}:{info.st_ino}" if info.st_ino else None)
+        if other is None and info.st_size > self.store.part_limit:
+            # Its parts and manifest are files in Dropbox too: beside it, named after it.
+            planned = PlannedSource(row, Path(path), info.st_size, 0, destination, delete_after,
+                                    split.plan_split(info.st_size, self.store.part_limit))
+            siblings = [planned.part_destination(part) for part in planned.parts] + [planned.manifest_destination()]
+            other = self.store.claim(row, path, siblings)
+            if other is not None:
+                return _file_clash(shown(path), other[0], other)
         return None if other is None else _file_clash(shown(path), destination, other)
 
     def add_folders(self, chain: Iterable[tuple[str, str]], row: SheetRow) -> str | None:

@@ -205,3 +205,24 @@ def test_a_full_temporary_disk_is_a_message_not_a_traceback(monkeypatch):
     with pytest.raises(EnvironmentProblem, match="temporary file in .* Free some space there .*TMPDIR.*Nothing was "
                                                  "sent"):
         store.add(row(), "/data/a", 1, 1, "/Archive/a", False, None)
+
+
+@pytest.mark.parametrize("split_first", [True, False])
+def test_a_file_named_like_a_split_files_manifest_or_part_is_refused(tmp_path, split_first):
+    """A split file's parts and manifest are files in Dropbox too: a file of the same name would
+    be sent to the same path (reported by a review, issue 18)."""
+    manifest_name = prepare.split.manifest_name("big.mrc")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    big, plain = ("a", "b") if split_first else ("b", "a")
+    (tmp_path / big / "big.mrc").write_bytes(b"x" * 250)  # sent in 3 parts and a manifest
+    (tmp_path / plain / manifest_name).write_bytes(b"{}")
+    rows = [row(2, tmp_path / big, "/Out"), row(3, tmp_path / plain, "/Out")]
+    if not split_first:
+        rows.reverse()
+    with pytest.raises(SheetError) as caught:
+        prepare.build_plan(rows, input_column="inputFile", output_column="outputDir",
+                           delete_column="deleteAfterUpload", destination_of_row=lambda r: r["outputDir"],
+                           part_limit=100, log=LOG)
+    text = str(caught.value.describe())
+    assert f"would both be /Out/{manifest_name} in Dropbox" in text, text

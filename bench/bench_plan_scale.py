@@ -12,7 +12,11 @@ at two sizes measured in one run:
     writes no journal);
   - a rerun of the dry run once the journal holds the whole plan as done: CPU against the first
     dry run's (target: a quarter), and the files of the tree it opens (strace, where installed;
-    target: none).
+    target: none);
+  - a real upload of the small tree (empty files, so requests and bookkeeping are all there is):
+    app.py's peak RSS against its dry run's; then, with 10 files touched, a rerun: files sent
+    (target: 10) and requests beyond their own (target: a few; informational here, since every
+    run lists the destinations again to check what the journal says against Dropbox).
 
     python bench/bench_plan_scale.py --quick     # 1,000 and 5,000 files, a smoke test (CI)
     python bench/bench_plan_scale.py             # 100,000 and 1,000,000 files (~1 GB of inodes)
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,10 +105,10 @@ def _measure(command: list[str], env: dict) -> tuple[int, float, str]:
     return peak, cpu, text
 
 
-def _dry_run(server: DropboxTestServer, book: Path, logs: Path, *, strace_to: Path | None = None
-             ) -> tuple[int, float]:
+def _dry_run(server: DropboxTestServer, book: Path, logs: Path, *, strace_to: Path | None = None,
+             real: bool = False) -> tuple[int, float]:
     command = [sys.executable, str(REPO / "app.py"), "--excelName", str(book), "--sheetName", SHEET,
-               "--logs", str(logs), "--caBundle", server.ca_file, "--dry-run"]
+               "--logs", str(logs), "--caBundle", server.ca_file, *(() if real else ("--dry-run",))]
     if strace_to is not None:
         command = ["strace", "-f", "--seccomp-bpf", "-e", "trace=open,openat", "-o", str(strace_to), *command]
     peak, cpu, _ = _measure(command, _app_env(server))
@@ -141,6 +146,40 @@ def _journal_bytes(root: Path, journal_path: Path) -> tuple[float, float]:
     return pending, done
 
 
+TOUCHED = 10
+LIST_PAGE = 2000  # entries per files/list_folder page (Dropbox's largest)
+SEND_ROUTES = {"files/upload", "files/upload_session/start", "files/upload_session/start_batch",
+               "files/upload_session/append_v2", "files/upload_session/append_batch", "files/upload_session/finish",
+               "files/upload_session/finish_batch_v2", "files/upload_session/finish_batch/check"}
+
+
+def _real_upload(server: DropboxTestServer, small: tuple, workdir: Path) -> tuple[int, int, int]:
+    """Upload the small tree for real, touch TOUCHED files, upload again: (peak RSS of the first
+    upload in bytes, items the rerun sent by its summary line, the rerun's requests other than
+    those that send or commit bytes)."""
+    tree, book, _, _, _, _ = small
+    logs = workdir / "logs_upload"
+    shutil.rmtree(logs, ignore_errors=True)
+    # ifExists = 'overwrite': a touched file replaces its earlier copy ('report' would keep both)
+    command = [sys.executable, str(REPO / "app.py"), "--excelName", str(book), "--sheetName", SHEET,
+               "--logs", str(logs), "--caBundle", server.ca_file, "--ifExists", "overwrite"]
+    peak, _, _ = _measure(command, _app_env(server))
+    touched = sorted(tree.rglob("*.tif"))[:TOUCHED]
+    for index, path in enumerate(touched):
+        path.write_bytes(b"touched %d" % index)
+    server.clear_log()
+    try:
+        _, _, output = _measure(command, _app_env(server))
+    finally:
+        for path in touched:  # as they were, for the next run of the benchmark
+            path.write_bytes(b"")
+    found = re.search(r"(\d+) items sent now", output)
+    if found is None:
+        raise RuntimeError(f"no summary line in the rerun's output:\n{output[-3000:]}")
+    calls = server.calls()
+    return peak, int(found.group(1)), sum(1 for call in calls if call["route"] not in SEND_ROUTES)
+
+
 def _opened_in(trace: Path, root: Path) -> int:
     prefix = str(root)
     with open(trace, encoding="utf-8", errors="replace") as lines:
@@ -152,6 +191,7 @@ def run(quick: bool, workdir: Path) -> list[dict]:
     workdir.mkdir(parents=True, exist_ok=True)
     small_count, large_count = (1_000, 5_000) if quick else (100_000, 1_000_000)
     results = {}
+    shutil.rmtree(workdir / "server", ignore_errors=True)  # a first upload: Dropbox holds nothing yet
     with DropboxTestServer(workdir / "server") as server:
         for count in (small_count, large_count):
             tree = make_tree(workdir / f"tree_{count}", count)
@@ -161,6 +201,7 @@ def run(quick: bool, workdir: Path) -> list[dict]:
             shutil.rmtree(logs, ignore_errors=True)
             peak, cpu = _dry_run(server, book, logs)
             results[count] = (tree, book, logs, peak, cpu, _find_cpu(tree))
+        upload = _real_upload(server, results[small_count], workdir)
         tree, book, logs, peak, cpu, find_cpu = results[large_count]
         pending, done = _journal_bytes(tree, logs / "journal.sqlite3")
         trace = workdir / "rerun.strace" if shutil.which("strace") and not quick else None
@@ -184,6 +225,17 @@ def run(quick: bool, workdir: Path) -> list[dict]:
              TARGET_JOURNAL_BYTES, f"<= {TARGET_JOURNAL_BYTES}", done <= TARGET_JOURNAL_BYTES),
         _row(f"rerun --dry-run, journal holding all {large_count:,} done: CPU", rerun_cpu, "s",
              "first dry run's CPU", cpu, f"ratio <= {TARGET_RERUN_CPU}", rerun_cpu <= TARGET_RERUN_CPU * cpu),
+    ]
+    small_tree, _, _, small_dry_peak, _, _ = results[small_count]
+    upload_peak, sent, beyond = upload
+    rows += [
+        _row(f"app.py real upload of {small_count:,} empty files: peak RSS", upload_peak / MIB, "MiB",
+             "its dry run's peak", small_dry_peak / MIB, "informational", True),
+        _row(f"rerun of that upload with {TOUCHED} files touched: files sent", sent, "files", "files touched",
+             TOUCHED, f"<= {TOUCHED}", sent <= TOUCHED),
+        _row("that rerun: requests beyond the sent files' own (listing the destination included)", beyond,
+             "requests", f"one listing page per {LIST_PAGE:,} files", -(-small_count // LIST_PAGE), "informational",
+             True),
     ]
     if trace is not None:
         rows.append(_row("rerun --dry-run: files of the tree opened (strace)", opened, "files",

@@ -315,7 +315,7 @@ def run(context: RunContext, sheet: str) -> int:
         try:
             plan = prepare_rows(context, sheet, destination_of_row=lambda row: row["outputDir"],
                                 part_limit=part_limit, already_done=journal.deleted_sources(),
-                                sent_unchanged=journal.sent_unchanged, mode="API",
+                                sent_unchanged=journal.sent_unchanged_among, mode="API",
                                 bytes_per_second=50e6)
         except SheetError as exc:
             # All of Stage 1's problems in one pass: the Dropbox side of what could be planned too.

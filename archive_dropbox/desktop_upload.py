@@ -354,7 +354,7 @@ def run(context: RunContext, sheet: str) -> int:
         settle_interrupted_deletions(journal, log)
         plan = prepare_rows(context, sheet, destination_of_row=destination_of_row, part_limit=part_limit,
                             already_done=journal.deleted_sources(),
-                            sent_unchanged=journal.sent_unchanged, mode="desktop app",
+                            sent_unchanged=journal.sent_unchanged_among, mode="desktop app",
                             bytes_per_second=APP_BYTES_PER_SECOND, row_check=row_checker(folder),
                             describe_plan=describe)
         if context.args.dry_run:

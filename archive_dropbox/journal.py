@@ -558,14 +558,27 @@ class Journal:
 
     def sent_unchanged(self, source: str, size: int, mtime_ns: int) -> bool:
         """True when every item of `source` is done and was planned from a file of this size and
-        modification time: a rerun's Stage 1 need not open it to see whether it can be read.
-        One indexed lookup (the items_key index), no per-file memory."""
-        with self._mutex:
-            done, count = self._db.execute(
-                f"SELECT MIN(state = ?), COUNT(*) FROM items WHERE {_OF_SOURCE} AND source_size = ? "
-                "AND source_mtime_ns = ?", (State.DONE.value, self._job_id, path_key(source), source, size,
-                                            mtime_ns)).fetchone()
-        return bool(count) and bool(done)
+        modification time: a rerun's Stage 1 need not open it to see whether it can be read."""
+        return bool(self.sent_unchanged_among([(source, size, mtime_ns)]))
+
+    def sent_unchanged_among(self, files: list[tuple[str, int, int]]) -> set[str]:
+        """The sources among `files` ((source, size, mtime_ns), up to a folder's worth) of which
+        sent_unchanged holds: one indexed query for them all (the items_key index), no per-file
+        memory beyond the list."""
+        wanted = {source: (size, mtime_ns) for source, size, mtime_ns in files}
+        keys = list({path_key(source) for source in wanted})
+        done: dict[str, bool] = {}
+        for start in range(0, len(keys), 500):  # well under SQLite's limit of bound parameters
+            chunk = keys[start:start + 500]
+            with self._mutex:
+                rows = self._db.execute(
+                    f"SELECT source, source_size, source_mtime_ns, state FROM items WHERE job = ? AND source_key "
+                    f"IN ({', '.join('?' * len(chunk))})", (self._job_id, *chunk)).fetchall()
+            for source, size, mtime_ns, state in rows:
+                # Items planned from another size or date are of an earlier version: not counted.
+                if wanted.get(source) == (size, mtime_ns):
+                    done[source] = done.get(source, True) and state == State.DONE.value
+        return {source for source, all_done in done.items() if all_done}
 
     # -- planning ----------------------------------------------------------------------------
 

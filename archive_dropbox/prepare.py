@@ -40,6 +40,7 @@ SKIPPED_ON_SCREEN = 20  # unreadable entries shown on screen; the dataPrep log l
 SECONDS_PER_FILE = {"API": 1 / 600, "desktop app": 1 / 20}
 PLAN_BAR_EVERY = 2.0  # seconds between redraws of Stage 1's counter on a terminal
 PLAN_SAY_EVERY = 60.0  # seconds between Stage 1's progress lines in the run log (and on the console)
+FOLDER_BATCH = 500  # files of one folder looked up in the journal together
 
 
 @dataclass
@@ -290,14 +291,15 @@ def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: st
                destination_of_row, part_limit: int, log: logging.Logger,
                already_done_sources: set[str] = frozenset(), check_readable: bool = True,
                progress: PlanProgress | None = None,
-               sent_unchanged: Callable[[str, int, int], bool] | None = None) -> Plan:
+               sent_unchanged: Callable[[list[tuple[str, int, int]]], set[str]] | None = None) -> Plan:
     """Expand every row; raise SheetError listing every problem so nothing starts half-planned.
 
     `destination_of_row(row) -> str` gives the Dropbox folder a row's files land in. Files that
     cannot be read are not a problem of the sheet: they go to plan.unreadable and the rest is sent.
-    `progress` hears of every row and file found. `sent_unchanged(path, size, mtime_ns)` True:
-    the file went up in an earlier run and has not changed since (journal.sent_unchanged), so it
-    is not opened to check it can be read: a rerun costs what changed.
+    `progress` hears of every row and file found. `sent_unchanged([(path, size, mtime_ns), ...])`
+    gives those of a folder's files that went up in an earlier run and have not changed since
+    (journal.sent_unchanged_among): they are not opened to check they can be read, so a rerun
+    costs what changed.
     """
     plan = Plan(sources=PlanStore(part_limit))
     problems: list[SheetProblem] = []
@@ -315,12 +317,10 @@ def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: st
         if expanded is not None:
             source_root, found, empty = expanded
             registered: tuple[str, ...] | None = None  # the folder whose Dropbox chain is known to be fine
-            for path, info, parts in found:
+            for path, info, parts, unchanged in _with_journal(found, sent_unchanged if check_readable else None):
                 if progress is not None:
                     progress.file(info.st_size, plan)
-                if (check_readable and not (sent_unchanged is not None
-                                            and sent_unchanged(path, info.st_size, info.st_mtime_ns))
-                        and (reason := _unreadable(path))):
+                if check_readable and not unchanged and (reason := _unreadable(path)):
                     plan.unreadable.append((shown(path), reason))
                     continue
                 destination = join_dropbox(target_folder, *parts)
@@ -349,6 +349,32 @@ def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: st
     if problems:
         raise SheetError(problems, plan=plan)
     return plan
+
+
+def _with_journal(found: Iterable[tuple[str, os.stat_result, tuple[str, ...]]],
+                  sent_unchanged: Callable[[list[tuple[str, int, int]]], set[str]] | None
+                  ) -> Iterator[tuple[str, os.stat_result, tuple[str, ...], bool]]:
+    """`found` with, for each file, whether the journal has it sent and unchanged; asked once per
+    folder (a folder's files come one after another), since a query per file cost more than
+    opening the file."""
+    if sent_unchanged is None:
+        for path, info, parts in found:
+            yield path, info, parts, False
+        return
+    batch: list[tuple[str, os.stat_result, tuple[str, ...]]] = []
+
+    def flush() -> Iterator[tuple[str, os.stat_result, tuple[str, ...], bool]]:
+        known = sent_unchanged([(path, info.st_size, info.st_mtime_ns) for path, info, _ in batch])
+        for path, info, parts in batch:
+            yield path, info, parts, path in known
+        batch.clear()
+
+    for entry in found:
+        if batch and (entry[2][:-1] != batch[0][2][:-1] or len(batch) >= FOLDER_BATCH):
+            yield from flush()
+        batch.append(entry)
+    if batch:
+        yield from flush()
 
 
 def _expand_row(row: SheetRow, source_root: Path, input_column: str, plan: Plan, problems: list[SheetProblem],

@@ -43,7 +43,7 @@ def test_a_rerun_opens_only_the_files_that_changed(tmp_path, monkeypatch):
         info = touched.stat()
         os.utime(touched, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
         opened.clear()
-        again = _plan(row, sent_unchanged=journal.sent_unchanged)
+        again = _plan(row, sent_unchanged=journal.sent_unchanged_among)
     assert opened == [str(touched)]
     assert len(again.sources) == 60  # still planned: Stage 2 decides what to send
 

@@ -176,6 +176,32 @@ def test_faults_429_5xx_and_dropped_connections_are_ridden_out(tmp_path, server)
     assert len(injected) >= 5
 
 
+def _wait_held(process: subprocess.Popen, hold, n: int = 1, timeout: float = 120) -> None:
+    """Until `n` requests of app.py wait in `hold` (server.hold: on arrival, before the server
+    reads their bodies)."""
+    deadline = time.monotonic() + timeout  # only reached when app.py is broken
+    while not hold.wait_held(n, timeout=0.2):
+        if process.poll() is not None:
+            raise AssertionError("app.py ended before its requests were held:\n" + process.stdout.read())
+        assert time.monotonic() < deadline, "app.py never sent the requests to hold"
+
+
+def _kill_while_held(process: subprocess.Popen, hold, n: int = 1) -> None:
+    """SIGKILL app.py while `n` of its requests wait in `hold`, so the kill point is certain
+    whatever the machine's load; then let the server carry them out, answers lost with the process."""
+    _wait_held(process, hold, n)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    hold.release()
+
+
+def _wait_until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
 def _kill_when(process: subprocess.Popen, condition, timeout: float = 60, delay: float = 0.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -202,22 +228,42 @@ def test_kill_9_then_rerun_lands_everything_once_resending_at_most_a_chunk_per_f
                                          **{f"k/small/s{i}.txt": 100 + i for i in range(30)}})
     book = sheet(tmp_path, [[str(tree / "k"), "/Kill", 0]])
     workers = 2
-    server.set_faults(FaultConfig(bandwidth_bps=6 * MIB,
-                                  commit_hold_s=1.5 if kill_point == "during_commit" else 0.0))
+    append = "files/upload_session/append_v2"
+    hold = None
+    if connections == 1:  # sequential sessions: a request held on arrival makes the kill point certain
+        if kill_point in ("mid_chunk", "between_chunks"):
+            hold = server.hold(append, count=2)  # each file's second chunk (the first opens its session)
+        elif kill_point == "between_files":
+            hold = server.hold("files/upload_session/finish")  # a file's last request: its commit
+        elif kill_point == "during_commit":
+            hold = server.hold("files/upload_session/finish_batch_v2")  # the small files' commit comes last
+    # A concurrent session's kill points race the upload, slowed down to be caught at them.
+    server.set_faults(FaultConfig(bandwidth_bps=None if hold else 6 * MIB))
     env = script_env(app_env(server))
     flags = ["--chunkSize_MB", "4", "--workers", str(workers), "--connectionsPerFile", str(connections)]
     process = subprocess.Popen(app_args(book, tmp_path / "logs", server, *flags),
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                stdin=subprocess.DEVNULL)
     appends = lambda: server.count_calls("files/upload_session/append_v2")  # noqa: E731
-    if kill_point == "mid_chunk":  # the next chunk is on the wire at 6 MiB/s
+    if hold is not None:
+        if kill_point in ("mid_chunk", "between_chunks"):
+            # Both files' second chunks go on together; then the kill point, each file 8 MiB in:
+            # one.bin's third chunk on the wire, or either file's next request (a chunk, or
+            # two.bin's finish) after an answered chunk.
+            _wait_held(process, hold, 2)
+            then = (append,) if kill_point == "mid_chunk" else (append, "files/upload_session/finish")
+            hold, second_chunks = server.hold(*then), hold
+            second_chunks.release()
+        _kill_while_held(process, hold)
+        if kill_point == "during_commit":
+            # Released, the server carries the commit out (app.py had sent all of it and was
+            # waiting for the answer): the files are in Dropbox, and the journal never heard.
+            _wait_until(lambda: server.count_calls("files/upload_session/finish_batch_v2") >= 1,
+                        "the held batch commit was never carried out")
+    elif kill_point == "mid_chunk":  # the next chunks are on the wire at 6 MiB/s
         _kill_when(process, lambda: appends() >= 1, delay=0.3)
-    elif kill_point == "between_chunks":
+    else:  # between_chunks
         _kill_when(process, lambda: appends() >= 2)
-    elif kill_point == "between_files":
-        _kill_when(process, lambda: server.count_calls("files/upload_session/finish") >= 1)
-    else:  # the small files' batch commit comes last and is held by the server for 1.5 s
-        _kill_when(process, lambda: server.count_calls("files/upload_session/finish") >= 2, delay=0.6)
     server.set_faults(FaultConfig())
     result = run_app(book, tmp_path / "logs", server, *flags)
     assert result.returncode == 0, result.stdout[-3000:]
@@ -238,8 +284,10 @@ def test_quota_full_pauses_and_continues_when_space_is_freed(tmp_path, server):
     tree = make_tree(tmp_path / "data", {"q/a.bin": 2 * MIB, "q/b.bin": 2 * MIB})
     server.set_quota(server.used_bytes + 3 * MIB)
     book = sheet(tmp_path, [[str(tree / "q"), "/Q", 0]])
-    process = subprocess.Popen(app_args(book, tmp_path / "logs", server), env=script_env(app_env(server)),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    # Re-checked every 0.3 s while paused, so the run goes on soon after the space is freed.
+    process = subprocess.Popen(app_args(book, tmp_path / "logs", server, "--sleepTime_min", "0.005"),
+                               env=script_env(app_env(server)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, stdin=subprocess.DEVNULL)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
     reader.start()
@@ -259,16 +307,19 @@ def test_quota_full_pauses_and_continues_when_space_is_freed(tmp_path, server):
 def test_expired_token_is_refreshed_and_revoked_one_stops_cleanly(tmp_path, server):
     tree = make_tree(tmp_path / "data", {"t/a.bin": 9 * MIB, "t/b.bin": 1000})
     book = sheet(tmp_path, [[str(tree / "t"), "/T", 1]])
-    server.set_faults(FaultConfig(bandwidth_bps=4 * MIB))
+    # The token expires while the first append waits on arrival: mid-upload, whatever the load.
+    hold = server.hold("files/upload_session/append_v2")
     process = subprocess.Popen(app_args(book, tmp_path / "logs", server, "--chunkSize_MB", "4"),
                                env=script_env(app_env(server)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while server.count_calls("files/upload_session/append_v2") < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    server.expire_access_tokens()
+    try:
+        _wait_held(process, hold)
+        server.expire_access_tokens()
+    finally:
+        hold.release()
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 0, output
+    assert "expired_access_token" in [call["error"] for call in server.calls("files/upload_session/append_v2")]
     assert server.count_calls("oauth2/token") >= 2
 
     # Revoked: stop at once, say how to log in, delete nothing.
@@ -369,23 +420,24 @@ def test_second_copy_on_the_same_sheet_is_refused(tmp_path, server):
 
 def test_file_that_vanishes_or_changes_during_upload_is_reported_and_retried(tmp_path, server):
     tree = make_tree(tmp_path / "data", {"v/big.bin": 12 * MIB, "v/ok.txt": b"fine"})
-    server.set_faults(FaultConfig(bandwidth_bps=4 * MIB))
     book = sheet(tmp_path, [[str(tree / "v"), "/V", 1]])
+    # The file changes while its first append waits on arrival: mid-upload, whatever the load.
+    hold = server.hold("files/upload_session/append_v2")
     process = subprocess.Popen(app_args(book, tmp_path / "logs", server, "--chunkSize_MB", "4", "--workers", "1"),
                                env=script_env(app_env(server)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while server.count_calls("files/upload_session/start") < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    with open(tree / "v" / "big.bin", "r+b") as handle:
-        handle.seek(5)
-        handle.write(b"changed")
+    try:
+        _wait_held(process, hold)
+        with open(tree / "v" / "big.bin", "r+b") as handle:
+            handle.seek(5)
+            handle.write(b"changed")
+    finally:
+        hold.release()
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 1, output
     assert "changed while it was being uploaded" in output
     assert (tree / "v" / "big.bin").exists()
     assert "/V/big.bin" not in server.files()
-    server.set_faults(FaultConfig())
     result = run_app(book, tmp_path / "logs", server, "--chunkSize_MB", "4")
     assert result.returncode == 0, result.stdout
     assert not (tree / "v" / "big.bin").exists()
@@ -393,7 +445,7 @@ def test_file_that_vanishes_or_changes_during_upload_is_reported_and_retried(tmp
 
 def test_large_file_travels_on_several_connections_at_once(tmp_path, server):
     tree = make_tree(tmp_path / "data", {"c/huge.bin": 40 * MIB + 77})
-    server.set_faults(FaultConfig(bandwidth_bps=8 * MIB))
+    server.set_faults(FaultConfig(bandwidth_bps=16 * MIB))  # each append takes at least 0.25 s
     book = sheet(tmp_path, [[str(tree / "c"), "/C", 0]])
     result = run_app(book, tmp_path / "logs", server, "--chunkSize_MB", "4", "--connectionsPerFile", "4")
     assert result.returncode == 0, result.stdout
@@ -433,14 +485,15 @@ def test_small_files_are_committed_a_thousand_at_a_time_and_failed_entries_repor
 
 
 def test_thousands_of_small_files_take_one_commit_per_thousand(tmp_path, server):
-    tree = make_tree(tmp_path / "data", {f"many/{i // 500:02d}/f{i:05d}.bin": b"x" * (i % 97) for i in range(3000)})
+    # 2000 files: full commits of 1000 (Dropbox's limit) take 2 calls, any smaller ones 3 or more.
+    tree = make_tree(tmp_path / "data", {f"many/{i // 500:02d}/f{i:05d}.bin": b"x" * (i % 97) for i in range(2000)})
     book = sheet(tmp_path, [[str(tree / "many"), "/M", 0]])
     result = run_app(book, tmp_path / "logs", server)
     assert result.returncode == 0, result.stdout[-2000:]
-    assert len([p for p in server.files() if p.startswith("/M/") and "/_inventory_" not in p]) == 3000
+    assert len([p for p in server.files() if p.startswith("/M/") and "/_inventory_" not in p]) == 2000
     commits = sum(server.count_calls(route) for route in ("files/upload_session/finish_batch_v2",
                                                           "files/upload_session/finish", "files/upload"))
-    assert commits <= 4, f"{commits} commit calls for 3000 small files"
+    assert commits <= 3, f"{commits} commit calls for 2000 small files"  # and the row's inventory
 
 
 def test_small_files_share_requests_and_ride_out_a_lost_answer_and_a_refused_batch(tmp_path, server):
@@ -517,18 +570,21 @@ def test_a_split_file_is_read_once_for_its_parts_and_its_manifest(tmp_path, serv
 def test_a_resumed_concurrent_session_keeps_its_pieces_when_the_settings_change(tmp_path, server):
     """The pieces of a concurrent session are journaled with their size: a rerun with another
     chunk size continues the same session instead of misreading which pieces arrived."""
-    tree = make_tree(tmp_path / "data", {"r/huge.bin": 140 * MIB + 12345})
+    tree = make_tree(tmp_path / "data", {"r/huge.bin": 35 * MIB + 12345})  # 4 pieces of 8 MiB + the closing one
     book = sheet(tmp_path, [[str(tree / "r"), "/R", 0]])
-    server.set_faults(FaultConfig(bandwidth_bps=12 * MIB))
-    first = ["--chunkSize_MB", "32", "--connectionsPerFile", "2", "--workers", "1"]
+    first = ["--chunkSize_MB", "8", "--connectionsPerFile", "2", "--workers", "1"]
+    # The first two pieces arrive; the next two are held on arrival and in flight at the kill.
+    first_two = server.hold("files/upload_session/append_v2", count=2)
     process = subprocess.Popen(app_args(book, tmp_path / "logs", server, *first), env=script_env(app_env(server)),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
-    appends = lambda: [c for c in server.calls("files/upload_session/append_v2") if c["status"] == 200]  # noqa: E731
-    _kill_when(process, lambda: len(appends()) >= 2)
-    assert {c["bytes_in"] for c in appends()} == {32 * MIB}
-    server.set_faults(FaultConfig())
-    result = run_app(book, tmp_path / "logs", server, "--chunkSize_MB", "16", "--connectionsPerFile", "2")
+    _wait_held(process, first_two, 2)
+    next_two = server.hold("files/upload_session/append_v2", count=2)
+    first_two.release()
+    _kill_while_held(process, next_two, 2)
+    appends = [c for c in server.calls("files/upload_session/append_v2") if c["status"] == 200]
+    assert len(appends) >= 2 and {c["bytes_in"] for c in appends} == {8 * MIB}
+    result = run_app(book, tmp_path / "logs", server, "--chunkSize_MB", "4", "--connectionsPerFile", "2")
     assert result.returncode == 0, result.stdout[-3000:]
     assert "Resuming /R/huge.bin" in result.stdout
     assert server.content_hash("/R/huge.bin") == file_content_hash(tree / "r" / "huge.bin")
-    assert uploaded_bytes(server) - tree_bytes(tree / "r") <= 2 * 32 * MIB  # at most the pieces in flight
+    assert uploaded_bytes(server) - tree_bytes(tree / "r") <= 2 * 8 * MIB  # at most the pieces in flight

@@ -52,6 +52,8 @@ if _low_disk_flag:
     def _disk_usage(path):
         real = _real_disk_usage(path)
         if os.path.exists(_low_disk_flag):
+            with open(_low_disk_flag + ".readings", "a") as readings:  # one "x" per full-disk reading
+                readings.write("x")
             return type(real)(real.total, real.total - 1000, 1000, 100.0)
         return real
 
@@ -87,7 +89,7 @@ class World:
 
     def command(self, book: Path, *flags: str) -> list[str]:
         defaults = {"--excelName": str(book), "--sheetName": TAB, "--dropboxDir": str(self.dropbox),
-                    "--logs": str(self.logs), "--caBundle": self.server.ca_file, "--sleepTime_min": "0.005",
+                    "--logs": str(self.logs), "--caBundle": self.server.ca_file, "--sleepTime_min": "0.002",
                     "--batchTimeLimit_hour": "1", "--chunkSizeSplit_MB": "1"}
         given_flags = set(flags[::2])
         args = [a for k, v in defaults.items() if k not in given_flags for a in (k, v)]
@@ -136,6 +138,18 @@ class World:
             time.sleep(0.05)
         raise AssertionError(f"no {pattern!r} in the log within {timeout} s:\n{log.read_text(encoding='utf-8')}")
 
+    def wait_until(self, process: subprocess.Popen, condition, what: str, timeout: float = 40) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert process.poll() is None, f"app.py ended ({process.returncode}) before {what}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+            time.sleep(0.02)
+
+    def lookups(self) -> int:
+        """Requests that look files up in Dropbox, so far."""
+        return sum(self.server.count_calls(route) for route in ("files/get_metadata", "files/list_folder",
+                                                                "files/list_folder/continue"))
+
     def last_log(self) -> str:
         return log_files(self.logs, "upload")[-1].read_text(encoding="utf-8")
 
@@ -157,7 +171,7 @@ def _world(tmp_path: Path, team: bool):
     server = DropboxTestServer(tmp_path / "server", team=team)
     dropbox = tmp_path / "Dropbox"
     dropbox.mkdir()
-    app = DesktopAppSimulator(server, dropbox, "/", delay_s=0.2, poll_interval_s=0.05, team_space=team)
+    app = DesktopAppSimulator(server, dropbox, "/", delay_s=0.05, poll_interval_s=0.05, team_space=team)
     app.start()
     hooks = tmp_path / "hooks"
     hooks.mkdir()
@@ -325,10 +339,11 @@ def test_stalled_app_logs_the_time_limit_deletes_nothing_and_finishes_when_it_re
     book = world.book([[str(data / "a.bin"), str(world.dropbox / "in"), 1],
                        [str(data / "b.bin"), str(world.dropbox / "in"), 1]])
     world.app.stall()
-    process = world.start(book, "--batchTimeLimit_hour", "0.0003")
+    process = world.start(book, "--batchTimeLimit_hour", "0.0001")  # 0.36 s: the setting's minimum
 
     text = world.wait_for_line(process, r"batchTimeLimit_hour")
-    time.sleep(1.0)  # a few more checks while stalled
+    looked = world.lookups()  # a few more checks while stalled (each looks up both files)
+    world.wait_until(process, lambda: world.lookups() >= looked + 6, "three more checks")
     assert process.poll() is None
     assert (data / "a.bin").exists() and (data / "b.bin").exists()
     assert "please check the Dropbox app" in text
@@ -382,7 +397,9 @@ def test_full_disk_and_full_dropbox_pause_the_run_until_space_returns(world: Wor
 
     process = world.start(book, TEST_LOW_DISK_FLAG=str(flag))
     world.wait_for_line(process, r"PAUSED before batch 1: the disk holding the Dropbox folder")
-    time.sleep(1.0)
+    readings = Path(f"{flag}.readings")
+    seen = readings.stat().st_size
+    world.wait_until(process, lambda: readings.stat().st_size >= seen + 3, "three more checks of the disk")
     assert process.poll() is None and world.local_files() == {}  # nothing copied while paused
 
     world.server.set_quota(100 * KB)  # now Dropbox is too full for the batch
@@ -423,7 +440,8 @@ def test_kill_during_copy_and_during_wait_then_rerun_copies_nothing_twice(world:
     world.app.stall()
     process = world.start(book, *flags)
     world.wait_for_line(process, r"Batch 1: waiting for the Dropbox app")
-    time.sleep(0.5)
+    looked = world.lookups()  # a check while waiting (each looks up the batch's four files)
+    world.wait_until(process, lambda: world.lookups() >= looked + 4, "a check while waiting")
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     second = {rel: (p.stat().st_ino, p.stat().st_ctime_ns) for rel, p in world.local_files().items()}

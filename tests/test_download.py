@@ -190,11 +190,13 @@ def _wait_for_partial(folder: Path, at_least: int, process: subprocess.Popen, ti
 
 
 def test_kill_9_mid_download_then_rerun_continues_from_the_bytes_on_disk(dropbox, tmp_path):
-    data = os.urandom(6 * MIB + 777)
+    # The partial file grows by 4 MiB (download.READ_CHUNK) at a time: the first 4 MiB arrive
+    # in 0.7 s, then the kill has 1.4 s before the download could end.
+    data = os.urandom(12 * MIB + 777)
     put(dropbox, "/Killed/movie.mrc", data)
     put(dropbox, "/Killed/notes.txt", b"notes\n")
     book = write_xlsx(tmp_path / "download.xlsx", {SHEET: [HEADER, ["/Killed", str(tmp_path / "restore"), 0]]})
-    dropbox.set_faults(bandwidth_bps=1_500_000)
+    dropbox.set_faults(bandwidth_bps=6_000_000)
     process = subprocess.Popen([sys.executable, str(REPO / "app.py"), *app_args(dropbox, book, tmp_path / "logs")],
                                env=script_env(client_env(dropbox)), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, encoding="utf-8")
@@ -220,10 +222,11 @@ def test_kill_9_mid_download_then_rerun_continues_from_the_bytes_on_disk(dropbox
 
 
 def test_connection_dropped_mid_file_continues_without_starting_over(dropbox, tmp_path):
-    data = os.urandom(5 * MIB + 3)
+    # As above: the first 4 MiB on disk in 0.7 s, then 1.4 s to cut the connection mid-file.
+    data = os.urandom(12 * MIB + 3)
     put(dropbox, "/Dropped/stack.tif", data)
     book = write_xlsx(tmp_path / "download.xlsx", {SHEET: [HEADER, ["/Dropped/stack.tif", str(tmp_path / "r"), 0]]})
-    dropbox.set_faults(bandwidth_bps=2_000_000)
+    dropbox.set_faults(bandwidth_bps=6_000_000)
     process = subprocess.Popen([sys.executable, str(REPO / "app.py"), *app_args(dropbox, book, tmp_path / "logs")],
                                env=script_env(client_env(dropbox)), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, encoding="utf-8")

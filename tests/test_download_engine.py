@@ -21,6 +21,7 @@ from archive_dropbox.download import Downloader, Options
 from archive_dropbox.download_plan import Task, bind_items, client_modified_epoch
 from archive_dropbox.dropbox_client import Credentials, DropboxClient, RemoteFile
 from archive_dropbox.journal import Journal, State
+from archive_dropbox.status import status_of
 from tests.test_download import dropbox, server  # noqa: F401 - fixtures: one test server per module, faults off
 
 WHEN = dt.datetime(2021, 3, 4, 5, 6, 7)
@@ -54,10 +55,14 @@ class Recording:
 
 @pytest.fixture
 def log(request, caplog):
-    """A fresh run logger (so a fresh shared status line); what it says is in caplog."""
+    """A fresh run logger (so a fresh shared status line); what it says is in caplog. A run left
+    in an outage (the give-up test's) would keep its status timer thread saying "Dropbox
+    unreachable" once a minute, into whatever test runs then: the outage ends with the test."""
     run_log = logging.getLogger(f"test_download_engine.{request.node.name}")
     caplog.set_level(logging.DEBUG, logger=run_log.name)
-    return run_log
+    yield run_log
+    run_log.disabled = True  # the outage's end is no news of this test's
+    status_of(run_log).network_ok()  # the timer sees no outage at its next tick and ends, silent
 
 
 def said(caplog, text: str, level: int = logging.INFO) -> list[str]:

@@ -89,9 +89,10 @@ def test_quota_pause_asks_for_what_is_left_to_send(tmp_path, server):
 
     (tree / "job" / "d.bin").write_bytes(os.urandom(1_000_000))
     server.set_quota(server.used_bytes + 400_000)
-    process = subprocess.Popen(command(book, tmp_path / "logs", server), env=environment(server),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
-                               stdin=subprocess.DEVNULL)
+    # Re-checked every 0.3 s while paused, so the run goes on soon after the space is freed.
+    process = subprocess.Popen(command(book, tmp_path / "logs", server, "--sleepTime_min", "0.005"),
+                               env=environment(server), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               encoding="utf-8", stdin=subprocess.DEVNULL)
     output: list[str] = []
     threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()
     try:

@@ -28,6 +28,7 @@ from archive_dropbox.content_hash import bytes_content_hash
 from archive_dropbox.dropbox_client import Credentials, DropboxClient
 from archive_dropbox.errors import FileProblem
 from archive_dropbox.journal import Item, Journal, Kind, State
+from archive_dropbox.status import status_of
 from archive_dropbox.units import human_bytes
 from archive_dropbox.upload_sessions import ConcurrentSession, Phase, SequentialSession
 
@@ -42,10 +43,15 @@ BATCH_COMMIT = "files/upload_session/finish_batch_v2"
 
 
 @pytest.fixture
-def log(request, caplog) -> logging.Logger:
-    """A fresh run logger (so a fresh shared status); what it writes is in caplog."""
+def log(request, caplog) -> Iterator[logging.Logger]:
+    """A fresh run logger (so a fresh shared status); what it writes is in caplog. A run left in
+    an outage (the give-up test's) would keep its status timer thread saying "Dropbox
+    unreachable" once a minute into whatever test runs then: the outage ends with the test."""
     caplog.set_level(logging.DEBUG)
-    return logging.getLogger(f"test_upload_engine.{request.node.name}")
+    run_log = logging.getLogger(f"test_upload_engine.{request.node.name}")
+    yield run_log
+    run_log.disabled = True  # the outage's end is no news of this test's
+    status_of(run_log).network_ok()
 
 
 def said(caplog, text: str) -> list[str]:

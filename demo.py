@@ -97,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     say(__doc__.split("\n\n")[2])
     if work.exists():
         shutil.rmtree(work)
+    if args.logs is None:
+        # Its test server (in sample_data, just removed) starts over with a new account, so the
+        # journal of the last demo describes an account that is gone: the demo starts its own over
+        # too (never a journal given with --logs).
+        for name in ("journal.sqlite3", "journal.sqlite3-wal", "journal.sqlite3-shm"):
+            (logs_root / name).unlink(missing_ok=True)
+    demo_started = time.time()
     source = work / "microscope"
     originals = generate(source)
     say(f"\nSample data: {len(originals)} files in {source}")
@@ -143,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"All {len(originals)} original files came back identical (SHA-256), in {restored_root}.")
     say("Logs of every stage (named by date and time):")
     for folder in ("preProcess", "dataPrep", "upload"):
-        newest = sorted((logs_root / folder).glob("*.log"), key=lambda p: p.stat().st_mtime)[-3:]
-        say(f"  {logs_root / folder}: " + ", ".join(p.name for p in newest))
+        this_run = sorted(p for p in (logs_root / folder).glob("*.log") if p.stat().st_mtime >= demo_started)
+        say(f"  {logs_root / folder}: " + ", ".join(p.name for p in this_run))
     say("Reminder: this ran against a local test server, not Dropbox. See README.md to use your account.")
     return 0
 

@@ -309,7 +309,7 @@ def run(context: RunContext, sheet: str) -> int:
     if settings.chunkSize_MB % 4:
         context.log.info("chunkSize_MB %d is used as %d (a multiple of 4 MiB).", settings.chunkSize_MB, chunk // MIB)
     part_limit = int(min(settings.fileSizeLimit_GB * units.GB, prepare.DROPBOX_API_MAX_FILE))
-    with Journal(context.logs_root / "journal.sqlite3", sheet) as journal:
+    with Journal(context.logs_root / "journal.sqlite3", sheet, log=context.log) as journal:
         settle_interrupted_deletions(journal, context.log)
         workers = settings.workers * (settings.connectionsPerFile + 1)
         try:

@@ -171,7 +171,7 @@ def run_verify(context, sheet: str, *, prepare_rows, open_client) -> int:
     """app.py --verify for an upload tab: exit 0 only when every original is in Dropbox, identical."""
     settings = context.settings
     part_limit = int(min(settings.fileSizeLimit_GB * units.GB, prepare.DROPBOX_API_MAX_FILE))
-    with Journal(context.logs_root / "journal.sqlite3", sheet) as journal:
+    with Journal(context.logs_root / "journal.sqlite3", sheet, log=context.log) as journal:
         plan = prepare_rows(context, sheet, destination_of_row=lambda row: row["outputDir"], part_limit=part_limit,
                             already_done=journal.deleted_sources(), mode="API", bytes_per_second=50e6)
         client = open_client(context)

@@ -350,7 +350,7 @@ def run(context: RunContext, sheet: str) -> int:
         return folder.dropbox_path(row["outputDir"])
 
     log.info("Local Dropbox folder: %s", folder.root)
-    with Journal(context.logs_root / "journal.sqlite3", sheet) as journal:
+    with Journal(context.logs_root / "journal.sqlite3", sheet, log=context.log) as journal:
         settle_interrupted_deletions(journal, log)
         plan = prepare_rows(context, sheet, destination_of_row=destination_of_row, part_limit=part_limit,
                             already_done=journal.deleted_sources(),

@@ -131,16 +131,23 @@ def refuse_blocked(client, plan: Plan, *, destination_of_row: Callable[[SheetRow
         raise SheetError(problems)
 
 
-def client_for_dry_run(open_client: Callable[[], object], log: logging.Logger):
-    """A client for --dry-run's look at Dropbox, or None (logged) when there is no usable login:
-    a dry run must work before `python app.py --login`, so it only says the check was skipped."""
+def client_for_dry_run(open_client: Callable[[], object], log: logging.Logger, *, dry_run: bool = True):
+    """A client for Stage 1's look at Dropbox when it is optional, or None (logged) when there is
+    no usable login: a --dry-run (`dry_run`), which must work before `python app.py --login`, or
+    a run already stopped by problems in the workbook (not `dry_run`: the look at Dropbox adds its
+    problems to theirs when it can), so it only says the check was skipped."""
     try:
         return open_client()
     except (AuthError, NetworkProblem, RateLimited) as exc:
         hint = ("log in once with `python app.py --login`" if isinstance(exc, AuthError) else
                 "check the network, and the proxy and caBundle settings")
-        log.warning("Dry run: the Dropbox-side check of the destinations was skipped (%s). It runs before "
-                    "anything is sent in the real run; to have it here, %s.", exc.message, hint)
+        why = exc.message.rstrip(". ")
+        if dry_run:
+            log.warning("Dry run: the Dropbox-side check of the destinations was skipped: %s. It runs before "
+                        "anything is sent in the real run; to have it here, %s.", why, hint)
+        else:
+            log.warning("The Dropbox-side check of the destinations was skipped too: %s. It runs once the "
+                        "problems below are fixed, before anything is sent; to have it now, %s.", why, hint)
         return None
 
 

@@ -450,7 +450,7 @@ def run(context: RunContext, sheet: str) -> int:
     settings, log = context.settings, context.log
     rows, problems = sheets.read_tab_with_problems(settings.excelName, sheet, COLUMNS)
     log.info("Download: %d row(s) in tab '%s' of %s.", len(rows), sheet, settings.excelName)
-    with Journal(context.logs_root / "journal.sqlite3", sheet) as journal:
+    with Journal(context.logs_root / "journal.sqlite3", sheet, log=context.log) as journal:
         client = _connect(context, problems)
         # Rows with a member name an archive: its table of contents is read now (Stage 1 too).
         members = member_fetch.plan_members(client, [row for row in rows if row["member"]], log)

@@ -111,7 +111,7 @@ def with_dropbox_side(error: SheetError, context: RunContext, connect) -> SheetE
     works; without one the local problems come first and these follow once they are fixed)."""
     if error.plan is None or not error.plan.sources:
         return error
-    client = destinations.client_for_dry_run(connect, context.log)
+    client = destinations.client_for_dry_run(connect, context.log, dry_run=False)
     if client is None:
         return error
     more = destinations.check_destinations(client, error.plan, destination_of_row=lambda row: row["outputDir"],

@@ -12,6 +12,7 @@ file per job refuses a second copy of the same script on the same sheet.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import sqlite3
@@ -322,15 +323,22 @@ def _check_before_upgrading(path: Path, own_lock: Path | None) -> None:
             "Free some space there and run again. Nothing was changed.", paths=[path])
 
 
-def _bring_schema_up_to_date(db: sqlite3.Connection, path: Path, own_lock: Path | None = None) -> None:
+def _bring_schema_up_to_date(db: sqlite3.Connection, path: Path, own_lock: Path | None = None,
+                             log: logging.Logger | None = None) -> None:
     """Create a new journal, or upgrade one an earlier release wrote, in one transaction (an
     interrupted upgrade leaves the journal as it was). JournalError for a newer journal, or when
     an upgrade cannot run now (_check_before_upgrading); sqlite3.DatabaseError when the file
-    cannot be read or written. `own_lock`: this process's job lock file."""
+    cannot be read or written. `own_lock`: this process's job lock file; `log` hears of an upgrade
+    (it may take minutes for tens of millions of items)."""
     if _schema_version(db, path) == SCHEMA_VERSION:
         return
+    started = time.monotonic()
     if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'items'").fetchone():
         _check_before_upgrading(path, own_lock)
+        if log is not None:
+            log.info("The journal %s was written by an earlier release: bringing it up to date for this one, once "
+                     "(about 15 s per million files; if stopped, it stays as it was and the next run does it).",
+                     path)
     # IMMEDIATE: another sheet's script opening the same file waits here, then finds the
     # version current.
     db.execute("BEGIN IMMEDIATE")
@@ -360,6 +368,8 @@ def _bring_schema_up_to_date(db: sqlite3.Connection, path: Path, own_lock: Path 
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the WAL held the whole rewritten file
         except sqlite3.OperationalError:
             pass
+        if log is not None:
+            log.info("The journal is up to date (%.0f s).", time.monotonic() - started)
 
 # What an item forgets when Dropbox no longer holds what the journal says (local hashes stay).
 _FORGET_DROPBOX = (f"state = '{State.PENDING}', session_id = NULL, session_started = NULL, confirmed_offset = 0, "
@@ -480,7 +490,7 @@ class _JobLock:
 class Journal:
     """Thread-safe access to one job's rows of the journal database."""
 
-    def __init__(self, path: Path, job: str):
+    def __init__(self, path: Path, job: str, log: logging.Logger | None = None):
         self.path = Path(path)
         self.job = job
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -496,7 +506,7 @@ class Journal:
             self.wal = not on_network_drive(self.path.parent)
             self._db.execute("PRAGMA journal_mode=WAL" if self.wal else "PRAGMA journal_mode=DELETE")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            _bring_schema_up_to_date(self._db, self.path, self._lock_file.path)
+            _bring_schema_up_to_date(self._db, self.path, self._lock_file.path, log)
             self._db.execute("INSERT OR IGNORE INTO jobs (name) VALUES (?)", (job,))
             self._job_id = self._db.execute("SELECT id FROM jobs WHERE name = ?", (job,)).fetchone()[0]
         except (sqlite3.DatabaseError, JournalError) as exc:

@@ -379,9 +379,18 @@ def test_the_upgrade_waits_until_no_other_script_uses_the_journal(tmp_path):
         assert _version(path) == 1
     finally:
         other.release()
-    with Journal(path, "dropboxUpload_API") as journal:  # once it has finished
+    import logging
+
+    told = []
+    handler = logging.Handler()
+    handler.emit = lambda record: told.append(record.getMessage())
+    log = logging.getLogger("test_journal.upgrade")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    with Journal(path, "dropboxUpload_API", log=log) as journal:  # once it has finished
         assert [i.source for i in journal.items()] == ["/data/a"]
     assert _version(path) == SCHEMA_VERSION
+    assert "written by an earlier release: bringing it up to date" in told[0] and "up to date (" in told[1]
 
 
 def test_the_upgrade_needs_room_for_the_rewritten_table(tmp_path, monkeypatch):

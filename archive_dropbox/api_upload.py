@@ -148,11 +148,12 @@ class ApiUploader:
 
     # -- planning ----------------------------------------------------------------------------
 
-    def _look_at_dropbox(self, job_items: list[Item], remote_folders: Iterable[str]) -> None:
-        """The journal says what was sent, not what Dropbox holds now: look, then decide."""
-        for folder in deletion.topmost_folders(remote_folders):
-            listed = self.shared.call("listing Dropbox", lambda: self.client.list_files(folder))
-            self.shared.listing.update({case_key(k): v for k, v in listed.items()})
+    def _look_at_dropbox(self, job_items: list[Item], remote_folders: Iterable[str], listed: bool) -> None:
+        """The journal says what was sent, not what Dropbox holds now: look, then decide.
+        `listed`: shared.listing already holds what Dropbox has below `remote_folders`."""
+        for folder in () if listed else deletion.topmost_folders(remote_folders):
+            found = self.shared.call("listing Dropbox", lambda: self.client.list_files(folder))
+            self.shared.listing.update({case_key(k): v for k, v in found.items()})
         self._reconcile(job_items)
 
     def _reconcile(self, job_items: list[Item]) -> None:
@@ -237,16 +238,17 @@ class ApiUploader:
             self.jobs.submit("small", self.small_files.send, rest)
         self.jobs.wait_all()
 
-    def run(self, job_items: list[Item], remote_folders: Iterable[str]) -> Summary:
-        """Send every item not yet done; `remote_folders` are listed once to find what is there.
-        Raises the run's fatal error (AuthError, Ctrl-C, a bug) after stopping every worker."""
+    def run(self, job_items: list[Item], remote_folders: Iterable[str], *, listed: bool = False) -> Summary:
+        """Send every item not yet done; `remote_folders` are listed once to find what is there
+        (`listed`: they were, by Stage 1's destination check, into shared.listing). Raises the
+        run's fatal error (AuthError, Ctrl-C, a bug) after stopping every worker."""
         started = time.monotonic()
         by_source: dict[str, list[Item]] = {}
         for item in job_items:
             by_source.setdefault(item.source, []).append(item)
         self.summary.files_total = len(by_source)
         if job_items:
-            self._look_at_dropbox(job_items, remote_folders)
+            self._look_at_dropbox(job_items, remote_folders, listed)
         todo = {source: items for source, items in by_source.items() if any(i.state != State.DONE for i in items)}
         self.summary.items_done_before = sum(1 for i in job_items if i.state == State.DONE)
         total_bytes = sum(i.length for i in job_items)
@@ -329,7 +331,10 @@ def run(context: RunContext, sheet: str) -> int:
             return EXIT_OK
         client = open_client(context, workers=workers)
         # Before the first byte: Dropbox would refuse a blocked destination only at commit time.
-        destinations.refuse_blocked(client, plan, destination_of_row=lambda row: row["outputDir"], log=context.log)
+        # The same listing tells the upload what Dropbox holds: the destinations are listed once.
+        listing: dict[str, RemoteFile] = {}
+        destinations.refuse_blocked(client, plan, destination_of_row=lambda row: row["outputDir"], log=context.log,
+                                    files=listing)
         bind_account(journal, client, context.log)
         items = journal.sync_plan(prepare.iter_items(plan, sheet))
         options = UploadOptions(chunk_size=chunk, workers=settings.workers, if_exists=settings.ifExists,
@@ -341,7 +346,8 @@ def run(context: RunContext, sheet: str) -> int:
         uploader.shared.sources_to_delete = {str(s.source) for s in plan.sources if s.delete_after}
         context.log.info("Stage 2, upload through the Dropbox API with %d workers, %d MiB chunks.",
                          settings.workers, chunk // MIB)
-        summary = uploader.run(items, {row["outputDir"] for row in plan_rows(plan)})
+        uploader.shared.listing.update(listing)
+        summary = uploader.run(items, {row["outputDir"] for row in plan_rows(plan)}, listed=True)
         summary.failures.extend(uploader.create_empty_folders(plan.empty_folders))
         # Before any original goes: a row whose inventory is not in Dropbox keeps its originals.
         inventories = write_upload_inventories(client, plan, items, destination_of_row=lambda row: row["outputDir"],

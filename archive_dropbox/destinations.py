@@ -53,12 +53,14 @@ def _destinations(source: PlannedSource) -> list[str]:
 class _Folder:
     """What Dropbox holds at and below one destination folder, read once."""
 
-    def __init__(self, client, top: str, folder_keys: set[str] | None = None):
+    def __init__(self, client, top: str, folder_keys: set[str] | None = None, files: dict | None = None):
         """`folder_keys`: case_keys of the folders the plan needs; of Dropbox's files only those
         at such a key are kept (only they can be in the way), so memory follows the plan's
-        folders, not the files Dropbox holds there. None keeps every entry."""
+        folders, not the files Dropbox holds there. None keeps every entry. `files`, when given,
+        gets every Dropbox file listed, by case_key of its path_lower (the upload's listing)."""
         self.top = top
         self._folder_keys = folder_keys
+        self._files = files
         self.blocked_by: str | None = None     # a file at `top` or at one of its parents
         self.entries: dict[str, RemoteFile | RemoteFolder] = {}
         if top == "/":
@@ -80,15 +82,18 @@ class _Folder:
                 cursor = _parent(cursor)
 
     def _list(self, client) -> None:
-        keep = self._folder_keys
+        keep, files = self._folder_keys, self._files
         for remote in client.iter_entries_or_empty(self.top):
+            if files is not None and isinstance(remote, RemoteFile):
+                files[case_key(remote.path_lower)] = remote
             key = case_key(remote.path_display)
             if keep is None or isinstance(remote, RemoteFolder) or key in keep:
                 self.entries[key] = remote
 
 
 def check_destinations(client, plan: Plan, *, destination_of_row: Callable[[SheetRow], str],
-                       column: str = "outputDir", log: logging.Logger | None = None) -> list[SheetProblem]:
+                       column: str = "outputDir", log: logging.Logger | None = None,
+                       files: dict | None = None) -> list[SheetProblem]:
     """Problems with the Dropbox side of every row of `plan`: its destination folder, or a parent
     of it, is a file in Dropbox; a file's destination (or a part's) is a folder in Dropbox; a
     folder on the way to a file is a file in Dropbox. An empty folder to create counts as well.
@@ -96,7 +101,9 @@ def check_destinations(client, plan: Plan, *, destination_of_row: Callable[[Shee
     `destination_of_row(row)` is the Dropbox folder a row's files land in (Stage 1's mapping);
     `client` is a dropbox_client.DropboxClient (metadata, iter_entries_or_empty). Returns [] when
     everything can land. Raises what the client raises (NetworkProblem, AuthError, ...). The plan
-    is read once, file by file: what is held is per row and per problem, not per file."""
+    is read once, file by file: what is held is per row and per problem, not per file. `files`,
+    when given, gets every file Dropbox holds below the rows' destinations (see _Folder), so that
+    the upload need not list them again."""
     folders: dict[str, _Folder] = {}
     checks: dict[int, _RowCheck] = {}  # id(row) -> its check, in plan order
     for source in plan.sources:
@@ -105,7 +112,7 @@ def check_destinations(client, plan: Plan, *, destination_of_row: Callable[[Shee
             top = destination_of_row(source.row)
             folder = folders.get(case_key(top))
             if folder is None:
-                folder = folders[case_key(top)] = _Folder(client, top, plan.folder_keys)
+                folder = folders[case_key(top)] = _Folder(client, top, plan.folder_keys, files)
             check = checks[id(source.row)] = _RowCheck(source.row, folder)
         check.add(source)
     problems: list[SheetProblem] = []
@@ -122,11 +129,11 @@ def check_destinations(client, plan: Plan, *, destination_of_row: Callable[[Shee
 
 
 def refuse_blocked(client, plan: Plan, *, destination_of_row: Callable[[SheetRow], str],
-                   log: logging.Logger) -> None:
+                   log: logging.Logger, files: dict | None = None) -> None:
     """check_destinations, raising SheetError (exit status 2, nothing sent) when a row is blocked."""
     log.info("Checking each row's destination in Dropbox (a folder where a file should go, or a file on "
              "the way, is refused by Dropbox only after every byte is sent).")
-    problems = check_destinations(client, plan, destination_of_row=destination_of_row, log=log)
+    problems = check_destinations(client, plan, destination_of_row=destination_of_row, log=log, files=files)
     if problems:
         raise SheetError(problems)
 

@@ -1,5 +1,6 @@
 """A rerun costs what changed (issue 18): Stage 1 does not open files an earlier run sent and
-that have not changed since, and checks a folder's Dropbox chain once, not once per file."""
+that have not changed since, checks a folder's Dropbox chain once, not once per file, and the
+destination is listed once per run (the destination check's listing serves the upload)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from archive_dropbox import prepare
 from archive_dropbox.journal import Item, Journal, Kind
 from archive_dropbox.sheets import SheetRow
 
-from conftest import make_tree
+from conftest import REPO, client_env, make_tree, run_script, write_xlsx
 
 JOB = "dropboxUpload_API"
 
@@ -76,3 +77,28 @@ def test_a_folders_dropbox_chain_is_checked_once_not_once_per_file(tmp_path, mon
     plan = _plan(_row(tmp_path, data), check_readable=False)
     assert len(plan.sources) == 100
     assert sorted(chains) == [("deep", "er", "run0"), ("deep", "er", "run1")]
+
+
+def test_a_rerun_lists_the_destination_once_and_sends_only_what_changed(tmp_path, server):
+    """Stage 1's destination check and the upload's look at what Dropbox holds share one
+    listing: a rerun with one file touched lists the destination once, sends that file alone."""
+    data = make_tree(tmp_path / "data", {f"run{r}/frame_{f:03d}.tif": 10 + f for r in range(3) for f in range(20)})
+    book = write_xlsx(tmp_path / "inputs.xlsx", {JOB: [["inputFile", "outputDir", "deleteAfterUpload"],
+                                                       [str(data), "/Archive/data", 0]]})
+
+    def upload() -> None:
+        done = run_script(REPO / "app.py", "--excelName", str(book), "--sheetName", JOB, "--logs",
+                          str(tmp_path / "logs"), "--caBundle", server.ca_file, "--ifExists", "overwrite",
+                          env=client_env(server))
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    upload()
+    (data / "run1" / "frame_007.tif").write_bytes(b"touched")
+    server.clear_log()
+    upload()
+    assert server.count_calls("files/list_folder") == 1  # was 2: the check, then the upload again
+    assert server.count_calls("files/list_folder/continue") == 0
+    commits = ("files/upload", "files/upload_session/finish", "files/upload_session/finish_batch_v2")
+    sent = [call["path"] for call in server.calls() if call["route"] in commits]
+    # The row's inventory is written again too (it lists the touched file's new size and date).
+    assert [path for path in sent if "_inventory_" not in path] == ["/Archive/data/run1/frame_007.tif"], sent

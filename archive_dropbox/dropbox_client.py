@@ -11,6 +11,7 @@ refresh); what it does not retry (dropped connections, timeouts) surfaces as
 from __future__ import annotations
 
 import datetime as dt
+import os
 import threading
 import unicodedata
 from dataclasses import dataclass
@@ -645,6 +646,16 @@ class DropboxClient:
         self._call("deleting from Dropbox", path, self._dbx.files_delete_v2, lookup_path(path))
 
     # downloads ------------------------------------------------------------------------------
+
+    def download_to(self, path: str, local: os.PathLike | str) -> RemoteFile:
+        """The whole file at `path` written to `local` (created or replaced) in download_range's
+        pieces, so memory stays at one piece; its metadata. Raises as download_range does; a
+        partly written `local` is the caller's to discard."""
+        remote, chunks = self.download_range(path, 0, None)
+        with open(local, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+        return remote
 
     def download_range(self, path: str, start: int = 0, end: int | None = None,
                        chunk_size: int = 8 * 1024 * 1024) -> tuple[RemoteFile, Iterator[bytes]]:

@@ -209,14 +209,9 @@ class Loader:
     def _csv(self, remote: RemoteFile) -> Iterator[Record]:
         local = self._temporary(remote.path_lower)
         try:
-            def download() -> None:
-                served, chunks = self.client.download_range(remote.path_lower, 0, None)
-                with open(local, "wb") as out:
-                    for chunk in chunks:
-                        out.write(chunk)
-
             try:
-                ask(self.retrier, f"reading the inventory {remote.path_display}", download)
+                ask(self.retrier, f"reading the inventory {remote.path_display}",
+                    lambda: self.client.download_to(remote.path_lower, local))
             except FileProblem as exc:
                 raise InventoryError(f"inventory {remote.path_display}: {exc.message}",
                                      paths=[remote.path_display]) from None

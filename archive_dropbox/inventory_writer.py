@@ -378,15 +378,8 @@ class InventoryWriter:
     def _download(self, remote: RemoteFile) -> Path:
         """The inventory at `remote`, downloaded into the work folder."""
         local = self._local("earlier.csv")
-
-        def download() -> None:
-            _, chunks = self.client.download_range(remote.path_lower, 0, None)
-            with open(local, "wb") as out:
-                for piece in chunks:
-                    out.write(piece)
-
         try:
-            self.call(f"reading {remote.path_display}", download)
+            self.call(f"reading {remote.path_display}", lambda: self.client.download_to(remote.path_lower, local))
         except BaseException:
             discard_temporary_quietly(local)
             raise

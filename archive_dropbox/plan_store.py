@@ -110,6 +110,8 @@ CREATE TABLE claims (                -- the parts and manifests of split files: 
 CREATE INDEX claims_key ON claims (key)
 """
 _COLUMNS = "id, row, source, size, mtime_ns, destination, delete_after, file_id"
+_INSERT = ("INSERT INTO files (key, row, source, size, mtime_ns, destination, delete_after, file_id) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 @contextmanager
@@ -156,10 +158,11 @@ class PlanStore(Sequence[PlannedSource]):
     # -- writing (Stage 1, one thread) ----------------------------------------------------------
 
     def add(self, row: SheetRow, source: str | Path, size: int, mtime_ns: int, destination: str, delete_after: bool,
-            file_id: str | None) -> tuple[str, Path, SheetRow] | None:
+            file_id: str | None, key: str | None = None) -> tuple[str, Path, SheetRow] | None:
         """Add one file. When Dropbox would take it for a file added before, nothing is added
-        and (that file's destination, local path, row) is returned."""
-        key = case_key(destination)
+        and (that file's destination, local path, row) is returned. `key`: case_key(destination),
+        when the caller has it already."""
+        key = case_key(destination) if key is None else key
         row_index = self._row_index.get(id(row))
         if row_index is None:
             row_index = self._row_index[id(row)] = len(self.rows)
@@ -168,11 +171,9 @@ class PlanStore(Sequence[PlannedSource]):
             claimed = self._claimed(key) if self._claims else None
             if claimed is not None:
                 return claimed
+            record = (row_index, str(source), size, mtime_ns, destination, int(delete_after), file_id)
             try:
-                self._db.execute("INSERT INTO files (key, row, source, size, mtime_ns, destination, delete_after, "
-                                 "file_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                 (key_hash(key), row_index, str(source), size, mtime_ns, destination, int(delete_after),
-                                  file_id))
+                self._db.execute(_INSERT, (key_hash(key), *record))
             except sqlite3.IntegrityError:
                 other = self._same_hash(key)
                 if other is not None:
@@ -180,9 +181,7 @@ class PlanStore(Sequence[PlannedSource]):
                 if key in self._overflow:
                     return self._overflow[key]
                 self._overflow[key] = (destination, Path(source), row)
-                self._db.execute("INSERT INTO files (key, row, source, size, mtime_ns, destination, delete_after, "
-                                 "file_id) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?)",
-                                 (row_index, str(source), size, mtime_ns, destination, int(delete_after), file_id))
+                self._db.execute(_INSERT, (None, *record))
         self._count += 1
         self.total_bytes += size
         if size > self.part_limit:

@@ -178,7 +178,7 @@ class _Namespace:
         if key in self.folders:
             return _folder_clash(shown(path), row, destination, self.folders[key])
         other = self.store.add(row, path, info.st_size, info.st_mtime_ns, destination, delete_after,
-                               f"{info.st_dev}:{info.st_ino}" if info.st_ino else None)
+                               f"{info.st_dev}:{info.st_ino}" if info.st_ino else None, key)
         if other is None and info.st_size > self.store.part_limit:
             # Its parts and manifest are files in Dropbox too: beside it, named after it.
             planned = PlannedSource(row, Path(path), info.st_size, 0, destination, delete_after,

@@ -278,6 +278,20 @@ def _schema_version(db: sqlite3.Connection, path: Path) -> int:
     return version
 
 
+def _os_lock(handle, *, unlock: bool = False) -> None:
+    """Take, without waiting, or release the OS lock on the first byte of an open lock file;
+    OSError when another process holds it. The OS drops it when the process dies, even by kill -9."""
+    if os.name == "nt":
+        import msvcrt  # Windows-only module
+
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK if unlock else msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl  # POSIX-only module
+
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN if unlock else fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def _held_by_another(lock: Path) -> bool:
     """Whether another process holds this job lock file now (see _JobLock)."""
     try:
@@ -285,17 +299,8 @@ def _held_by_another(lock: Path) -> bool:
     except OSError:
         return False
     try:
-        if os.name == "nt":
-            import msvcrt  # Windows-only module
-
-            handle.seek(0)
-            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-            msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
-        else:
-            import fcntl  # POSIX-only module
-
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        _os_lock(handle)
+        _os_lock(handle, unlock=True)
         return False
     except OSError:
         return True
@@ -460,15 +465,7 @@ class _JobLock:
         self.path = path
         self._handle = open(path, "a+b")
         try:
-            if os.name == "nt":
-                import msvcrt  # Windows-only module
-
-                self._handle.seek(0)
-                msvcrt.locking(self._handle.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl  # POSIX-only module
-
-                fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _os_lock(self._handle)
         except OSError:
             self._handle.close()
             raise JournalLocked(

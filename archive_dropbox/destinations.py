@@ -117,12 +117,10 @@ def check_destinations(client, plan: Plan, *, destination_of_row: Callable[[Shee
         check.add(source)
     problems: list[SheetProblem] = []
     for check in checks.values():
-        texts = check.texts(plan.empty_folders)
-        for text in texts[:MAX_PROBLEMS_PER_ROW]:
-            problems.append(check.row.problem(text, column))
-        if len(texts) > MAX_PROBLEMS_PER_ROW:
-            problems.append(check.row.problem(f"... and {len(texts) - MAX_PROBLEMS_PER_ROW} more problems like these",
-                                              column))
+        shown, total = check.texts(plan.empty_folders)
+        problems.extend(check.row.problem(text, column) for text in shown)
+        if total > len(shown):
+            problems.append(check.row.problem(f"... and {total - len(shown)} more problems like these", column))
     if log is not None:
         log.info("Destinations in Dropbox checked: %d folder(s), %d problem(s).", len(folders), len(problems))
     return problems
@@ -163,7 +161,8 @@ class _RowCheck:
 
     def __init__(self, row: SheetRow, folder: _Folder):
         self.row, self.folder = row, folder
-        self._texts: list[str] = []
+        self._texts: list[str] = []  # the first MAX_PROBLEMS_PER_ROW folders in the way
+        self._unshown = 0            # and how many more
         # blocking Dropbox file -> (how many paths of this row go inside it, the first of them)
         self._under_file: dict[str, list] = {}
 
@@ -174,12 +173,12 @@ class _RowCheck:
         for destination in _destinations(source):
             found = folder.entries.get(case_key(destination))
             if isinstance(found, RemoteFolder):
-                if len(self._texts) <= MAX_PROBLEMS_PER_ROW:
+                if len(self._texts) < MAX_PROBLEMS_PER_ROW:
                     self._texts.append(f"{found.path_display} is a folder in Dropbox, so {source.source} cannot be "
                                        "uploaded there. Move or rename that folder in Dropbox, or give another "
                                        "outputDir")
                 else:
-                    self._texts.append("")  # counted only: past MAX_PROBLEMS_PER_ROW they are not shown
+                    self._unshown += 1
             else:
                 self._file_above(destination, including_itself=False)
 
@@ -191,16 +190,17 @@ class _RowCheck:
                 counted[0] += 1
                 return
 
-    def texts(self, empty_folders: Iterable[str]) -> list[str]:
+    def texts(self, empty_folders: Iterable[str]) -> tuple[list[str], int]:
+        """(the row's problems to show, at most MAX_PROBLEMS_PER_ROW; how many there are in all)."""
         folder, top = self.folder, self.folder.top
         if folder.blocked_by is not None:
             if case_key(folder.blocked_by) == case_key(top):
                 return [f"outputDir {top} is a file in Dropbox, so nothing can be put inside it. Give another "
-                        "outputDir, or move or rename that file in Dropbox"]
+                        "outputDir, or move or rename that file in Dropbox"], 1
             return [f"{folder.blocked_by} is a file in Dropbox, so outputDir {top} cannot be created inside it. "
-                    "Give another outputDir, or move or rename that file in Dropbox"]
+                    "Give another outputDir, or move or rename that file in Dropbox"], 1
         if not folder.entries:
-            return []
+            return [], 0
         top_key = case_key(top)
         for path in empty_folders:
             if top_key == "/" or case_key(path).startswith(top_key + "/"):
@@ -210,4 +210,4 @@ class _RowCheck:
             texts.append(f"{blocking} is a file in Dropbox, so {count} path(s) of this row that go inside it "
                          f"(e.g. {first}) cannot be created. Move or rename that file in Dropbox, or give another "
                          "outputDir")
-        return texts
+        return texts[:MAX_PROBLEMS_PER_ROW], len(texts) + self._unshown

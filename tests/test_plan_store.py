@@ -226,3 +226,27 @@ def test_a_file_named_like_a_split_files_manifest_or_part_is_refused(tmp_path, s
                            part_limit=100, log=LOG)
     text = str(caught.value.describe())
     assert f"would both be /Out/{manifest_name} in Dropbox" in text, text
+
+
+def test_a_row_with_many_folders_in_the_way_shows_fifty_and_counts_the_rest(tmp_path):
+    from archive_dropbox import destinations
+    from archive_dropbox.dropbox_client import RemoteFolder
+
+    for index in range(60):
+        (tmp_path / "data").mkdir(exist_ok=True)
+        (tmp_path / "data" / f"f{index:02d}.tif").touch()
+    plan = _plan(tmp_path / "data")
+    held = [RemoteFolder("/Archive/data", "/archive/data")]
+    held += [RemoteFolder(f"/Archive/data/f{index:02d}.tif", f"/archive/data/f{index:02d}.tif") for index in range(60)]
+
+    class Client:
+        def metadata(self, path):
+            return held[0]
+
+        def iter_entries_or_empty(self, top):
+            return iter(held)
+
+    problems = destinations.check_destinations(Client(), plan, destination_of_row=lambda r: r["outputDir"])
+    assert len(problems) == destinations.MAX_PROBLEMS_PER_ROW + 1
+    assert all("is a folder in Dropbox" in str(problem) for problem in problems[:-1])
+    assert "... and 10 more problems like these" in str(problems[-1])

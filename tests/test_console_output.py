@@ -56,24 +56,35 @@ def upload(tmp_path: Path, server: DropboxTestServer, count: int, *extra_files: 
     return result, log_files(tmp_path / "logs", "upload")[-1].read_text(encoding="utf-8")
 
 
-def test_upload_console_stays_short_and_the_log_has_every_file(tmp_path):
+def console_at_two_sizes(tmp_path: Path, run, counts: tuple[int, int], result_word: str, check) -> None:
+    """Each count: `run(folder, server, count)` against its own test server; every file in the
+    log with `result_word`, `check(count, result, said)` passing (said: the log's results by
+    path), no per-file line on the console; the larger run's console no longer than the smaller's."""
     lines = {}
-    for count in (200, 2000):
+    for count in counts:
         server = DropboxTestServer(tmp_path / f"server{count}")
         try:
-            result, log = upload(tmp_path / f"run{count}", server, count)
+            result, log = run(tmp_path / f"run{count}", server, count)
         finally:
             server.stop()
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         said = results(log)
-        assert len(said) == count and set(said.values()) == {"UPLOADED"}, len(said)
-        assert said[f"/Many/d07/f{count - 13:05d}.txt"] == "UPLOADED"
+        assert len(said) == count and set(said.values()) == {result_word}, len(said)
+        check(count, result, said)
         lines[count] = console_lines(result)
         assert not [line for line in lines[count] if "\t->\t" in line], "a per-file line reached the console"
-        assert "Summary:" in result.stdout
-    assert len(lines[2000]) <= MOST_CONSOLE_LINES, "\n".join(lines[2000])
+    small, large = counts
+    assert len(lines[large]) <= MOST_CONSOLE_LINES, "\n".join(lines[large])
     # Ten times the files, the same console (give or take a progress line on a slow machine).
-    assert len(lines[2000]) <= len(lines[200]) + 3, (lines[200], lines[2000])
+    assert len(lines[large]) <= len(lines[small]) + 3, (lines[small], lines[large])
+
+
+def test_upload_console_stays_short_and_the_log_has_every_file(tmp_path):
+    def check(count, result, said):
+        assert said[f"/Many/d07/f{count - 13:05d}.txt"] == "UPLOADED"
+        assert "Summary:" in result.stdout
+
+    console_at_two_sizes(tmp_path, upload, (200, 2000), "UPLOADED", check)
 
 
 def test_a_failed_file_still_reaches_the_console(tmp_path):
@@ -103,21 +114,10 @@ def download(tmp_path: Path, server: DropboxTestServer, count: int):
 
 
 def test_download_console_stays_short_and_the_log_has_every_file(tmp_path):
-    lines = {}
-    for count in (50, 500):
-        server = DropboxTestServer(tmp_path / f"server{count}")
-        try:
-            result, log = download(tmp_path / f"run{count}", server, count)
-        finally:
-            server.stop()
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        said = results(log)
-        assert len(said) == count and set(said.values()) == {"DOWNLOADED"}, len(said)
+    def check(count, result, said):
         assert (tmp_path / f"run{count}" / "restore" / "Down" / "d3" / "f0013.txt").read_bytes() == b"13\n"
-        lines[count] = console_lines(result)
-        assert not [line for line in lines[count] if "\t->\t" in line], "a per-file line reached the console"
-    assert len(lines[500]) <= MOST_CONSOLE_LINES, "\n".join(lines[500])
-    assert len(lines[500]) <= len(lines[50]) + 3, (lines[50], lines[500])
+
+    console_at_two_sizes(tmp_path, download, (50, 500), "DOWNLOADED", check)
 
 
 # -- in this process -------------------------------------------------------------------------

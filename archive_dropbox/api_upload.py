@@ -19,10 +19,11 @@ from __future__ import annotations
 import concurrent.futures as futures
 import hashlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Collection, Iterable
 
 from . import deletion, destinations, prepare, split, units
 from .cli import RunContext
@@ -30,10 +31,10 @@ from .content_hash import bytes_content_hash
 from .commit_queue import CommitQueue
 from .dropbox_client import DropboxClient, RemoteConflict, RemoteFile
 from .errors import EXIT_OK, EXIT_SOME_FAILED, AuthError, FileProblem, SheetError
-from .inventory_writer import write_upload_inventories
+from .inventory_writer import planned_with_items, write_upload_inventories
 from .job_setup import (bind_account, open_client, plan_rows, prepare_rows, settle_interrupted_deletions,
                         with_dropbox_side)
-from .journal import Item, Journal, Kind, State
+from .journal import Item, Journal, Kind, State, folder_digest, settled_key
 from .names import case_key
 from .prepare import Plan
 from .small_files import SmallFileGroups, SmallFileSender
@@ -208,9 +209,8 @@ class ApiUploader:
             self.log.info("Every file of this sheet is in Dropbox now, identical (checked by content hash); "
                           "nothing to send.")
             return
-        self.log.info("%d of %d files still to send (%s); %d items were finished in earlier runs and are in "
-                      "Dropbox now.", len(todo), files_total, human_bytes(remaining_bytes),
-                      self.summary.items_done_before)
+        self.log.info("%d of %d files still to send (%s); %d items were finished in earlier runs.",
+                      len(todo), files_total, human_bytes(remaining_bytes), self.summary.items_done_before)
         to_store = self._bytes_to_store(item for items in todo.values() for item in items)
         usage = self.client.space_usage()
         if usage.free is not None and usage.free < to_store:
@@ -238,23 +238,28 @@ class ApiUploader:
             self.jobs.submit("small", self.small_files.send, rest)
         self.jobs.wait_all()
 
-    def run(self, job_items: list[Item], remote_folders: Iterable[str], *, listed: bool = False) -> Summary:
+    def run(self, job_items: list[Item], remote_folders: Iterable[str], *, listed: bool = False,
+            settled: tuple[int, int] = (0, 0)) -> Summary:
         """Send every item not yet done; `remote_folders` are listed once to find what is there
-        (`listed`: they were, by Stage 1's destination check, into shared.listing). Raises the
-        run's fatal error (AuthError, Ctrl-C, a bug) after stopping every worker."""
+        (`listed`: they were, by Stage 1's destination check, into shared.listing). `settled`:
+        (files, bytes) of the sheet that Stage 1 left out of the plan, settled in earlier runs
+        (counted as done before). Raises the run's fatal error (AuthError, Ctrl-C, a bug) after
+        stopping every worker."""
         started = time.monotonic()
+        settled_files, settled_bytes = settled
         by_source: dict[str, list[Item]] = {}
         for item in job_items:
             by_source.setdefault(item.source, []).append(item)
-        self.summary.files_total = len(by_source)
+        self.summary.files_total = len(by_source) + settled_files
         if job_items:
             self._look_at_dropbox(job_items, remote_folders, listed)
         todo = {source: items for source, items in by_source.items() if any(i.state != State.DONE for i in items)}
-        self.summary.items_done_before = sum(1 for i in job_items if i.state == State.DONE)
-        total_bytes = sum(i.length for i in job_items)
+        # A settled file counts as one item, whether it was sent whole or split.
+        self.summary.items_done_before = sum(1 for i in job_items if i.state == State.DONE) + settled_files
+        total_bytes = sum(i.length for i in job_items) + settled_bytes
         remaining_bytes = sum(i.length for items in todo.values() for i in items if i.state != State.DONE)
         self.shared.progress = ByteProgress(self.log, total=total_bytes, done=total_bytes - remaining_bytes,
-                                            desc="Uploading", verb="send", files_total=len(job_items),
+                                            desc="Uploading", verb="send", files_total=len(job_items) + settled_files,
                                             files_done=self.summary.items_done_before)
         try:
             self._announce(todo, len(by_source), remaining_bytes)
@@ -301,6 +306,40 @@ def delete_verified_sources(client: DropboxClient, plan: Plan, journal: Journal,
     return len(report.deleted), [(str(path), reason) for path, reason in report.kept]
 
 
+def record_settled_folders(journal: Journal, plan: Plan, items: list[Item], failed_rows: Collection[int]) -> int:
+    """After the upload, settle the folders whose files are all done now: for every folder of a
+    folder row that deletes nothing and whose inventory was written, the journal records the
+    folder_digest of its files, so that the next run's Stage 1 leaves the folder out while
+    nothing in it changes (prepare.build_plan). A folder's files are consecutive in the plan
+    (the walk lists a folder at a time), so one folder is held at a time. Returns how many."""
+    settled: list[tuple[int, bytes]] = []
+    folder_rows: dict[int, bool] = {}
+    current: int | None = None
+    files: list[tuple[str, int, int, int, str | None]] = []
+    all_done = True
+    for source, chunk in planned_with_items(plan, items):
+        row = source.row
+        if id(row) not in folder_rows:
+            root = row["inputFile"]
+            folder_rows[id(row)] = isinstance(root, Path) and root.is_dir()
+        key = None
+        if folder_rows[id(row)] and not source.delete_after and id(row) not in failed_rows:
+            path = str(source.source)
+            key = settled_key(os.path.dirname(path), source.destination_folder)
+        if key != current:
+            if current is not None and all_done:
+                settled.append((current, folder_digest(files)))
+            current, files, all_done = key, [], True
+        if key is not None:
+            files.append((os.path.basename(path), source.size, source.mtime_ns,
+                          len(source.parts) if source.parts else 0, source.file_id))
+            all_done = all_done and all(item.state == State.DONE for item in chunk)
+    if current is not None and all_done:
+        settled.append((current, folder_digest(files)))
+    journal.settled_folders.record(settled)
+    return len(settled)
+
+
 # ============================================================================ entry point
 
 
@@ -314,11 +353,14 @@ def run(context: RunContext, sheet: str) -> int:
     with Journal(context.logs_root / "journal.sqlite3", sheet, log=context.log) as journal:
         settle_interrupted_deletions(journal, context.log)
         workers = settings.workers * (settings.connectionsPerFile + 1)
-        try:
-            plan = prepare_rows(context, sheet, destination_of_row=lambda row: row["outputDir"],
+        def plan_the_rows(settled: bool) -> Plan:
+            return prepare_rows(context, sheet, destination_of_row=lambda row: row["outputDir"],
                                 part_limit=part_limit, already_done=journal.deleted_sources(),
-                                sent_unchanged=journal.sent_unchanged_among, mode="API",
-                                bytes_per_second=50e6)
+                                sent_unchanged=journal.sent_unchanged_among, mode="API", bytes_per_second=50e6,
+                                settled_folder=journal.settled_folders.holds if settled else None)
+
+        try:
+            plan = plan_the_rows(journal.settled_folders.any())
         except SheetError as exc:
             # All of Stage 1's problems in one pass: the Dropbox side of what could be planned too.
             raise with_dropbox_side(exc, context, lambda: open_client(context, workers=workers)) from None
@@ -330,12 +372,14 @@ def run(context: RunContext, sheet: str) -> int:
             context.log.info("Dry run: nothing was sent.")
             return EXIT_OK
         client = open_client(context, workers=workers)
+        if bind_account(journal, client, context.log) and plan.settled_files:
+            # Settled meant "in the other account": nothing is, here. Stage 1 again, in full.
+            plan = plan_the_rows(False)
         # Before the first byte: Dropbox would refuse a blocked destination only at commit time.
         # The same listing tells the upload what Dropbox holds: the destinations are listed once.
         listing: dict[str, RemoteFile] = {}
         destinations.refuse_blocked(client, plan, destination_of_row=lambda row: row["outputDir"], log=context.log,
                                     files=listing)
-        bind_account(journal, client, context.log)
         items = journal.sync_plan(prepare.iter_items(plan, sheet))
         options = UploadOptions(chunk_size=chunk, workers=settings.workers, if_exists=settings.ifExists,
                                 checksum=settings.checksum, sleep_seconds=settings.sleepTime_min * 60,
@@ -347,18 +391,23 @@ def run(context: RunContext, sheet: str) -> int:
         context.log.info("Stage 2, upload through the Dropbox API with %d workers, %d MiB chunks.",
                          settings.workers, chunk // MIB)
         uploader.shared.listing.update(listing)
-        summary = uploader.run(items, {row["outputDir"] for row in plan_rows(plan)}, listed=True)
+        summary = uploader.run(items, {row["outputDir"] for row in plan_rows(plan)}, listed=True,
+                               settled=(plan.settled_files, plan.settled_bytes))
         summary.failures.extend(uploader.create_empty_folders(plan.empty_folders))
         # Before any original goes: a row whose inventory is not in Dropbox keeps its originals.
+        # With settled folders the listing covers only the planned files' folders, not where the
+        # row inventories are: each is looked up instead.
         inventories = write_upload_inventories(client, plan, items, destination_of_row=lambda row: row["outputDir"],
                                                logs_root=context.logs_root, job=sheet, log=context.log,
-                                               call=uploader.shared.call, listing=uploader.shared.listing)
+                                               call=uploader.shared.call,
+                                               listing=None if plan.settled_files else uploader.shared.listing)
         summary.failures.extend(inventories.failures)
         deleted, delete_failures = delete_verified_sources(client, inventories.deletable(plan), journal, context.log)
         summary.deleted_sources = deleted
         for path, message in delete_failures:
             summary.failures.append((path, message))
             context.log.error("NOT DELETED\t%s: %s", path, message)
+        record_settled_folders(journal, plan, items, inventories.failed_rows)
         _log_summary(context, summary)
         return EXIT_OK if summary.ok else EXIT_SOME_FAILED
 

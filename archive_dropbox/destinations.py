@@ -9,6 +9,9 @@ Cost, per distinct destination folder of the sheet (a row's `outputDir`): one
 `files/get_metadata`; when the folder exists, one recursive `files/list_folder` of it (pages of
 up to 2,000 entries, so 10,000 files already there cost 5 pages); when it does not, one
 `files/get_metadata` per missing parent up to the first that exists. Nothing is asked per file.
+A rerun whose plan leaves settled folders out (prepare.Plan.settled_files) asks only about the
+Dropbox folders its planned files go to, when they are few (NARROW_UP_TO per row): one
+non-recursive `files/list_folder` each, plus the get_metadata chain above when it lists nothing.
 Source: https://www.dropbox.com/developers/documentation/http/documentation (files/get_metadata,
 files/list_folder with recursive=true and limit <= 2000, WriteConflictError).
 """
@@ -26,6 +29,9 @@ from .sheets import SheetRow
 
 # Past this many problems in one row, the rest are counted, as Stage 1 does for local ones.
 MAX_PROBLEMS_PER_ROW = 50
+# A rerun's row with up to this many Dropbox folders to fill has them listed one by one (about a
+# request each); with more, one recursive listing of its outputDir costs fewer requests.
+NARROW_UP_TO = 50
 
 
 def _parent(path: str) -> str:
@@ -53,24 +59,31 @@ def _destinations(source: PlannedSource) -> list[str]:
 class _Folder:
     """What Dropbox holds at and below one destination folder, read once."""
 
-    def __init__(self, client, top: str, folder_keys: set[str] | None = None, files: dict | None = None):
+    def __init__(self, client, top: str, folder_keys: set[str] | None = None, files: dict | None = None, *,
+                 recursive: bool = True):
         """`folder_keys`: case_keys of the folders the plan needs; of Dropbox's files only those
         at such a key are kept (only they can be in the way), so memory follows the plan's
         folders, not the files Dropbox holds there. None keeps every entry. `files`, when given,
-        gets every Dropbox file listed, by case_key of its path_lower (the upload's listing)."""
+        gets every Dropbox file listed, by case_key of its path_lower (the upload's listing).
+        `recursive` False: only what is directly in `top` (listed first: when that finds
+        something, `top` is a folder and needs no get_metadata)."""
         self.top = top
         self._folder_keys = folder_keys
         self._files = files
+        self._recursive = recursive
         self.blocked_by: str | None = None     # a file at `top` or at one of its parents
         self.entries: dict[str, RemoteFile | RemoteFolder] = {}
         if top == "/":
             self._list(client)
             return
+        if not recursive and self._list(client):
+            return
         remote = client.metadata(top)
         if isinstance(remote, RemoteFile):
             self.blocked_by = remote.path_display or top
         elif isinstance(remote, RemoteFolder):
-            self._list(client)
+            if recursive:
+                self._list(client)
         else:
             cursor = _parent(top)
             while cursor != "/":
@@ -81,14 +94,18 @@ class _Folder:
                     break
                 cursor = _parent(cursor)
 
-    def _list(self, client) -> None:
+    def _list(self, client) -> bool:
+        """List `top` into entries (and `files`); whether anything was there."""
         keep, files = self._folder_keys, self._files
-        for remote in client.iter_entries_or_empty(self.top):
+        found = False
+        for remote in client.iter_entries_or_empty(self.top, recursive=self._recursive):
+            found = True
             if files is not None and isinstance(remote, RemoteFile):
                 files[case_key(remote.path_lower)] = remote
             key = case_key(remote.path_display)
             if keep is None or isinstance(remote, RemoteFolder) or key in keep:
                 self.entries[key] = remote
+        return found
 
 
 def check_destinations(client, plan: Plan, *, destination_of_row: Callable[[SheetRow], str],
@@ -101,19 +118,24 @@ def check_destinations(client, plan: Plan, *, destination_of_row: Callable[[Shee
     `destination_of_row(row)` is the Dropbox folder a row's files land in (Stage 1's mapping);
     `client` is a dropbox_client.DropboxClient (metadata, iter_entries_or_empty). Returns [] when
     everything can land. Raises what the client raises (NetworkProblem, AuthError, ...). The plan
-    is read once, file by file: what is held is per row and per problem, not per file. `files`,
-    when given, gets every file Dropbox holds below the rows' destinations (see _Folder), so that
-    the upload need not list them again."""
-    folders: dict[str, _Folder] = {}
-    checks: dict[int, _RowCheck] = {}  # id(row) -> its check, in plan order
+    is read once, file by file (twice when settled folders narrow the check): what is held is per
+    row and per problem, not per file. `files`, when given, gets every file Dropbox holds where it
+    was listed - below the rows' destinations, or in the folders the planned files go to when
+    the check is narrowed (see _Folder) - so that the upload need not list them again."""
+    narrowed = _narrowed_rows(plan) if plan.settled_files else set()
+    folders: dict[tuple[str, bool], _Folder] = {}
+    checks: dict[tuple[int, str], _RowCheck] = {}  # (id(row), its folder's key) -> its check, in plan order
     for source in plan.sources:
-        check = checks.get(id(source.row))
+        narrow = id(source.row) in narrowed
+        top = _parent(source.destination) if narrow else destination_of_row(source.row)
+        check = checks.get((id(source.row), case_key(top)))
         if check is None:
-            top = destination_of_row(source.row)
-            folder = folders.get(case_key(top))
+            folder = folders.get((case_key(top), narrow))
             if folder is None:
-                folder = folders[case_key(top)] = _Folder(client, top, plan.folder_keys, files)
-            check = checks[id(source.row)] = _RowCheck(source.row, folder)
+                folder = folders[case_key(top), narrow] = _Folder(client, top, plan.folder_keys, files,
+                                                                  recursive=not narrow)
+            check = checks[id(source.row), case_key(top)] = _RowCheck(source.row, folder,
+                                                                      destination_of_row(source.row))
         check.add(source)
     problems: list[SheetProblem] = []
     for check in checks.values():
@@ -124,6 +146,19 @@ def check_destinations(client, plan: Plan, *, destination_of_row: Callable[[Shee
     if log is not None:
         log.info("Destinations in Dropbox checked: %d folder(s), %d problem(s).", len(folders), len(problems))
     return problems
+
+
+def _narrowed_rows(plan: Plan) -> set[int]:
+    """id() of the rows whose planned files go to at most NARROW_UP_TO Dropbox folders (one
+    read of the plan; a set of folders per row, dropped once it passes the limit)."""
+    seen: dict[int, set[str] | None] = {}
+    for source in plan.sources:
+        folders = seen.setdefault(id(source.row), set())
+        if folders is not None:
+            folders.add(case_key(_parent(source.destination)))
+            if len(folders) > NARROW_UP_TO:
+                seen[id(source.row)] = None
+    return {row for row, folders in seen.items() if folders is not None}
 
 
 def refuse_blocked(client, plan: Plan, *, destination_of_row: Callable[[SheetRow], str],
@@ -159,8 +194,11 @@ def client_for_dry_run(open_client: Callable[[], object], log: logging.Logger, *
 class _RowCheck:
     """One row's files held against what Dropbox holds at its destination, file by file."""
 
-    def __init__(self, row: SheetRow, folder: _Folder):
+    def __init__(self, row: SheetRow, folder: _Folder, output_dir: str | None = None):
+        """`output_dir`: the row's outputDir, when `folder` may be a folder below it (a rerun's
+        narrowed check) and messages must not call that folder the outputDir."""
         self.row, self.folder = row, folder
+        self._is_output_dir = output_dir is None or case_key(output_dir) == case_key(folder.top)
         self._texts: list[str] = []  # the first MAX_PROBLEMS_PER_ROW folders in the way
         self._unshown = 0            # and how many more
         # blocking Dropbox file -> (how many paths of this row go inside it, the first of them)
@@ -194,10 +232,11 @@ class _RowCheck:
         """(the row's problems to show, at most MAX_PROBLEMS_PER_ROW; how many there are in all)."""
         folder, top = self.folder, self.folder.top
         if folder.blocked_by is not None:
+            named = f"outputDir {top}" if self._is_output_dir else f"the folder {top} (for files of this row)"
             if case_key(folder.blocked_by) == case_key(top):
-                return [f"outputDir {top} is a file in Dropbox, so nothing can be put inside it. Give another "
+                return [f"{named} is a file in Dropbox, so nothing can be put inside it. Give another "
                         "outputDir, or move or rename that file in Dropbox"], 1
-            return [f"{folder.blocked_by} is a file in Dropbox, so outputDir {top} cannot be created inside it. "
+            return [f"{folder.blocked_by} is a file in Dropbox, so {named} cannot be created inside it. "
                     "Give another outputDir, or move or rename that file in Dropbox"], 1
         if not folder.entries:
             return [], 0

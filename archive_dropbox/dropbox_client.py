@@ -504,10 +504,11 @@ class DropboxClient:
         return {remote.path_lower: remote for remote in self.iter_entries_or_empty(folder)
                 if isinstance(remote, RemoteFile)}
 
-    def iter_entries_or_empty(self, folder: str) -> Iterator[RemoteFile | RemoteFolder]:
-        """iter_entries, but a folder that is missing (or is a file) lists as empty."""
+    def iter_entries_or_empty(self, folder: str, *, recursive: bool = True) -> Iterator[RemoteFile | RemoteFolder]:
+        """iter_entries, but a folder that is missing (or is a file) lists as empty; `recursive`
+        False lists only what is directly inside it (files/list_folder, recursive=false)."""
         try:
-            page = self._dbx.files_list_folder("" if folder == "/" else lookup_path(folder), recursive=True,
+            page = self._dbx.files_list_folder("" if folder == "/" else lookup_path(folder), recursive=recursive,
                                                limit=2000)
         except ApiError as exc:
             tags, _ = _tags(exc.error)

@@ -134,6 +134,14 @@ def _pairs(plan: Plan, items: list[Item], span: _RowSpan) -> Iterator[tuple[int,
         at += count
 
 
+def planned_with_items(plan: Plan, items: list[Item]) -> Iterator[tuple[PlannedSource, list[Item]]]:
+    """Every source of `plan` with its items (journal.sync_plan's answer for the plan, in its
+    order). RuntimeError when they are not the plan's (a bug)."""
+    for span in row_spans(plan, items):
+        for _, source, chunk in _pairs(plan, items, span):
+            yield source, chunk
+
+
 def _done(chunk: list[Item]) -> bool:
     return all(item.state == State.DONE for item in chunk)
 

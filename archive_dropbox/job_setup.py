@@ -41,7 +41,7 @@ def open_client(context: RunContext, *, workers: int = 4):
 def prepare_rows(context: RunContext, sheet: str, *, destination_of_row, part_limit: int,
                  already_done: set[str], mode: str, bytes_per_second: float,
                  row_check: sheets.RowCheck | None = None, describe_plan=None,
-                 sent_unchanged=None) -> prepare.Plan:
+                 sent_unchanged=None, settled_folder=None) -> prepare.Plan:
     """Stage 1 with its own log in logs/dataPrep: read the tab, expand, check and plan.
 
     Rows holding the tool itself (app.py's folder, the logs, the workbook) are refused in every
@@ -83,7 +83,8 @@ def prepare_rows(context: RunContext, sheet: str, *, destination_of_row, part_li
                 plan = prepare.build_plan(plannable, input_column="inputFile", output_column="outputDir",
                                           delete_column="deleteAfterUpload", destination_of_row=destination_of_row,
                                           part_limit=part_limit, log=prep_log, already_done_sources=already_done,
-                                          progress=progress, sent_unchanged=sent_unchanged)
+                                          progress=progress, sent_unchanged=sent_unchanged,
+                                          settled_folder=settled_folder)
             except SheetError as exc:
                 problems, plan = problems + exc.problems, exc.plan
             finally:
@@ -132,8 +133,9 @@ def settle_interrupted_deletions(journal, log) -> None:
                  "listed in the log).", len(settled), deleted, len(settled) - deleted)
 
 
-def bind_account(journal, client, log) -> None:
-    """The journal's "done" is true of one Dropbox account and root namespace only."""
+def bind_account(journal, client, log) -> bool:
+    """The journal's "done" is true of one Dropbox account and root namespace only. Whether it
+    described another one until now (its done items and settled folders are then forgotten)."""
     account = client.account
     previous = journal.bind_account(account.account_id, account.root_namespace)
     if previous is not None:
@@ -141,6 +143,7 @@ def bind_account(journal, client, log) -> None:
                     "now %s (%s). Nothing it records counts as uploaded here: every file is looked up in this "
                     "Dropbox and sent when missing, and originals are deleted only once this Dropbox holds them.",
                     previous[0], previous[1], account.account_id, account.email)
+    return previous is not None
 
 
 def plan_rows(plan: prepare.Plan) -> list:

@@ -129,7 +129,7 @@ def _member(members: dict, enum: type, value):
 
 # The schema this release writes; PRAGMA user_version holds it. Version 0 is a journal written
 # before the version was recorded (or a new, empty file). Raise it with a step in _UPGRADES.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def path_key(path: str) -> int:
@@ -138,6 +138,28 @@ def path_key(path: str) -> int:
     every lookup also compares the paths themselves."""
     digest = hashlib.blake2b(path.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+def settled_key(local_folder: str, dropbox_folder: str) -> int:
+    """The key of one (local folder, Dropbox folder) pair in settled_folders: a row maps a local
+    folder to one Dropbox folder, but two rows may send one local folder to two places."""
+    return path_key(f"{local_folder}\0{dropbox_folder}")
+
+
+def item_folder_key(source: str, destination: str) -> int:
+    """settled_key of the folders an item's file lives in, locally and in Dropbox (a split
+    file's parts and manifest sit beside it)."""
+    return settled_key(os.path.dirname(source), destination.rsplit("/", 1)[0] or "/")
+
+
+def folder_digest(files: Iterable[tuple[str, int, int, int, str | None]]) -> bytes:
+    """16-byte BLAKE2b of a folder's files as Stage 1 finds them: (name, size in bytes,
+    mtime_ns, number of parts or 0 when sent whole, "st_dev:st_ino" or None where unknown), in
+    name order. Equal digests mean the same names, sizes, dates, files and split (a changed
+    fileSizeLimit_GB that splits a file differently changes it)."""
+    text = "".join([f"{name}\0{size}\0{mtime_ns}\0{parts}\0{file_id or ''}\n"
+                    for name, size, mtime_ns, parts, file_id in files])
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def _pack_hash(text: str | None):
@@ -193,6 +215,12 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_key ON items (job, source_key, destination_key);
 CREATE INDEX IF NOT EXISTS items_job_state ON items (job, state);
+CREATE TABLE IF NOT EXISTS settled_folders (
+    job INTEGER NOT NULL,            -- jobs.id
+    folder_key INTEGER NOT NULL,     -- settled_key(local folder, Dropbox folder)
+    digest BLOB NOT NULL,            -- folder_digest of its files when every item of them was done
+    PRIMARY KEY (job, folder_key)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS batches (
     job TEXT NOT NULL,
     number INTEGER NOT NULL,
@@ -262,8 +290,21 @@ def _upgrade_from_1(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX items_job_state ON items (job, state)")
 
 
+def _upgrade_from_2(db: sqlite3.Connection) -> None:
+    """Version 2 -> 3: settled_folders, so that a rerun's Stage 1 skips folders whose files were
+    all sent and have not changed. The version rises so that an older release, which would
+    reopen items without forgetting their folder's entry, refuses the journal."""
+    db.execute("CREATE TABLE settled_folders (job INTEGER NOT NULL, folder_key INTEGER NOT NULL, "
+               "digest BLOB NOT NULL, PRIMARY KEY (job, folder_key)) WITHOUT ROWID")
+
+
+# Versions below this one have their items table rewritten by the upgrade (minutes for tens of
+# millions of items, then compacted); from it on, an upgrade only adds tables.
+_ITEMS_REWRITTEN_UP_TO = 2
+
 # version -> the step that brings a journal of that version to the next one.
-_UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {0: _upgrade_from_0, 1: _upgrade_from_1}
+_UPGRADES: dict[int, Callable[[sqlite3.Connection], None]] = {0: _upgrade_from_0, 1: _upgrade_from_1,
+                                                              2: _upgrade_from_2}
 
 
 def _schema_version(db: sqlite3.Connection, path: Path) -> int:
@@ -335,10 +376,14 @@ def _bring_schema_up_to_date(db: sqlite3.Connection, path: Path, own_lock: Path 
     an upgrade cannot run now (_check_before_upgrading); sqlite3.DatabaseError when the file
     cannot be read or written. `own_lock`: this process's job lock file; `log` hears of an upgrade
     (it may take minutes for tens of millions of items)."""
-    if _schema_version(db, path) == SCHEMA_VERSION:
+    found = _schema_version(db, path)
+    if found == SCHEMA_VERSION:
         return
     started = time.monotonic()
-    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'items'").fetchone():
+    # Only the steps up to version 2 rewrite the items table; later ones add a table.
+    rewrites = found < _ITEMS_REWRITTEN_UP_TO and bool(
+        db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'items'").fetchone())
+    if rewrites:
         _check_before_upgrading(path, own_lock)
         if log is not None:
             log.info("The journal %s was written by an earlier release: bringing it up to date for this one, once "
@@ -354,7 +399,7 @@ def _bring_schema_up_to_date(db: sqlite3.Connection, path: Path, own_lock: Path 
             if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'items'").fetchone():
                 for step in range(version, SCHEMA_VERSION):
                     _UPGRADES[step](db)
-                upgraded = True
+                upgraded = rewrites
             else:
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
@@ -484,6 +529,65 @@ class _JobLock:
             pass
 
 
+class SettledFolders:
+    """One job's settled folders in the journal (the settled_folders table): folders whose every
+    file was sent, verified and recorded done, by their folder_digest. A rerun's Stage 1 leaves
+    a folder out while its files give the same digest (prepare.build_plan); the Journal forgets a
+    folder as soon as one of its items is no longer done. Shares the Journal's connection and lock."""
+
+    def __init__(self, journal: "Journal"):
+        self._journal = journal
+
+    def any(self) -> bool:
+        """Whether any folder of this job is recorded (else Stage 1 need not ask)."""
+        journal = self._journal
+        with journal._mutex:
+            return journal._db.execute("SELECT 1 FROM settled_folders WHERE job = ? LIMIT 1",
+                                       (journal._job_id,)).fetchone() is not None
+
+    def holds(self, key: int, digest: bytes) -> bool:
+        """Whether the folder pair `key` (settled_key) was recorded with exactly this folder_digest:
+        every file it has now was sent, verified and recorded done, and has not changed since."""
+        journal = self._journal
+        with journal._mutex:
+            row = journal._db.execute("SELECT digest FROM settled_folders WHERE job = ? AND folder_key = ?",
+                                      (journal._job_id, key)).fetchone()
+        return row is not None and row[0] == digest
+
+    def record(self, folders: Iterable[tuple[int, bytes]]) -> None:
+        """Record (settled_key, folder_digest) pairs in one transaction: call only for folders
+        whose every file's items are done now (and listed in their row's inventory)."""
+        journal = self._journal
+        rows = [(journal._job_id, key, digest) for key, digest in folders]
+        if not rows:
+            return
+        with journal._mutex:
+            try:
+                journal._db.execute("BEGIN")
+                journal._db.executemany(
+                    "INSERT OR REPLACE INTO settled_folders (job, folder_key, digest) VALUES (?, ?, ?)", rows)
+                journal._db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                journal._db.execute("ROLLBACK")
+                raise JournalError(f"cannot write to the journal {journal.path} ({exc}); is the disk full?",
+                                   paths=[journal.path]) from None
+
+    def forget(self, items: Iterable[Item]) -> None:
+        """Forget these items' folders; inside the caller's transaction and the journal's lock."""
+        journal = self._journal
+        keys = {item_folder_key(item.source, item.destination) for item in items}
+        journal._db.executemany("DELETE FROM settled_folders WHERE job = ? AND folder_key = ?",
+                                [(journal._job_id, key) for key in keys])
+
+    def forget_one(self, item: Item) -> None:
+        """Forget one item's folder (takes the journal's lock)."""
+        self._journal._write("DELETE FROM settled_folders WHERE job = ? AND folder_key = ?",
+                             (self._journal._job_id, item_folder_key(item.source, item.destination)))
+
+    def forget_all(self) -> None:
+        self._journal._write("DELETE FROM settled_folders WHERE job = ?", (self._journal._job_id,))
+
+
 class Journal:
     """Thread-safe access to one job's rows of the journal database."""
 
@@ -495,6 +599,7 @@ class Journal:
         self._lock_file = _JobLock(self.path.with_name(f"{self.path.stem}_{safe_job}.lock"))
         self._mutex = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self.settled_folders = SettledFolders(self)
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=60,
                                        isolation_level=None)
@@ -644,6 +749,7 @@ class Journal:
                          State.PENDING.value, SourceDeleted.KEPT.value, item.source_id, now, item.id))
                 for item in ids:
                     self._db.execute("UPDATE items SET source_id = ? WHERE id = ?", (item.source_id, item.id))
+                self.settled_folders.forget(resets)
                 self._db.execute("COMMIT")
             except sqlite3.OperationalError as exc:
                 self._db.execute("ROLLBACK")
@@ -719,6 +825,7 @@ class Journal:
         item.state, item.error = State.FAILED, error
         self._write("UPDATE items SET state = ?, error = ?, updated = ? WHERE id = ?",
                     (State.FAILED.value, error, time.time(), item.id))
+        self.settled_folders.forget_one(item)
 
     def mark_source_deleting(self, source: str) -> None:
         """Written ahead of the unlink: a rerun after a crash between the unlink and
@@ -783,6 +890,7 @@ class Journal:
                 item.state, item.session_id, item.session_started = State.PENDING, None, None
                 item.confirmed_offset, item.confirmed_chunks, item.remote_rev, item.remote_path = 0, None, None, None
                 self._db.execute(f"UPDATE items SET {_FORGET_DROPBOX}, updated = ? WHERE id = ?", (now, item.id))
+            self.settled_folders.forget(items)
             self._db.execute("COMMIT")
 
     # -- whose Dropbox -----------------------------------------------------------------------
@@ -799,6 +907,7 @@ class Journal:
         if previous is not None and previous != (account_id, root_namespace):
             self._write(f"UPDATE items SET {_FORGET_DROPBOX}, updated = ? WHERE job = ? AND state != ?",
                         (time.time(), self._job_id, State.PENDING.value))
+            self.settled_folders.forget_all()
         if previous != (account_id, root_namespace):
             self._write("INSERT INTO accounts (job, account_id, root_namespace, updated) VALUES (?, ?, ?, ?) "
                         "ON CONFLICT (job) DO UPDATE SET account_id = excluded.account_id, "
@@ -835,6 +944,7 @@ class Journal:
         item.state, item.error, item.content_hash, item.sha256 = State.PENDING, None, None, None
         self._write("UPDATE items SET state = ?, content_hash = NULL, sha256 = NULL, error = NULL, "
                     "updated = ? WHERE id = ?", (State.PENDING.value, time.time(), item.id))
+        self.settled_folders.forget_one(item)
 
     def item_batches(self) -> dict[int, int]:
         """Item id -> the batch it was given when first planned (stable across reruns)."""

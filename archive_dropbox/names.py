@@ -73,10 +73,16 @@ OFFICE_LOCK_PREFIX = "~$"
 TEMPORARY_PREFIX = TEMP_PREFIX
 
 
+# First characters of every prefix rule below (Office locks, this tool's temporaries, ~*.tmp).
+_PREFIXES_START = "~."
+
+
 def ignored_reason(name: str) -> str | None:
     """Why the desktop app never syncs this name (so neither mode sends it), or None."""
     if name.lower() in IGNORED_NAMES:
         return "a system file the Dropbox desktop app never syncs"
+    if name[:1] not in _PREFIXES_START:  # the common case, once per file of a walk: one test
+        return None
     if name.startswith(OFFICE_LOCK_PREFIX):
         return "an Office lock file (~$), which the Dropbox desktop app never syncs"
     if name.startswith(TEMPORARY_PREFIX):

@@ -7,8 +7,10 @@ and listed (unreadable ones also count as failures of the run). The name rules a
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import stat
+from stat import S_ISREG
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from tqdm import tqdm
 
 from . import split
 from .errors import SheetError, SheetProblem
-from .journal import Item, Kind
+from .journal import Item, Kind, folder_digest, settled_key
 from .localfs import is_link_entry
 from .plan_store import PlannedSource, PlanStore, join_dropbox  # noqa: F401 - re-exported, as before
 # Re-exported: the upload engines, deletion and the tests import these from here.
@@ -64,6 +66,10 @@ class Plan:
     # them); None when not known (a plan not made by build_plan). A tree has far fewer folders
     # than files, so this is what the destination check keeps of Dropbox's files.
     folder_keys: set[str] | None = None
+    # Files of settled folders (every file sent, verified and unchanged since, by the journal's
+    # folder digest): not listed in `sources`, not opened, not looked up in Dropbox.
+    settled_files: int = 0
+    settled_bytes: int = 0
 
     # A PlanStore counts as it is filled; a list is counted here.
     @property
@@ -104,14 +110,40 @@ def _skip_special(plan: Plan, path: str, info: os.stat_result) -> bool:
     return True
 
 
-def _walk_files(root: Path, plan: Plan, problems: list[str],
-                empty_folders: list[Path]) -> Iterator[tuple[str, os.stat_result, tuple[str, ...]]]:
+@dataclass(frozen=True, slots=True)
+class SettledFolder:
+    """A folder whose files are all settled (see Plan.settled_files): `relative` is its path
+    relative to the row's folder; `files` and `size` (bytes) count its files."""
+
+    relative: tuple[str, ...]
+    files: int
+    size: int
+
+    def count_in(self, plan: "Plan", progress: "PlanProgress | None") -> None:
+        plan.settled_files += self.files
+        plan.settled_bytes += self.size
+        if progress is not None:
+            progress.file(self.size, plan, count=self.files)
+
+
+_NAME = operator.attrgetter("name")
+
+# settled(local folder, its parts relative to the row's folder, its files as (entry, stat) in
+# name order) -> whether they are all settled (then they are not yielded one by one).
+SettledCheck = Callable[[str, tuple[str, ...], list[tuple[os.DirEntry, os.stat_result]]], bool]
+
+
+def _walk_files(root: Path, plan: Plan, problems: list[str], empty_folders: list[Path],
+                settled: SettledCheck | None = None
+                ) -> Iterator[tuple[str, os.stat_result, tuple[str, ...]] | SettledFolder]:
     """Every regular file below root whose name Dropbox takes, without following links; iterative,
     one scandir per folder. Refused names go to `problems` (folders with one are still walked, so
     that everything to rename is listed at once); what is not sent goes to plan.skipped or, when it
     cannot be read, plan.unreadable. Folders with nothing in them are collected so that they exist
     in Dropbox too. Yields (path as text, stat, its parts relative to root): the folder's parts are
-    kept with it, and no Path is made per file, since pathlib's parsing cost more than the walk."""
+    kept with it, and no Path is made per file, since pathlib's parsing cost more than the walk.
+    A folder `settled` accepts is yielded as one SettledFolder instead of its files, and its
+    files' names are not checked again (they were when they were sent)."""
     stack: list[tuple[Path, tuple[str, ...]]] = [(root, ())]
     while stack:
         folder, relative = stack.pop()
@@ -124,7 +156,8 @@ def _walk_files(root: Path, plan: Plan, problems: list[str],
         plan.folders_listed += 1
         if not listed and folder != root:
             empty_folders.append(folder)
-        for entry in sorted(listed, key=lambda e: e.name):
+        files: list[tuple[os.DirEntry, os.stat_result]] = []
+        for entry in sorted(listed, key=_NAME):
             why = ignored_reason(entry.name)
             if why:
                 plan.skipped_ignored += 1
@@ -132,6 +165,11 @@ def _walk_files(root: Path, plan: Plan, problems: list[str],
                 continue
             try:
                 info = entry.stat(follow_symlinks=False)
+                # A regular file's lstat is never a link or junction (those read as links or
+                # folders): the common case skips the link and special-file checks.
+                if S_ISREG(info.st_mode):
+                    files.append((entry, info))
+                    continue
                 linked = is_link_entry(entry)
             except OSError as exc:
                 plan.unreadable.append((shown(entry.path), _reason(exc)))
@@ -144,12 +182,18 @@ def _walk_files(root: Path, plan: Plan, problems: list[str],
                 continue
             if _skip_special(plan, entry.path, info):
                 continue
+            bad = name_problem(entry.name)  # a folder: regular files went to `files` above
+            if bad:
+                problems.append(f"{shown(entry.path)}: {bad}")
+            stack.append((Path(entry.path), (*relative, entry.name)))
+        if settled is not None and files and settled(str(folder), relative, files):
+            yield SettledFolder(relative, len(files), sum(info.st_size for _, info in files))
+            continue
+        for entry, info in files:
             bad = name_problem(entry.name)
             if bad:
                 problems.append(f"{shown(entry.path)}: {bad}")
-            if stat.S_ISDIR(info.st_mode):
-                stack.append((Path(entry.path), (*relative, entry.name)))
-            elif not bad:
+            else:
                 yield entry.path, info, (*relative, entry.name)
 
 
@@ -170,6 +214,44 @@ class _Namespace:
     def __init__(self, store: PlanStore) -> None:
         self.store = store
         self.folders: dict[str, tuple[str, str, SheetRow]] = {}  # key -> (destination, where it comes from, row)
+        # Dropbox folders (by the case_key of their path) -> the first local folder whose files
+        # are planned into it / the settled local folders (with their rows) in it. A Dropbox
+        # folder filled from one local folder needs no more: its names were checked together.
+        self.filled: dict[str, str] = {}
+        self.settled: dict[str, list[tuple[str, SheetRow]]] = {}
+        self._settled_names: dict[str, dict[str, str]] = {}  # local folder -> case_key(name) -> name
+
+    def fills(self, folder_key: str, local_folder: str) -> None:
+        """Files of `local_folder` are planned into the Dropbox folder `folder_key`."""
+        self.filled.setdefault(folder_key, local_folder)
+
+    def settle(self, folder_key: str, local_folder: str, row: SheetRow) -> bool:
+        """Whether a settled local folder may stay out of the plan: not when files of another
+        local folder are planned into the same Dropbox folder (their names must meet in the
+        plan store)."""
+        other = self.filled.get(folder_key)
+        if other is not None and other != local_folder:
+            return False
+        self.settled.setdefault(folder_key, []).append((local_folder, row))
+        return True
+
+    def _settled_clash(self, path: str, row: SheetRow, destination: str, key: str) -> str | None:
+        """The problem when a settled file of another local folder would be `destination` too."""
+        folder_key, _, name_key = key.rpartition("/")
+        for local_folder, other_row in self.settled.get(folder_key, ()):
+            if local_folder == os.path.dirname(path):
+                continue
+            names = self._settled_names.get(local_folder)
+            if names is None:
+                with os.scandir(local_folder) as entries:
+                    names = {case_key(entry.name): entry.name for entry in entries}
+                self._settled_names[local_folder] = names
+            other = names.get(name_key)
+            if other is not None:
+                other_destination = destination.rsplit("/", 1)[0] + "/" + other
+                return _file_clash(shown(path), destination,
+                                   (other_destination, os.path.join(local_folder, other), other_row))
+        return None
 
     def add_file(self, row: SheetRow, path: str, info: os.stat_result, destination: str,
                  delete_after: bool) -> str | None:
@@ -177,6 +259,8 @@ class _Namespace:
         key = case_key(destination)
         if key in self.folders:
             return _folder_clash(shown(path), row, destination, self.folders[key])
+        if self.settled and (clash := self._settled_clash(path, row, destination, key)):
+            return clash
         other = self.store.add(row, path, info.st_size, info.st_mtime_ns, destination, delete_after,
                                f"{info.st_dev}:{info.st_ino}" if info.st_ino else None, key)
         if other is None and info.st_size > self.store.part_limit:
@@ -184,6 +268,9 @@ class _Namespace:
             planned = PlannedSource(row, Path(path), info.st_size, 0, destination, delete_after,
                                     split.plan_split(info.st_size, self.store.part_limit))
             siblings = [planned.part_destination(part) for part in planned.parts] + [planned.manifest_destination()]
+            for sibling in siblings if self.settled else ():
+                if clash := self._settled_clash(path, row, sibling, case_key(sibling)):
+                    return clash
             other = self.store.claim(row, path, siblings)
             if other is not None:
                 return _file_clash(shown(path), other[0], other)
@@ -261,9 +348,10 @@ class PlanProgress:
         """Row `number` of `count` (1-based) is walked now."""
         self._row = f"sheet row {row.row} ({number} of {count}): {source}"
 
-    def file(self, size: int, plan: Plan) -> None:
-        """One more file found (`size` bytes); `plan` holds the folders listed so far."""
-        self.files += 1
+    def file(self, size: int, plan: Plan, count: int = 1) -> None:
+        """One more file found (`size` bytes), or `count` files of `size` bytes in all; `plan`
+        holds the folders listed so far."""
+        self.files += count
         self.bytes += size
         now = self._clock()
         if now - self._drawn >= PLAN_BAR_EVERY:
@@ -291,7 +379,8 @@ def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: st
                destination_of_row, part_limit: int, log: logging.Logger,
                already_done_sources: set[str] = frozenset(), check_readable: bool = True,
                progress: PlanProgress | None = None,
-               sent_unchanged: Callable[[list[tuple[str, int, int]]], set[str]] | None = None) -> Plan:
+               sent_unchanged: Callable[[list[tuple[str, int, int]]], set[str]] | None = None,
+               settled_folder: Callable[[int, bytes], bool] | None = None) -> Plan:
     """Expand every row; raise SheetError listing every problem so nothing starts half-planned.
 
     `destination_of_row(row) -> str` gives the Dropbox folder a row's files land in. Files that
@@ -299,7 +388,9 @@ def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: st
     `progress` hears of every row and file found. `sent_unchanged([(path, size, mtime_ns), ...])`
     gives those of a folder's files that went up in an earlier run and have not changed since
     (journal.sent_unchanged_among): they are not opened to check they can be read, so a rerun
-    costs what changed.
+    costs what changed. `settled_folder(settled_key, folder_digest)` (journal.settled_folders.holds)
+    says whether a folder's files are all as they were when every one of them was sent: such a
+    folder of a row that deletes nothing is counted (plan.settled_files) and not planned.
     """
     plan = Plan(sources=PlanStore(part_limit))
     problems: list[SheetProblem] = []
@@ -312,12 +403,24 @@ def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: st
         if bad_output:
             problems.append(row.problem(f"{output_column} {row[output_column]}: {bad_output}", output_column))
         row_problems: list[str] = []
+        settled = None
+        if settled_folder is not None and not row[delete_column]:
+            settled = _settled_check(settled_folder, namespace, row, target_folder, part_limit)
         expanded = _expand_row(row, row[input_column], input_column, plan, problems, row_problems,
-                               already_done_sources)
+                               already_done_sources, settled)
         if expanded is not None:
             source_root, found, empty = expanded
             registered: tuple[str, ...] | None = None  # the folder whose Dropbox chain is known to be fine
-            for path, info, parts, unchanged in _with_journal(found, sent_unchanged if check_readable else None):
+            for entry in _with_journal(found, sent_unchanged if check_readable else None):
+                if type(entry) is SettledFolder:
+                    entry.count_in(plan, progress)
+                    clash = namespace.add_folders(
+                        _folder_chain(target_folder, source_root, entry.relative, output_column, row), row)
+                    if clash:
+                        row_problems.append(clash)
+                    registered = None
+                    continue
+                path, info, parts, unchanged = entry
                 if progress is not None:
                     progress.file(info.st_size, plan)
                 if check_readable and not unchanged and (reason := _unreadable(path)):
@@ -332,6 +435,7 @@ def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: st
                     clash = namespace.add_folders(
                         _folder_chain(target_folder, source_root, parts[:-1], output_column, row), row)
                     registered = None if clash else parts[:-1]
+                    namespace.fills(case_key(destination).rpartition("/")[0], os.path.dirname(path))
                 if clash:
                     row_problems.append(clash)
             for folder in empty:
@@ -351,15 +455,39 @@ def build_plan(rows: Sequence[SheetRow], *, input_column: str, output_column: st
     return plan
 
 
-def _with_journal(found: Iterable[tuple[str, os.stat_result, tuple[str, ...]]],
+def _settled_check(settled_folder: Callable[[int, bytes], bool], namespace: _Namespace, row: SheetRow,
+                   target_folder: str, part_limit: int) -> SettledCheck:
+    """The walk's question for one row: are all of a folder's files settled? The digest is
+    computed as the upload recorded it (record_settled_folders in the engines), from what the
+    walk already has: no file is opened."""
+
+    def parts(size: int) -> int:
+        return len(split.plan_split(size, part_limit))
+
+    def settled(local_folder: str, relative: tuple[str, ...],
+                files: list[tuple[os.DirEntry, os.stat_result]]) -> bool:
+        # Both folder names as a file's destination gives them (journal.item_folder_key and
+        # add_file's key), so that every side agrees, at the top ("/") too.
+        probe = join_dropbox(target_folder, *relative, "-")
+        dropbox_folder = probe.rsplit("/", 1)[0] or "/"
+        digest = folder_digest((entry.name, info.st_size, info.st_mtime_ns,
+                                parts(info.st_size) if info.st_size > part_limit else 0,
+                                f"{info.st_dev}:{info.st_ino}" if info.st_ino else None) for entry, info in files)
+        return (settled_folder(settled_key(local_folder, dropbox_folder), digest)
+                and namespace.settle(case_key(probe).rpartition("/")[0], local_folder, row))
+
+    return settled
+
+
+def _with_journal(found: Iterable[tuple[str, os.stat_result, tuple[str, ...]] | SettledFolder],
                   sent_unchanged: Callable[[list[tuple[str, int, int]]], set[str]] | None
-                  ) -> Iterator[tuple[str, os.stat_result, tuple[str, ...], bool]]:
+                  ) -> Iterator[tuple[str, os.stat_result, tuple[str, ...], bool] | SettledFolder]:
     """`found` with, for each file, whether the journal has it sent and unchanged; asked once per
     folder (a folder's files come one after another), since a query per file cost more than
-    opening the file."""
+    opening the file. Settled folders pass through as they are."""
     if sent_unchanged is None:
-        for path, info, parts in found:
-            yield path, info, parts, False
+        for entry in found:
+            yield entry if type(entry) is SettledFolder else (*entry, False)
         return
     batch: list[tuple[str, os.stat_result, tuple[str, ...]]] = []
 
@@ -370,6 +498,11 @@ def _with_journal(found: Iterable[tuple[str, os.stat_result, tuple[str, ...]]],
         batch.clear()
 
     for entry in found:
+        if type(entry) is SettledFolder:
+            if batch:
+                yield from flush()
+            yield entry
+            continue
         if batch and (entry[2][:-1] != batch[0][2][:-1] or len(batch) >= FOLDER_BATCH):
             yield from flush()
         batch.append(entry)
@@ -378,8 +511,9 @@ def _with_journal(found: Iterable[tuple[str, os.stat_result, tuple[str, ...]]],
 
 
 def _expand_row(row: SheetRow, source_root: Path, input_column: str, plan: Plan, problems: list[SheetProblem],
-                row_problems: list[str], already_done_sources: set[str]
-                ) -> tuple[Path, Iterator[tuple[str, os.stat_result, tuple[str, ...]]], list[Path]] | None:
+                row_problems: list[str], already_done_sources: set[str], settled: SettledCheck | None = None
+                ) -> tuple[Path, Iterator[tuple[str, os.stat_result, tuple[str, ...]] | SettledFolder],
+                           list[Path]] | None:
     """(the row's file or folder, its files as (path, stat, parts relative to the row's folder), the
     empty folders found on the way: filled while the files are read), or None: nothing to plan."""
     if not source_root.exists() and not source_root.is_symlink():
@@ -395,7 +529,7 @@ def _expand_row(row: SheetRow, source_root: Path, input_column: str, plan: Plan,
         return None
     empty: list[Path] = []
     if source_root.is_dir():
-        found = _walk_files(source_root, plan, row_problems, empty)
+        found = _walk_files(source_root, plan, row_problems, empty, settled)
         return source_root, found, empty
     why = ignored_reason(source_root.name)
     if why:
@@ -426,6 +560,10 @@ def log_plan(plan: Plan, log: logging.Logger, *, mode: str, bytes_per_second: fl
              mode, len(plan.sources), human_bytes(plan.total_bytes), plan.split_count, plan.part_count,
              plan.skipped_ignored, plan.skipped_links, plan.skipped_other, len(plan.unreadable),
              " (every skipped path is listed in the dataPrep log)" if plan.skipped or plan.unreadable else "")
+    if plan.settled_files:
+        log.info("Left out: %d files (%s) in folders where nothing changed since every file in them was sent and "
+                 "verified in an earlier run (not opened, not looked up in Dropbox again; `python app.py --verify` "
+                 "compares everything with Dropbox).", plan.settled_files, human_bytes(plan.settled_bytes))
     for path, reason in plan.unreadable[:SKIPPED_ON_SCREEN]:
         log.warning("%s cannot be read (%s): skipped, and counted as failed. Make it readable and run app.py "
                     "again.", path, reason)

@@ -258,6 +258,8 @@ def _app_env(server: DropboxTestServer) -> dict[str, str]:
     env["ARCHIVE_DROPBOX_NO_PAUSE"] = "1"
     env["PYTHONIOENCODING"] = "utf-8"
     env.pop("PYTHONPATH", None)
+    # As users run it: Python keeps compiled modules (this machine's shell turns that off).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 
 

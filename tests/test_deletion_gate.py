@@ -225,7 +225,7 @@ class FakeDropbox:
         size, content_hash = self.files[path.lower()]
         return type("Remote", (), dict(path_display=path, size=size, content_hash=content_hash))()
 
-    def iter_entries_or_empty(self, folder):
+    def iter_entries_or_empty(self, folder, recursive=True):
         self.calls += 1
         for path, (size, content_hash) in self.files.items():
             if path.startswith(folder.lower().rstrip("/") + "/"):

@@ -226,7 +226,7 @@ def test_a_journal_of_an_earlier_release_is_upgraded_once_keeping_its_rows(tmp_p
 def test_a_new_journal_gets_the_whole_schema_and_the_version(tmp_path):
     with Journal(tmp_path / "j.sqlite3", "job") as journal:
         tables = {row[0] for row in journal._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert tables == {"jobs", "items", "batches", "accounts", "batch_items"}
+        assert tables == {"jobs", "items", "settled_folders", "batches", "accounts", "batch_items"}
         assert journal._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
@@ -325,7 +325,7 @@ def test_a_version_1_journal_is_upgraded_keeping_every_item_of_every_job(tmp_pat
         assert (pending.id, pending.source, pending.state) == (9, "/data/a", State.PENDING)
         assert other.item_batches() == {9: 4}
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     assert db.execute("PRAGMA freelist_count").fetchone()[0] == 0  # the old table's pages went back to the disk
     assert {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = "
                                          "'items'")} == {"items_key", "items_job_state"}

@@ -174,7 +174,7 @@ def test_the_destination_check_keeps_only_the_dropbox_files_that_can_be_in_the_w
         def metadata(self, path):
             return held[0] if path.lower() == "/archive/data" else None
 
-        def iter_entries_or_empty(self, top):
+        def iter_entries_or_empty(self, top, recursive=True):
             return iter(held)
 
     kept = []
@@ -243,7 +243,7 @@ def test_a_row_with_many_folders_in_the_way_shows_fifty_and_counts_the_rest(tmp_
         def metadata(self, path):
             return held[0]
 
-        def iter_entries_or_empty(self, top):
+        def iter_entries_or_empty(self, top, recursive=True):
             return iter(held)
 
     problems = destinations.check_destinations(Client(), plan, destination_of_row=lambda r: r["outputDir"])

@@ -23,15 +23,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Collection, Iterable
+from typing import Callable, Collection, Iterable, Iterator
 
-from . import deletion, destinations, prepare, split, units
+from . import deletion, destinations, plan_items, prepare, split, units
 from .cli import RunContext
 from .content_hash import bytes_content_hash
 from .commit_queue import CommitQueue
 from .dropbox_client import DropboxClient, RemoteConflict, RemoteFile
 from .errors import EXIT_OK, EXIT_SOME_FAILED, AuthError, FileProblem, SheetError
-from .inventory_writer import planned_with_items, write_upload_inventories
+from .inventory_writer import write_upload_inventories
 from .job_setup import (bind_account, open_client, plan_rows, prepare_rows, settle_interrupted_deletions,
                         with_dropbox_side)
 from .journal import Item, Journal, Kind, State, folder_digest, settled_key
@@ -149,13 +149,12 @@ class ApiUploader:
 
     # -- planning ----------------------------------------------------------------------------
 
-    def _look_at_dropbox(self, job_items: list[Item], remote_folders: Iterable[str], listed: bool) -> None:
-        """The journal says what was sent, not what Dropbox holds now: look, then decide.
-        `listed`: shared.listing already holds what Dropbox has below `remote_folders`."""
-        for folder in () if listed else deletion.topmost_folders(remote_folders):
+    def _list(self, remote_folders: Iterable[str]) -> None:
+        """The journal says what was sent, not what Dropbox holds now: look (into shared.listing)
+        before deciding (_reconcile)."""
+        for folder in deletion.topmost_folders(remote_folders):
             found = self.shared.call("listing Dropbox", lambda: self.client.list_files(folder))
             self.shared.listing.update({case_key(k): v for k, v in found.items()})
-        self._reconcile(job_items)
 
     def _reconcile(self, job_items: list[Item]) -> None:
         """Items the journal calls done that Dropbox no longer holds as sent (deleted, moved or
@@ -203,15 +202,15 @@ class ApiUploader:
                 total += max(0, item.length - remote.size)
         return total
 
-    def _announce(self, todo: dict[str, list[Item]], files_total: int, remaining_bytes: int) -> None:
-        """Say what is left, and wait for room in Dropbox for it first."""
-        if not todo:
+    def _announce(self, todo_files: int, files_total: int, remaining_bytes: int, to_store: int) -> None:
+        """Say what is left, and wait for room in Dropbox for it first (`to_store`: bytes, see
+        _bytes_to_store)."""
+        if not todo_files:
             self.log.info("Every file of this sheet is in Dropbox now, identical (checked by content hash); "
                           "nothing to send.")
             return
         self.log.info("%d of %d files still to send (%s); %d items were finished in earlier runs.",
-                      len(todo), files_total, human_bytes(remaining_bytes), self.summary.items_done_before)
-        to_store = self._bytes_to_store(item for items in todo.values() for item in items)
+                      todo_files, files_total, human_bytes(remaining_bytes), self.summary.items_done_before)
         usage = self.client.space_usage()
         if usage.free is not None and usage.free < to_store:
             self.shared.pauses.wait_for_dropbox_space(to_store, "not enough space in Dropbox for what is left "
@@ -219,11 +218,11 @@ class ApiUploader:
 
     # -- the whole job -----------------------------------------------------------------------
 
-    def _schedule(self, todo: dict[str, list[Item]]) -> None:
+    def _schedule(self, todo: list[list[Item]]) -> None:
         """Largest files first; small whole files in groups, other one-chunk files on the small
         pool, the rest on the upload pool. Returns once every job has finished."""
         groups = SmallFileGroups(self._group_bytes, self.small_files.limit)
-        for items in sorted(todo.values(), key=lambda group: -sum(i.length for i in group)):
+        for items in sorted(todo, key=lambda group: -sum(i.length for i in group)):
             if self.jobs.stopping():
                 break
             if groups.groupable(items):
@@ -238,39 +237,57 @@ class ApiUploader:
             self.jobs.submit("small", self.small_files.send, rest)
         self.jobs.wait_all()
 
-    def run(self, job_items: list[Item], remote_folders: Iterable[str], *, listed: bool = False,
+    def _look_over(self, pages: Pages, settled: tuple[int, int]) -> tuple[int, int, int, int]:
+        """The first read of the plan: every done item checked against the listing (_reconcile),
+        and what is left counted. (files to send, bytes of the items to send, bytes of them all,
+        bytes to store in Dropbox); the summary gets the files and the items done before."""
+        files, done_before = settled[0], settled[0]  # a settled file counts as one item, whole or split
+        todo_files = remaining = to_store = 0
+        total = settled[1]
+        for page in pages():
+            self._reconcile([item for items in page for item in items])
+            for items in page:
+                files += 1
+                waiting = [item for item in items if item.state != State.DONE]
+                done_before += len(items) - len(waiting)
+                total += sum(item.length for item in items)
+                if waiting:
+                    todo_files += 1
+                    remaining += sum(item.length for item in waiting)
+                    to_store += self._bytes_to_store(waiting)
+        self.summary.files_total, self.summary.items_done_before = files, done_before
+        return todo_files, remaining, total, to_store
+
+    def run(self, job_items: list[Item] | Pages, remote_folders: Iterable[str], *, listed: bool = False,
             settled: tuple[int, int] = (0, 0)) -> Summary:
-        """Send every item not yet done; `remote_folders` are listed once to find what is there
-        (`listed`: they were, by Stage 1's destination check, into shared.listing). `settled`:
-        (files, bytes) of the sheet that Stage 1 left out of the plan, settled in earlier runs
-        (counted as done before). Raises the run's fatal error (AuthError, Ctrl-C, a bug) after
-        stopping every worker."""
+        """Send every item not yet done. `job_items`: all the plan's items, or `pages()` giving
+        them a page at a time as lists of one file's items (plan_items.pages; read twice: to
+        count, then to send, so that only a page is held). `remote_folders` are listed once to
+        find what is there (`listed`: they were, by Stage 1's destination check, into
+        shared.listing). `settled`: (files, bytes) of the sheet that Stage 1 left out of the
+        plan, settled in earlier runs (counted as done before). Raises the run's fatal error
+        (AuthError, Ctrl-C, a bug) after stopping every worker."""
         started = time.monotonic()
-        settled_files, settled_bytes = settled
-        by_source: dict[str, list[Item]] = {}
-        for item in job_items:
-            by_source.setdefault(item.source, []).append(item)
-        self.summary.files_total = len(by_source) + settled_files
-        if job_items:
-            self._look_at_dropbox(job_items, remote_folders, listed)
-        todo = {source: items for source, items in by_source.items() if any(i.state != State.DONE for i in items)}
-        # A settled file counts as one item, whether it was sent whole or split.
-        self.summary.items_done_before = sum(1 for i in job_items if i.state == State.DONE) + settled_files
-        total_bytes = sum(i.length for i in job_items) + settled_bytes
-        remaining_bytes = sum(i.length for items in todo.values() for i in items if i.state != State.DONE)
-        self.shared.progress = ByteProgress(self.log, total=total_bytes, done=total_bytes - remaining_bytes,
-                                            desc="Uploading", verb="send", files_total=len(job_items) + settled_files,
+        pages = job_items if callable(job_items) else _one_page(job_items)
+        if not listed:
+            self._list(remote_folders)
+        todo_files, remaining, total, to_store = self._look_over(pages, settled)
+        self.shared.progress = ByteProgress(self.log, total=total, done=total - remaining, desc="Uploading",
+                                            verb="send", files_total=self.summary.files_total,
                                             files_done=self.summary.items_done_before)
         try:
-            self._announce(todo, len(by_source), remaining_bytes)
+            self._announce(todo_files, self.summary.files_total, remaining, to_store)
             # Ctrl-C or a bug: the runner stops the workers between chunks instead of letting
             # them finish the whole job; the journal already holds every confirmed chunk.
             with self.jobs:
-                self._schedule(todo)
-                if not self.jobs.stopping():
+                for page in pages() if todo_files else ():
+                    todo = [items for items in page if any(i.state != State.DONE for i in items)]
+                    self._schedule(todo)
+                    if self.jobs.stopping():
+                        break
                     self.commits.flush()
                     # Manifests wait for their parts' batch commits; a second pass sends them.
-                    for items in todo.values():
+                    for items in todo:
                         if any(i.kind == Kind.MANIFEST and i.state != State.DONE for i in items):
                             self._run_source(items)
         finally:
@@ -280,24 +297,41 @@ class ApiUploader:
         return self.summary
 
 
-def delete_verified_sources(client: DropboxClient, plan: Plan, journal: Journal,
-                            log: logging.Logger) -> tuple[int, list[tuple[str, str]]]:
-    """Delete the originals asked to go whose every item is done, each only once the deletion
-    gate has seen Dropbox hold identical bytes now and the file unchanged. Returns (deleted,
-    [(path, why kept)])."""
-    wanted = {str(s.source): s for s in plan.sources if s.delete_after}
-    if not wanted:
-        return 0, []
+# pages() -> the plan's items a page at a time, each page a list of one file's items in order.
+Pages = Callable[[], Iterator[list[list[Item]]]]
+
+
+def _one_page(job_items: list[Item]) -> Pages:
+    """Pages for items given in one list: one page, a file's items together (in the list's order)."""
     by_source: dict[str, list[Item]] = {}
-    for item in journal.items():
-        if item.source in wanted:
-            by_source.setdefault(item.source, []).append(item)
-    originals = []
-    for path, items in by_source.items():
-        if all(i.state == State.DONE for i in items):
-            root = wanted[path].row["inputFile"]
-            originals.append(deletion.uploaded_original(items, root if isinstance(root, Path) and root.is_dir()
-                                                        else None))
+    for item in job_items:
+        by_source.setdefault(item.source, []).append(item)
+    return lambda: iter([list(by_source.values())] if by_source else [])
+
+
+def journal_pages(plan: Plan, journal: Journal) -> Pages:
+    """Pages of the plan's items read from the journal (plan_items.pages)."""
+    return lambda: ([chunk for _, _, chunk in page] for page in plan_items.pages(plan, journal))
+
+
+def delete_verified_sources(client: DropboxClient, plan: Plan, journal: Journal, log: logging.Logger,
+                            keep_rows: Collection[int] = ()) -> tuple[int, list[tuple[str, str]]]:
+    """Delete the originals asked to go whose every item is done, each only once the deletion
+    gate has seen Dropbox hold identical bytes now and the file unchanged; rows whose id() is in
+    `keep_rows` keep theirs. The plan's items are read from the journal a page at a time; what
+    is held is one record per original to delete (the gate proves them together). Returns
+    (deleted, [(path, why kept)])."""
+    if not any(row["deleteAfterUpload"] and id(row) not in keep_rows for row in plan_rows(plan)):
+        return 0, []
+    wanted: dict[str, tuple[list[Item], Path | None]] = {}  # a file may go to two places: all must be done
+    for _, source, chunk in plan_items.pairs(plan, journal):
+        if source.delete_after and id(source.row) not in keep_rows:
+            root = source.row["inputFile"]
+            entry = wanted.setdefault(str(source.source), ([], root if isinstance(root, Path) and root.is_dir()
+                                                               else None))
+            entry[0].extend(chunk)
+    originals = [deletion.uploaded_original(items, root) for items, root in wanted.values()
+                 if all(i.state == State.DONE for i in items)]
     report = deletion.delete_uploaded_originals(client, originals, journal=journal, log=log)
     if originals:
         log.info("Deletion proof: %d original(s) checked against Dropbox with %d lookup(s) in %.2f s, then on "
@@ -306,7 +340,7 @@ def delete_verified_sources(client: DropboxClient, plan: Plan, journal: Journal,
     return len(report.deleted), [(str(path), reason) for path, reason in report.kept]
 
 
-def record_settled_folders(journal: Journal, plan: Plan, items: list[Item], failed_rows: Collection[int]) -> int:
+def record_settled_folders(journal: Journal, pairs: Iterable[plan_items.Pair], failed_rows: Collection[int]) -> int:
     """After the upload, settle the folders whose files are all done now: for every folder of a
     folder row that deletes nothing and whose inventory was written, the journal records the
     folder_digest of its files, so that the next run's Stage 1 leaves the folder out while
@@ -317,7 +351,7 @@ def record_settled_folders(journal: Journal, plan: Plan, items: list[Item], fail
     current: int | None = None
     files: list[tuple[str, int, int, int, str | None]] = []
     all_done = True
-    for source, chunk in planned_with_items(plan, items):
+    for _, source, chunk in pairs:
         row = source.row
         if id(row) not in folder_rows:
             root = row["inputFile"]
@@ -380,7 +414,8 @@ def run(context: RunContext, sheet: str) -> int:
         listing: dict[str, RemoteFile] = {}
         destinations.refuse_blocked(client, plan, destination_of_row=lambda row: row["outputDir"], log=context.log,
                                     files=listing)
-        items = journal.sync_plan(prepare.iter_items(plan, sheet))
+        # Stage 2 reads the plan's items from the journal a page at a time (plan_items).
+        pages = journal_pages(plan, journal)
         options = UploadOptions(chunk_size=chunk, workers=settings.workers, if_exists=settings.ifExists,
                                 checksum=settings.checksum, sleep_seconds=settings.sleepTime_min * 60,
                                 appends_per_file=settings.connectionsPerFile,
@@ -391,23 +426,27 @@ def run(context: RunContext, sheet: str) -> int:
         context.log.info("Stage 2, upload through the Dropbox API with %d workers, %d MiB chunks.",
                          settings.workers, chunk // MIB)
         uploader.shared.listing.update(listing)
-        summary = uploader.run(items, {row["outputDir"] for row in plan_rows(plan)}, listed=True,
+        summary = uploader.run(pages, {row["outputDir"] for row in plan_rows(plan)}, listed=True,
                                settled=(plan.settled_files, plan.settled_bytes))
         summary.failures.extend(uploader.create_empty_folders(plan.empty_folders))
         # Before any original goes: a row whose inventory is not in Dropbox keeps its originals.
         # With settled folders the listing covers only the planned files' folders, not where the
         # row inventories are: each is looked up instead.
-        inventories = write_upload_inventories(client, plan, items, destination_of_row=lambda row: row["outputDir"],
+        def pairs(start: int, stop: int) -> Iterator[plan_items.Pair]:
+            return plan_items.pairs(plan, journal, start, stop)
+
+        inventories = write_upload_inventories(client, plan, pairs=pairs, destination_of_row=lambda row: row["outputDir"],
                                                logs_root=context.logs_root, job=sheet, log=context.log,
                                                call=uploader.shared.call,
                                                listing=None if plan.settled_files else uploader.shared.listing)
         summary.failures.extend(inventories.failures)
-        deleted, delete_failures = delete_verified_sources(client, inventories.deletable(plan), journal, context.log)
+        deleted, delete_failures = delete_verified_sources(client, plan, journal, context.log,
+                                                           keep_rows=inventories.failed_rows)
         summary.deleted_sources = deleted
         for path, message in delete_failures:
             summary.failures.append((path, message))
             context.log.error("NOT DELETED\t%s: %s", path, message)
-        record_settled_folders(journal, plan, items, inventories.failed_rows)
+        record_settled_folders(journal, pairs(0, len(plan.sources)), inventories.failed_rows)
         _log_summary(context, summary)
         return EXIT_OK if summary.ok else EXIT_SOME_FAILED
 

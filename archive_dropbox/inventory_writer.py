@@ -54,6 +54,7 @@ from .logs import PER_FILE
 from .localfs import temporary_sibling
 from .member_fetch import member_mtime_ns
 from .names import case_key, shown
+from .plan_items import Pair, item_count, sources_between
 from .prepare import Plan, PlannedSource
 from .sheets import SheetRow
 from .transfer import Retrier, RetryPolicy
@@ -92,54 +93,52 @@ class InventoryResult:
 
 @dataclass(frozen=True)
 class _RowSpan:
-    """One row's sources: plan.sources[start:stop], their items from items[first_item] on (the
-    journal's items come in the plan's order, one per file or parts + manifest)."""
+    """One row's sources: plan.sources[start:stop] (a row's sources are consecutive in the plan)."""
 
     row: SheetRow
     start: int
     stop: int
-    first_item: int
 
 
-def _item_count(source: PlannedSource) -> int:
-    return len(source.parts) + 1 if source.parts else 1
+# pairs_between(start, stop) -> (position, source, its items) for plan.sources[start:stop], in
+# order (plan_items.pairs, or list_pairs for items in a list).
+PairsBetween = Callable[[int, int], Iterator[Pair]]
 
 
-def row_spans(plan: Plan, items: list[Item]) -> list[_RowSpan]:
-    """The plan's rows in order (a row's sources are consecutive in the plan). RuntimeError
-    when `items` are not the plan's (a bug: nothing is written then)."""
+def row_spans(plan: Plan) -> list[_RowSpan]:
+    """The plan's rows in order, read once (a row's sources are consecutive in the plan)."""
     spans: list[_RowSpan] = []
-    start = first_item = at = 0
+    start, row, index = 0, None, -1
     for index, source in enumerate(plan.sources):
-        if source.row is not plan.sources[start].row:
-            spans.append(_RowSpan(plan.sources[start].row, start, index, first_item))
-            start, first_item = index, at
-        at += _item_count(source)
-    if plan.sources:
-        spans.append(_RowSpan(plan.sources[start].row, start, len(plan.sources), first_item))
-    if at != len(items):
-        raise RuntimeError(f"the plan has {at} items but the journal gave {len(items)}")
+        if row is None:
+            row = source.row
+        elif source.row is not row:
+            spans.append(_RowSpan(row, start, index))
+            start, row = index, source.row
+    if row is not None:
+        spans.append(_RowSpan(row, start, index + 1))
     return spans
 
 
-def _pairs(plan: Plan, items: list[Item], span: _RowSpan) -> Iterator[tuple[int, PlannedSource, list[Item]]]:
-    at = span.first_item
-    for index in range(span.start, span.stop):
-        source = plan.sources[index]
-        count = _item_count(source)
-        chunk = items[at:at + count]
-        if chunk[0].source != str(source.source):
-            raise RuntimeError(f"the journal's items are not in the plan's order at {chunk[0].source}")
-        yield index, source, chunk
-        at += count
+def list_pairs(plan: Plan, items: list[Item]) -> PairsBetween:
+    """pairs_between for a plan whose items are all in `items` (journal.sync_plan's answer, in
+    the plan's order). RuntimeError when they are not the plan's (a bug: nothing is written)."""
+    firsts: list[int] = []
+    at = 0
+    for source in plan.sources:
+        firsts.append(at)
+        at += item_count(source)
+    if at != len(items):
+        raise RuntimeError(f"the plan has {at} items but the journal gave {len(items)}")
 
+    def between(start: int, stop: int) -> Iterator[Pair]:
+        for index, source in enumerate(sources_between(plan, start, stop), start=start):
+            chunk = items[firsts[index]:firsts[index] + item_count(source)]
+            if chunk[0].source != str(source.source):
+                raise RuntimeError(f"the journal's items are not in the plan's order at {chunk[0].source}")
+            yield index, source, chunk
 
-def planned_with_items(plan: Plan, items: list[Item]) -> Iterator[tuple[PlannedSource, list[Item]]]:
-    """Every source of `plan` with its items (journal.sync_plan's answer for the plan, in its
-    order). RuntimeError when they are not the plan's (a bug)."""
-    for span in row_spans(plan, items):
-        for _, source, chunk in _pairs(plan, items, span):
-            yield source, chunk
+    return between
 
 
 def _done(chunk: list[Item]) -> bool:
@@ -192,11 +191,11 @@ def _unchanged(source: PlannedSource) -> str | None:
 
 @dataclass
 class _Row:
-    """One row being written: its sources and items, its Dropbox folder, and the plan indices of
-    the archives listed by their own inventory only (not in the row inventory)."""
+    """One row being written: its sources and items (read again for each pass), its Dropbox
+    folder, and the plan indices of the archives listed by their own inventory only (not in the
+    row inventory)."""
 
-    plan: Plan
-    items: list[Item]
+    pairs: PairsBetween
     span: _RowSpan
     folder: str
     whole_archives: set[int] = field(default_factory=set)
@@ -205,8 +204,8 @@ class _Row:
     def inventory_path(self) -> str:
         return f"{self.folder.rstrip('/')}/{inventory.row_inventory_name(str(self.span.row['inputFile']))}"
 
-    def sources(self) -> Iterator[tuple[int, PlannedSource, list[Item]]]:
-        return _pairs(self.plan, self.items, self.span)
+    def sources(self) -> Iterator[Pair]:
+        return self.pairs(self.span.start, self.span.stop)
 
     def records(self, listed: set[str] | None, skipped: list[str]) -> Iterator[Record]:
         """The row inventory's records of this run's files in Dropbox (their original paths go
@@ -246,10 +245,10 @@ class InventoryWriter:
 
     # -- one row ---------------------------------------------------------------------------
 
-    def write_row(self, plan: Plan, items: list[Item], span: _RowSpan, folder: str) -> None:
+    def write_row(self, pairs: PairsBetween, span: _RowSpan, folder: str) -> None:
         """The row's archive inventories, then its row inventory; a failure is recorded in
         `result` (the row's originals are then kept) and the row's other inventories still go."""
-        row = _Row(plan, items, span, folder)
+        row = _Row(pairs, span, folder)
         failed = False
         for index, source, chunk in row.sources():
             if _done(chunk) and _is_zip(source):
@@ -472,20 +471,23 @@ def work_folder(logs_root: Path, job: str) -> Path:
     return temporary_sibling(logs_root / f"inventories {job}", "inventories")
 
 
-def write_upload_inventories(client: DropboxClient, plan: Plan, items: list[Item], *,
+def write_upload_inventories(client: DropboxClient, plan: Plan, items: list[Item] | None = None, *,
                              destination_of_row: Callable[[SheetRow], str], logs_root: Path, job: str,
                              log: logging.Logger, call: Call | None = None,
-                             listing: Mapping[str, RemoteFile | RemoteFolder] | None = None) -> InventoryResult:
-    """Write and upload the inventories of every row of `plan` (module docstring). `items`: the
-    journal items of the plan, in its order (journal.sync_plan's answer), with this run's states.
+                             listing: Mapping[str, RemoteFile | RemoteFolder] | None = None,
+                             pairs: PairsBetween | None = None) -> InventoryResult:
+    """Write and upload the inventories of every row of `plan` (module docstring). The plan's
+    journal items, with this run's states: `items`, all of them in the plan's order
+    (journal.sync_plan's answer), or `pairs` to read them a row at a time (plan_items.pairs).
     `destination_of_row(row)`: the row's Dropbox folder. Returns what was done; a failure is in
     the result (never raised), except AuthError and EnvironmentProblem, which stop the run."""
+    pairs = pairs if pairs is not None else list_pairs(plan, items or [])
     work = work_folder(logs_root, job)
     discard_temporary(work)  # a leftover of a run that stopped
     writer = InventoryWriter(client, log, work, call=call, listing=listing)
     try:
-        for span in row_spans(plan, items):
-            writer.write_row(plan, items, span, destination_of_row(span.row))
+        for span in row_spans(plan):
+            writer.write_row(pairs, span, destination_of_row(span.row))
     finally:
         discard_temporary_quietly(work)
     result = writer.result

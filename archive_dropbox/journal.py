@@ -445,7 +445,7 @@ _SELECT_ITEMS = "SELECT " + ", ".join("NULL" if column == "job" else column for 
 _CONTENT_HASH, _SHA256 = ITEM_COLUMNS.index("content_hash"), ITEM_COLUMNS.index("sha256")
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
     """One thing to put at one Dropbox path: a whole file, one part of a split file, or a
     split file's manifest; for a download, one Dropbox file to write to disk, or a split file

@@ -255,6 +255,20 @@ class PlanStore(Sequence[PlannedSource]):
                 yield self._source(record)
             last = page[-1][0]
 
+    def between(self, start: int, stop: int) -> Iterator[PlannedSource]:
+        """The files at positions start <= i < stop (0-based, as slicing), read in pages."""
+        last, stop = max(start, 0), min(stop, self._count)
+        while last < stop:
+            with self._lock, _scratch_space():
+                self._readable()
+                page = self._db.execute(f"SELECT {_COLUMNS} FROM files WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                                        (last, stop, PAGE_ROWS)).fetchall()
+            if not page:
+                return
+            for record in page:
+                yield self._source(record)
+            last = page[-1][0]
+
     @overload
     def __getitem__(self, index: int) -> PlannedSource: ...
 

@@ -44,7 +44,7 @@ from bench_upload import _app_env, _high_water_mark  # noqa: E402
 from conftest import write_xlsx  # noqa: E402
 from tests.dropbox_server import DropboxTestServer  # noqa: E402
 
-from archive_dropbox import api_upload, journal as journal_module, prepare  # noqa: E402
+from archive_dropbox import api_upload, journal as journal_module, plan_items, prepare  # noqa: E402
 from archive_dropbox.sheets import SheetRow  # noqa: E402
 
 MIB = 2**20
@@ -142,7 +142,7 @@ def _journal_bytes(root: Path, journal_path: Path) -> tuple[float, float]:
             item.remote_rev, item.remote_path, item.hash_local = "015f2a6c9e8b0000000275d4b6e0", item.destination, 1
         journal.mark_done(items)
         # What the upload records at its end: every folder settled (the rerun leaves them out).
-        api_upload.record_settled_folders(journal, plan, items, failed_rows=())
+        api_upload.record_settled_folders(journal, plan_items.pairs(plan, journal), failed_rows=())
         journal._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         done = journal_path.stat().st_size / count
     return pending, done

@@ -54,6 +54,7 @@ LAYERS = {
     "credentials": TRANSFER,
     "deletion": FOUNDATIONS,  # the gate: local file operations only (its proof takes a Dropbox snapshot as data)
     "prepare": TRANSFER,
+    "plan_items": TRANSFER,  # a plan's files with their journal items, in pages (Stage 2 reads these)
     "destinations": TRANSFER,
     "job_setup": TRANSFER,
     "transfer": TRANSFER,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from archive_dropbox import api_upload, prepare
+from archive_dropbox import api_upload, plan_items, prepare
 from archive_dropbox import journal as journal_module
 from archive_dropbox.errors import SheetError
 from archive_dropbox.journal import Journal, State
@@ -45,7 +45,7 @@ def _upload_done(journal: Journal, plan: prepare.Plan) -> list:
     for item in items:
         item.content_hash = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
     journal.mark_done(items)
-    api_upload.record_settled_folders(journal, plan, items, failed_rows=())
+    api_upload.record_settled_folders(journal, plan_items.pairs(plan, journal), failed_rows=())
     return items
 
 
@@ -161,8 +161,8 @@ def test_a_folder_with_a_failed_file_is_not_settled(tmp_path, tree):
         plan = _plan([row])
         items = journal.sync_plan(prepare.iter_items(plan, JOB))
         journal.mark_done([i for i in items if "frame_005" not in i.source or "run0" not in i.source])
-        assert api_upload.record_settled_folders(journal, plan, items, failed_rows=()) == 2
-        assert api_upload.record_settled_folders(journal, plan, items, failed_rows={id(row)}) == 0
+        assert api_upload.record_settled_folders(journal, plan_items.pairs(plan, journal), failed_rows=()) == 2
+        assert api_upload.record_settled_folders(journal, plan_items.pairs(plan, journal), failed_rows={id(row)}) == 0
         again = _plan([row], journal)
     assert {str(s.source.parent) for s in again.sources} == {str(tree / "run0")}
 
@@ -263,3 +263,70 @@ def test_another_account_gets_every_file_of_settled_folders(tmp_path, tree, serv
         assert len([p for p in other.files() if p.endswith(".tif")]) == 60
     finally:
         other.stop()
+
+
+# ============================================================================ Stage 2 in pages
+
+
+def test_plan_pages_give_each_file_its_items_and_later_reads_the_recorded_state(tmp_path):
+    data = make_tree(tmp_path / "data", {f"f{i:02d}.bin": 10 + i for i in range(10)} | {"big.bin": 5000})
+    plan = _plan([_row(tmp_path, data)], part_limit=2000)
+    with Journal(tmp_path / "journal.sqlite3", JOB) as journal:
+        first = list(plan_items.pages(plan, journal, size=4))
+        assert [len(page) for page in first] == [4, 4, 3]
+        flat = [pair for page in first for pair in page]
+        assert [position for position, _, _ in flat] == list(range(11))
+        assert all(chunk[0].source == str(source.source) for _, source, chunk in flat)
+        [big] = [chunk for _, source, chunk in flat if source.name == "big.bin"]
+        assert [item.kind.value for item in big] == ["part", "part", "part", "manifest"]
+        journal.mark_done(big)
+        again = {source.name: chunk for _, source, chunk in plan_items.pairs(plan, journal)}
+        assert len(again) == 11 and all(item.state == State.DONE for item in again["big.bin"])
+        assert [item.id for item in again["big.bin"]] == [item.id for item in big]  # read, not added again
+        middle = list(plan_items.pairs(plan, journal, 2, 5))
+        assert [(position, source.name) for position, source, _ in middle] == [(2, "f01.bin"), (3, "f02.bin"),
+                                                                               (4, "f03.bin")]
+
+
+def test_an_upload_holds_one_page_of_items_at_a_time(tmp_path, server, monkeypatch):
+    """app.py, run in this process with pages of 4 files: the journal is asked for at most 4
+    files' items at once, and every file (split ones across pages too) lands, inventoried."""
+    import sys
+
+    from archive_dropbox import start
+
+    spec = __import__("importlib.util").util.spec_from_file_location("app_under_test", REPO / "app.py")
+    app = __import__("importlib.util").util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    files = {f"run{r}/frame_{f:02d}.tif": 100 + f for r in range(3) for f in range(5)} | {"run1/big.bin": 50_000}
+    data = make_tree(tmp_path / "data", files)
+    book = write_xlsx(tmp_path / "inputs.xlsx", {JOB: [HEADER, [str(data), "/Archive/data", 0]]})
+    monkeypatch.setattr(plan_items, "PAGE_FILES", 4)
+    asked: list[int] = []
+    real = Journal.sync_plan
+
+    def counting(self, planned):
+        items = real(self, planned)
+        asked.append(len({item.source for item in items}))
+        return items
+
+    monkeypatch.setattr(Journal, "sync_plan", counting)
+    for name, value in client_env(server).items():
+        monkeypatch.setenv(name, value)
+    # In this process the SDK read its hosts (and the token refresh's) when first imported: an
+    # access token needs no refresh, and the hosts are set here.
+    monkeypatch.delenv("DROPBOX_REFRESH_TOKEN")
+    monkeypatch.setenv("DROPBOX_ACCESS_TOKEN", server.access_token)
+    import dropbox.dropbox_client as sdk
+
+    for name in ("API_HOST", "API_CONTENT_HOST", "API_NOTIFICATION_HOST"):
+        monkeypatch.setattr(sdk, name, server.address)
+    monkeypatch.setattr(sys, "argv", ["app.py", "--excelName", str(book), "--sheetName", JOB, "--logs",
+                                      str(tmp_path / "logs"), "--caBundle", server.ca_file,
+                                      "--fileSizeLimit_GB", "0.00002"])
+    assert start.launch(str(REPO / "app.py"), app.__doc__, app.SETTINGS, "app", is_double_clicked=lambda: False) == 0
+    assert asked and max(asked) <= 4 and sum(asked) >= 3 * len(files)  # counted, sent, inventoried
+    stored = server.files()
+    assert all(f"/Archive/data/{name}" in stored for name in files if name != "run1/big.bin")
+    assert len([p for p in stored if p.startswith("/Archive/data/run1/big.bin_split_0")]) == 3
+    assert len(_inventory(server, "/Archive/data")) == len(files)

@@ -34,7 +34,7 @@ from .errors import EXIT_OK, EXIT_SOME_FAILED, AuthError, FileProblem, SheetErro
 from .inventory_writer import write_upload_inventories
 from .job_setup import (bind_account, open_client, plan_rows, prepare_rows, settle_interrupted_deletions,
                         with_dropbox_side)
-from .journal import Item, Journal, Kind, State, folder_digest, settled_key
+from .journal import Item, Journal, Kind, State, file_id_numbers, folder_digest, settled_key
 from .names import case_key
 from .prepare import Plan
 from .small_files import SmallFileGroups, SmallFileSender
@@ -349,7 +349,9 @@ def record_settled_folders(journal: Journal, pairs: Iterable[plan_items.Pair], f
     settled: list[tuple[int, bytes]] = []
     folder_rows: dict[int, bool] = {}
     current: int | None = None
-    files: list[tuple[str, int, int, int, str | None]] = []
+    names: list[str] = []
+    numbers: list[int] = []
+    file_ids: list[int] = []
     all_done = True
     for _, source, chunk in pairs:
         row = source.row
@@ -362,14 +364,15 @@ def record_settled_folders(journal: Journal, pairs: Iterable[plan_items.Pair], f
             key = settled_key(os.path.dirname(path), source.destination_folder)
         if key != current:
             if current is not None and all_done:
-                settled.append((current, folder_digest(files)))
-            current, files, all_done = key, [], True
+                settled.append((current, folder_digest(names, numbers, file_ids)))
+            current, names, numbers, file_ids, all_done = key, [], [], [], True
         if key is not None:
-            files.append((os.path.basename(path), source.size, source.mtime_ns,
-                          len(source.parts) if source.parts else 0, source.file_id))
+            names.append(os.path.basename(path))
+            numbers += (source.size, source.mtime_ns, len(source.parts) if source.parts else 0)
+            file_ids += file_id_numbers(source.file_id)
             all_done = all_done and all(item.state == State.DONE for item in chunk)
     if current is not None and all_done:
-        settled.append((current, folder_digest(files)))
+        settled.append((current, folder_digest(names, numbers, file_ids)))
     journal.settled_folders.record(settled)
     return len(settled)
 

@@ -18,10 +18,11 @@ import shutil
 import sqlite3
 import threading
 import time
+from array import array
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from .errors import JournalError, JournalLocked
 from .localfs import on_network_drive
@@ -152,14 +153,25 @@ def item_folder_key(source: str, destination: str) -> int:
     return settled_key(os.path.dirname(source), destination.rsplit("/", 1)[0] or "/")
 
 
-def folder_digest(files: Iterable[tuple[str, int, int, int, str | None]]) -> bytes:
-    """16-byte BLAKE2b of a folder's files as Stage 1 finds them: (name, size in bytes,
-    mtime_ns, number of parts or 0 when sent whole, "st_dev:st_ino" or None where unknown), in
-    name order. Equal digests mean the same names, sizes, dates, files and split (a changed
-    fileSizeLimit_GB that splits a file differently changes it)."""
-    text = "".join([f"{name}\0{size}\0{mtime_ns}\0{parts}\0{file_id or ''}\n"
-                    for name, size, mtime_ns, parts, file_id in files])
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+def folder_digest(names: Sequence[str], numbers: Sequence[int], file_ids: Sequence[int]) -> bytes:
+    """16-byte BLAKE2b of a folder's files as Stage 1 finds them, in name order: `names`;
+    `numbers`: each file's size in bytes, mtime_ns and number of parts (0 when sent whole), one
+    file after another; `file_ids`: each file's st_dev and st_ino (see file_id_numbers). Equal
+    digests mean the same names, sizes, dates, files and split (a changed fileSizeLimit_GB that
+    splits a file differently changes it). Built from arrays, not a text per file: it is
+    computed for every file of every folder a rerun reads."""
+    digest = hashlib.blake2b("\0".join(names).encode("utf-8", "surrogatepass"), digest_size=16)
+    digest.update(array("q", numbers).tobytes())
+    digest.update(array("Q", file_ids).tobytes())
+    return digest.digest()
+
+
+def file_id_numbers(file_id: str | None) -> tuple[int, int]:
+    """(st_dev, st_ino) of a planned file's "st_dev:st_ino", (0, 0) when unknown (Windows)."""
+    if not file_id:
+        return 0, 0
+    device, inode = file_id.split(":")
+    return int(device), int(inode)
 
 
 def _pack_hash(text: str | None):

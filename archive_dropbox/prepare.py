@@ -470,9 +470,13 @@ def _settled_check(settled_folder: Callable[[int, bytes], bool], namespace: _Nam
         # add_file's key), so that every side agrees, at the top ("/") too.
         probe = join_dropbox(target_folder, *relative, "-")
         dropbox_folder = probe.rsplit("/", 1)[0] or "/"
-        digest = folder_digest((entry.name, info.st_size, info.st_mtime_ns,
-                                parts(info.st_size) if info.st_size > part_limit else 0,
-                                f"{info.st_dev}:{info.st_ino}" if info.st_ino else None) for entry, info in files)
+        # As the upload records it from the plan (api_upload.record_settled_folders): a file
+        # id only where the walk gives one an inode (Windows' listing gives none).
+        digest = folder_digest([entry.name for entry, _ in files],
+                               [number for _, info in files for number in
+                                (info.st_size, info.st_mtime_ns, parts(info.st_size) if info.st_size > part_limit else 0)],
+                               [number for _, info in files for number in
+                                ((info.st_dev, info.st_ino) if info.st_ino else (0, 0))])
         return (settled_folder(settled_key(local_folder, dropbox_folder), digest)
                 and namespace.settle(case_key(probe).rpartition("/")[0], local_folder, row))
 

@@ -10,10 +10,10 @@ import logging
 import operator
 import os
 import stat
-from stat import S_ISREG
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 from typing import Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm

@@ -206,8 +206,15 @@ class ApiUploader:
         """Say what is left, and wait for room in Dropbox for it first (`to_store`: bytes, see
         _bytes_to_store)."""
         if not todo_files:
-            self.log.info("Every file of this sheet is in Dropbox now, identical (checked by content hash); "
-                          "nothing to send.")
+            settled = self.summary.settled_files
+            if settled:
+                self.log.info("Nothing to send: %d file(s) checked against Dropbox now are there, identical (content "
+                              "hash); %d more are in folders unchanged since every file in them was sent and verified "
+                              "in an earlier run, and were not looked up again (`python app.py --verify` compares "
+                              "every file with Dropbox now).", files_total - settled, settled)
+            else:
+                self.log.info("Every file of this sheet is in Dropbox now, identical (checked by content hash); "
+                              "nothing to send.")
             return
         self.log.info("%d of %d files still to send (%s); %d items were finished in earlier runs.",
                       todo_files, files_total, human_bytes(remaining_bytes), self.summary.items_done_before)
@@ -256,6 +263,7 @@ class ApiUploader:
                     remaining += sum(item.length for item in waiting)
                     to_store += self._bytes_to_store(waiting)
         self.summary.files_total, self.summary.items_done_before = files, done_before
+        self.summary.settled_files = settled[0]
         return todo_files, remaining, total, to_store
 
     def run(self, job_items: list[Item] | Pages, remote_folders: Iterable[str], *, listed: bool = False,
@@ -465,5 +473,7 @@ def _log_summary(context: RunContext, summary) -> None:
              summary.deleted_sources, len(summary.failures))
     log_summary_end(log, summary, failed="Some files did not reach Dropbox. Fix what the messages say and run "
                     "app.py again: finished files are not sent twice.",
-                    succeeded="Everything is in Dropbox and verified by content hash.", log_path=context.log_path)
+                    succeeded="Everything is in Dropbox and verified by content hash" + (
+                        "." if not summary.settled_files else
+                        ": in this run, or, for folders unchanged since, in an earlier one."), log_path=context.log_path)
     sys.stdout.flush()

@@ -129,6 +129,8 @@ def audit(plan: prepare.Plan, journal: Journal, client, folders: list[str], log)
             status = MISSING if verdict.missing else DIFFERENT
             findings.append(Finding(status, str(source.source), source.destination,
                                     verdict.reason or manifest_problem or ""))
+            if items:  # its folder is looked at again by the next upload, which then sends it
+                journal.settled_folders.forget_one(items[0])
     for source_path, items in deleted.items():
         accounted.update(case_key(i.remote_key_path) for i in items)
         wrong = [i.remote_key_path for i in items

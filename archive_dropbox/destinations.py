@@ -163,7 +163,10 @@ def _narrowed_rows(plan: Plan) -> set[int]:
 
 def refuse_blocked(client, plan: Plan, *, destination_of_row: Callable[[SheetRow], str],
                    log: logging.Logger, files: dict | None = None) -> None:
-    """check_destinations, raising SheetError (exit status 2, nothing sent) when a row is blocked."""
+    """check_destinations, raising SheetError (exit status 2, nothing sent) when a row is blocked.
+    A plan with no file to send (every folder settled) has nothing to check."""
+    if not len(plan.sources):
+        return
     log.info("Checking each row's destination in Dropbox (a folder where a file should go, or a file on "
              "the way, is refused by Dropbox only after every byte is sent).")
     problems = check_destinations(client, plan, destination_of_row=destination_of_row, log=log, files=files)

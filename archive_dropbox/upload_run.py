@@ -58,6 +58,7 @@ class Summary(RunSummary):
     items_already_there: int = 0
     bytes_sent: int = 0
     deleted_sources: int = 0
+    settled_files: int = 0  # left out by Stage 1: verified in an earlier run, their folders unchanged since
 
 
 class Asked(Enum):

@@ -237,6 +237,12 @@ def test_a_rerun_asks_dropbox_nothing_about_settled_folders_and_keeps_the_invent
     assert not any(route.startswith(("files/list_folder", "files/upload", "files/get_metadata")) for route in routes), \
         routes
     assert "Left out: 60 files" in unchanged.stdout and "60 done in earlier runs" in unchanged.stdout
+    # Nothing was looked up this run: it must not say it checked those files by content hash.
+    assert "Nothing to send: 0 file(s) checked against Dropbox now" in unchanged.stdout
+    assert "60 more are in folders unchanged" in unchanged.stdout and "(checked by content hash)" not in unchanged.stdout
+    assert "verified by content hash: in this run, or, for folders unchanged since, in an earlier one" in \
+        unchanged.stdout
+    assert "Checking each row's destination" not in unchanged.stdout
 
     (tree / "run1" / "frame_007.tif").write_bytes(b"touched")
     server.clear_log()
@@ -330,3 +336,20 @@ def test_an_upload_holds_one_page_of_items_at_a_time(tmp_path, server, monkeypat
     assert all(f"/Archive/data/{name}" in stored for name in files if name != "run1/big.bin")
     assert len([p for p in stored if p.startswith("/Archive/data/run1/big.bin_split_0")]) == 3
     assert len(_inventory(server, "/Archive/data")) == len(files)
+
+
+def test_a_file_verify_finds_gone_from_dropbox_is_sent_by_the_next_upload(tmp_path, tree, server):
+    """A settled folder is not looked up by the upload; --verify looks, and what it finds missing
+    has its folder looked at again, so that "sent again on the next run" holds."""
+    book = write_xlsx(tmp_path / "inputs.xlsx", {JOB: [HEADER, [str(tree), "/Archive/data", 0]]})
+    _app(book, tmp_path, server)
+    gone = "/Archive/data/run2/frame_003.tif"
+    server.sdk_client().files_delete_v2(gone)
+    _app(book, tmp_path, server)
+    assert gone not in server.files()  # left out: not noticed by the upload
+    verify = run_script(REPO / "app.py", "--excelName", str(book), "--sheetName", JOB, "--logs",
+                        str(tmp_path / "logs"), "--caBundle", server.ca_file, "--verify", env=client_env(server))
+    assert verify.returncode == 1 and "sent again on the next run" in verify.stdout + verify.stderr
+    again = _app(book, tmp_path, server)
+    assert gone in server.files() and server.read_file(gone) == (tree / "run2" / "frame_003.tif").read_bytes()
+    assert "Left out: 40 files" in again.stdout

@@ -37,6 +37,7 @@ from .job_setup import (bind_account, open_client, plan_rows, prepare_rows, sett
 from .journal import Item, Journal, Kind, State, file_id_numbers, folder_digest, settled_key
 from .names import case_key
 from .prepare import Plan
+from .sheets import SheetRow
 from .small_files import SmallFileGroups, SmallFileSender
 from .transfer import ByteProgress, JobRunner, log_summary_end
 from .units import MIB, human_bytes
@@ -331,12 +332,11 @@ def delete_verified_sources(client: DropboxClient, plan: Plan, journal: Journal,
     (deleted, [(path, why kept)])."""
     if not any(row["deleteAfterUpload"] and id(row) not in keep_rows for row in plan_rows(plan)):
         return 0, []
+    folder_of = _folder_rows()
     wanted: dict[str, tuple[list[Item], Path | None]] = {}  # a file may go to two places: all must be done
     for _, source, chunk in plan_items.pairs(plan, journal):
         if source.delete_after and id(source.row) not in keep_rows:
-            root = source.row["inputFile"]
-            entry = wanted.setdefault(str(source.source), ([], root if isinstance(root, Path) and root.is_dir()
-                                                               else None))
+            entry = wanted.setdefault(str(source.source), ([], folder_of(source.row)))
             entry[0].extend(chunk)
     originals = [deletion.uploaded_original(items, root) for items, root in wanted.values()
                  if all(i.state == State.DONE for i in items)]
@@ -348,6 +348,19 @@ def delete_verified_sources(client: DropboxClient, plan: Plan, journal: Journal,
     return len(report.deleted), [(str(path), reason) for path, reason in report.kept]
 
 
+def _folder_rows() -> Callable[[SheetRow], Path | None]:
+    """row -> its inputFile when that is a folder, else None; the disk is asked once per row."""
+    known: dict[int, Path | None] = {}
+
+    def folder_of(row: SheetRow) -> Path | None:
+        if id(row) not in known:
+            root = row["inputFile"]
+            known[id(row)] = root if isinstance(root, Path) and root.is_dir() else None
+        return known[id(row)]
+
+    return folder_of
+
+
 def record_settled_folders(journal: Journal, pairs: Iterable[plan_items.Pair], failed_rows: Collection[int]) -> int:
     """After the upload, settle the folders whose files are all done now: for every folder of a
     folder row that deletes nothing and whose inventory was written, the journal records the
@@ -355,19 +368,15 @@ def record_settled_folders(journal: Journal, pairs: Iterable[plan_items.Pair], f
     nothing in it changes (prepare.build_plan). A folder's files are consecutive in the plan
     (the walk lists a folder at a time), so one folder is held at a time. Returns how many."""
     settled: list[tuple[int, bytes]] = []
-    folder_rows: dict[int, bool] = {}
+    folder_of = _folder_rows()
     current: int | None = None
     names: list[str] = []
     numbers: list[int] = []
     file_ids: list[int] = []
     all_done = True
     for _, source, chunk in pairs:
-        row = source.row
-        if id(row) not in folder_rows:
-            root = row["inputFile"]
-            folder_rows[id(row)] = isinstance(root, Path) and root.is_dir()
         key = None
-        if folder_rows[id(row)] and not source.delete_after and id(row) not in failed_rows:
+        if not source.delete_after and id(source.row) not in failed_rows and folder_of(source.row) is not None:
             path = str(source.source)
             key = settled_key(os.path.dirname(path), source.destination_folder)
         if key != current:

@@ -54,7 +54,7 @@ from .logs import PER_FILE
 from .localfs import temporary_sibling
 from .member_fetch import member_mtime_ns
 from .names import case_key, shown
-from .plan_items import Pair, item_count, sources_between
+from .plan_items import Pair, item_count, pair_up, sources_between
 from .prepare import Plan, PlannedSource
 from .sheets import SheetRow
 from .transfer import Retrier, RetryPolicy
@@ -83,12 +83,6 @@ class InventoryResult:
     unchanged: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
     failed_rows: set[int] = field(default_factory=set)
-
-    def deletable(self, plan: Plan) -> Plan:
-        """`plan` without the sources of rows whose inventory could not be written (the rest as is)."""
-        if not self.failed_rows:
-            return plan
-        return dataclasses.replace(plan, sources=[s for s in plan.sources if id(s.row) not in self.failed_rows])
 
 
 @dataclass(frozen=True)
@@ -132,11 +126,8 @@ def list_pairs(plan: Plan, items: list[Item]) -> PairsBetween:
         raise RuntimeError(f"the plan has {at} items but the journal gave {len(items)}")
 
     def between(start: int, stop: int) -> Iterator[Pair]:
-        for index, source in enumerate(sources_between(plan, start, stop), start=start):
-            chunk = items[firsts[index]:firsts[index] + item_count(source)]
-            if chunk[0].source != str(source.source):
-                raise RuntimeError(f"the journal's items are not in the plan's order at {chunk[0].source}")
-            yield index, source, chunk
+        if start < len(firsts):
+            yield from pair_up(sources_between(plan, start, stop), items[firsts[start]:], start)
 
     return between
 

@@ -9,7 +9,7 @@ where the items live between pages."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterable, Iterator, Sequence
 
 from .journal import Item, Journal
 from .prepare import Plan, PlannedSource
@@ -55,15 +55,20 @@ def pairs(plan: Plan, journal: Journal, start: int = 0, stop: int | None = None)
         yield from page
 
 
-def _with_items(sources: list[PlannedSource], position: int, journal: Journal) -> list[Pair]:
-    items = journal.sync_plan(item for source in sources for item in source.items(journal.job))
-    result: list[Pair] = []
+def pair_up(sources: Iterable[PlannedSource], items: Sequence[Item], position: int) -> Iterator[Pair]:
+    """Each of `sources` (the plan's, from `position` on) with its items, taken in order from
+    `items` (journal.sync_plan's answer for them). RuntimeError when they are not the plan's (a
+    bug: nothing may be written from them)."""
     at = 0
     for offset, source in enumerate(sources):
         count = item_count(source)
-        chunk = items[at:at + count]
-        if chunk[0].source != str(source.source):
-            raise RuntimeError(f"the journal's items are not in the plan's order at {chunk[0].source}")
-        result.append((position + offset, source, chunk))
+        chunk = list(items[at:at + count])
+        if not chunk or chunk[0].source != str(source.source):
+            raise RuntimeError(f"the journal's items are not in the plan's order at {source.source}")
+        yield position + offset, source, chunk
         at += count
-    return result
+
+
+def _with_items(sources: list[PlannedSource], position: int, journal: Journal) -> list[Pair]:
+    items = journal.sync_plan(item for source in sources for item in source.items(journal.job))
+    return list(pair_up(sources, items, position))

@@ -311,7 +311,8 @@ def test_a_large_inventory_goes_in_pieces_and_a_user_file_is_never_replaced(tmp_
     assert server.read_file("/In/x.zip.inventory.csv") == b"a user's own notes"
     assert [what for what, _ in result.failures] == ["/In/x.zip"]
     assert "is not an inventory of this tool" in result.failures[0][1]
-    assert result.deletable(plan).sources == []  # the row keeps every original
+    # The row keeps every original: delete_verified_sources keeps the failed rows' (keep_rows).
+    assert plan.sources and {id(s.row) for s in plan.sources} <= result.failed_rows
 
     server.clear_log()
     assert write().unchanged == 1 and upload_calls(server) == []
